@@ -1,0 +1,144 @@
+"""Mergeable accumulators that turn per-row statistics into head-level results.
+
+Everything here is a sum, a count or a per-sequence value indexed by the
+sequence's global id, so two accumulators over disjoint sequence sets merge by
+addition (`merge`): the basis for splitting a scan across processes or
+resuming one from a saved `state_dict`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from headvis.metrics import ROW_METRICS, RowStats
+
+__all__ = ["HEAD_METRICS", "HeadResult", "ScanAccumulator", "sequence_argmax"]
+
+# Head-level metrics: the row means plus max_activation. Public names: frozen by tests.
+HEAD_METRICS: tuple[str, ...] = ROW_METRICS + ("max_activation",)
+
+_COUNTED_BY = {"induction": "induction_counted", "duplicate": "duplicate_counted"}
+
+
+def sequence_argmax(max_nobos: Tensor, argmax_nobos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-sequence max_activation and its [q, k]: (batch, head) each.
+
+    max over rows q >= 1 of max_{k>=1} pattern[q, k]; the first q wins ties.
+    [q, k] is [-1, -1] where no such entry is positive (T = 1).
+    """
+    batch, heads, seq_len = max_nobos.shape
+    if seq_len < 2:
+        none = torch.full((batch, heads), -1, dtype=torch.int64, device=max_nobos.device)
+        return torch.zeros(batch, heads, device=max_nobos.device), none, none
+    best, q = max_nobos[:, :, 1:].max(dim=2)  # first maximal index (documented for max/argmax)
+    k = argmax_nobos[:, :, 1:].gather(2, q[..., None])[..., 0]
+    found = best > 0
+    return best, torch.where(found, q + 1, -1), torch.where(found, k, -1)
+
+
+@dataclass
+class HeadResult:
+    """The finished numbers of one head."""
+
+    metrics: dict[str, float]
+    seq_max: np.ndarray  # (n_sequences,) max_activation per sequence
+    seq_argmax: np.ndarray  # (n_sequences, 2) [q, k]; [-1, -1] where no k >= 1 exists
+    dist_hist: np.ndarray  # (n_bins,) normalized to sum 1 (all zero if nothing counted)
+    key_weight: np.ndarray  # (vocab,) attention received as key (column 0 excluded)
+    query_max_sum: np.ndarray  # (vocab,) sum of the row's largest weight outside column 0
+    query_count: np.ndarray  # (vocab,) occurrences as query (rows q >= 1)
+
+
+class ScanAccumulator:
+    """Sums over rows q >= 1 for every scanned (layer, head).
+
+    layers: scanned layer indices; n_heads: scanned heads per layer (the
+    accumulator indexes them 0..n_heads-1 in scan order).
+    """
+
+    def __init__(self, layers: list[int], n_heads: int, n_sequences: int, vocab_size: int, n_bins: int):
+        self.layers = list(layers)
+        self.n_heads = n_heads
+        n_layers, m = len(self.layers), len(ROW_METRICS)
+        f64 = dict(dtype=torch.float64)
+        self.metric_sum = torch.zeros(n_layers, n_heads, m, **f64)
+        self.metric_count = torch.zeros(n_layers, n_heads, m, dtype=torch.int64)
+        self.seq_max = torch.zeros(n_layers, n_sequences, n_heads, dtype=torch.float32)
+        self.seq_argmax = torch.full((n_layers, n_sequences, n_heads, 2), -1, dtype=torch.int32)
+        self.seq_seen = torch.zeros(n_sequences, dtype=torch.bool)
+        self.dist_hist = torch.zeros(n_layers, n_heads, n_bins, **f64)
+        self.key_weight = torch.zeros(n_layers, n_heads, vocab_size, **f64)
+        self.query_max_sum = torch.zeros(n_layers, n_heads, vocab_size, **f64)
+        self.query_count = torch.zeros(vocab_size, dtype=torch.int64)
+
+    def count_tokens(self, seq_ids: Tensor, token_ids: Tensor) -> None:
+        """Once per batch: query occurrences (rows q >= 1) and which sequences were seen."""
+        self.query_count.index_add_(0, token_ids[:, 1:].reshape(-1).cpu(), torch.ones(token_ids[:, 1:].numel(), dtype=torch.int64))
+        self.seq_seen[seq_ids.cpu()] = True
+
+    def update(self, layer: int, seq_ids: Tensor, token_ids: Tensor, stats: RowStats) -> None:
+        """Add one layer's RowStats for a batch: seq_ids (batch,), token_ids (batch, pos)."""
+        li = self.layers.index(layer)
+        rows = slice(1, None)  # row 0 is skipped everywhere
+        seq_ids = seq_ids.cpu()
+        tokens = token_ids[:, rows].reshape(-1).cpu()
+        for m, name in enumerate(ROW_METRICS):
+            values = stats.metrics[name][:, :, rows].double()  # (batch, head, pos-1)
+            if name in _COUNTED_BY:
+                counted = getattr(stats, _COUNTED_BY[name])[:, :, rows]
+                self.metric_sum[li, :, m] += (values * counted).sum((0, 2)).cpu()
+                self.metric_count[li, :, m] += counted.sum((0, 2)).cpu()
+            else:
+                self.metric_sum[li, :, m] += values.sum((0, 2)).cpu()
+                self.metric_count[li, :, m] += values.shape[0] * values.shape[2]
+        if stats.max_nobos.shape[2] > 1:
+            row_max = stats.max_nobos[:, :, rows]  # (batch, head, pos-1)
+            best, q, k = sequence_argmax(stats.max_nobos, stats.argmax_nobos)
+            self.seq_max[li, seq_ids] = best.float().cpu()
+            self.seq_argmax[li, seq_ids] = torch.stack([q, k], dim=-1).int().cpu()
+            flat_rows = row_max.permute(1, 0, 2).reshape(self.n_heads, -1).double().cpu()
+            self.query_max_sum[li].index_add_(1, tokens, flat_rows)
+            received = stats.key_weight[:, :, rows].permute(1, 0, 2).reshape(self.n_heads, -1).double().cpu()
+            self.key_weight[li].index_add_(1, tokens, received)
+        self.dist_hist[li] += stats.dist_hist[:, :, rows].double().sum((0, 2)).cpu()
+
+    def merge(self, other: "ScanAccumulator") -> None:
+        """Add another accumulator over a disjoint set of sequences."""
+        if self.layers != other.layers or self.seq_max.shape != other.seq_max.shape:
+            raise ValueError("accumulators of different scans cannot be merged")
+        for name in ("metric_sum", "metric_count", "dist_hist", "key_weight", "query_max_sum", "query_count"):
+            getattr(self, name).add_(getattr(other, name))
+        mine = other.seq_seen
+        self.seq_max[:, mine] = other.seq_max[:, mine]
+        self.seq_argmax[:, mine] = other.seq_argmax[:, mine]
+        self.seq_seen |= mine
+
+    def state_dict(self) -> dict[str, Tensor]:
+        names = ("metric_sum", "metric_count", "seq_max", "seq_argmax", "seq_seen",
+                 "dist_hist", "key_weight", "query_max_sum", "query_count")
+        return {name: getattr(self, name) for name in names}
+
+    def result(self, layer: int, head_slot: int) -> HeadResult:
+        """Finished numbers of scanned head `head_slot` (0-based in scan order) of `layer`."""
+        li = self.layers.index(layer)
+        count = self.metric_count[li, head_slot]
+        mean = torch.where(count > 0, self.metric_sum[li, head_slot] / count.clamp(min=1), 0.0)
+        metrics = {name: float(mean[m]) for m, name in enumerate(ROW_METRICS)}
+        seen = self.seq_seen
+        seq_max = self.seq_max[li, :, head_slot]
+        metrics["max_activation"] = float(seq_max[seen].double().mean()) if seen.any() else 0.0
+        hist = self.dist_hist[li, head_slot]
+        total = float(hist.sum())
+        return HeadResult(
+            metrics=metrics,
+            seq_max=seq_max.numpy(),
+            seq_argmax=self.seq_argmax[li, :, head_slot].numpy(),
+            dist_hist=(hist / total).numpy() if total > 0 else hist.numpy(),
+            key_weight=self.key_weight[li, head_slot].numpy(),
+            query_max_sum=self.query_max_sum[li, head_slot].numpy(),
+            query_count=self.query_count.numpy(),
+        )

@@ -1,0 +1,176 @@
+"""Capturing every attention layer's queries, keys and values during a forward pass.
+
+One attention function, registered with transformers' `AttentionInterface`
+under the name "headvis", serves every architecture that dispatches through
+that interface (Llama/SmolLM2, GPT-2, GPT-NeoX, BERT, Mistral, Gemma 2, ...).
+It computes the layer's output exactly as the model would (SDPA, or the
+model's own eager function when soft-capping or sinks need it), then hands the
+post-RoPE queries, the un-repeated keys and values, the per-head output and the
+layer's `AttentionSpec` to the active `CaptureSession`.
+
+    with CaptureSession(model, layers={2, 5}, on_layer=print) as session:
+        session.run(input_ids)
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+from headvis.metrics import AttentionSpec
+
+__all__ = ["IMPLEMENTATION", "CaptureSession", "LayerCapture", "install"]
+
+IMPLEMENTATION = "headvis"
+
+
+@dataclass
+class LayerCapture:
+    """What one self-attention layer computed on one batch."""
+
+    layer: int
+    module: nn.Module
+    query: Tensor  # (batch, head, query_pos, d_head), post-RoPE
+    key: Tensor  # (batch, kv_head, key_pos, d_head), post-RoPE, not repeated
+    value: Tensor  # (batch, kv_head, key_pos, d_head)
+    output: Tensor  # (batch, query_pos, head, d_head): pattern @ value, before the output projection
+    spec: AttentionSpec
+
+
+class _StopForward(Exception):
+    """Raised after the last wanted layer: the rest of the forward pass is not needed."""
+
+
+_lock = threading.Lock()  # one capturing forward pass at a time (the session is global state)
+_active: "CaptureSession | None" = None
+
+
+def _float_mask(mask: Tensor | None, spec: AttentionSpec, query: Tensor, key: Tensor) -> Tensor:
+    """An additive float mask for eager functions, from SDPA's boolean mask (or None = structural)."""
+    if mask is not None and mask.dtype != torch.bool:
+        return mask
+    if mask is None:
+        q = torch.arange(query.shape[2], device=query.device)[:, None]
+        k = torch.arange(key.shape[2], device=query.device)[None, :]
+        mask = torch.ones(q.shape[0], k.shape[1], dtype=torch.bool, device=query.device)
+        if spec.causal:
+            mask &= k <= q
+        if spec.window is not None:
+            mask &= (q - k < spec.window) if spec.causal else ((q - k).abs() < spec.window)
+        mask = mask[None, None]
+    return torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+        ~mask, torch.finfo(query.dtype).min
+    )
+
+
+def _spec_for(module: nn.Module, scaling: float | None, d_head: int, kwargs: dict) -> AttentionSpec:
+    causal = kwargs.get("is_causal")
+    if causal is None:
+        causal = bool(getattr(module, "is_causal", True))
+    window = kwargs.get("sliding_window")
+    return AttentionSpec(
+        causal=bool(causal),
+        scaling=float(scaling) if scaling is not None else d_head**-0.5,
+        window=int(window) if window else None,
+        softcap=kwargs.get("softcap") or None,
+        key_valid=_active.key_valid if _active is not None else None,
+        sinks=kwargs.get("s_aux"),
+    )
+
+
+def _headvis_attention(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[Tensor, None]:
+    """The registered attention function: the model's own output, plus a capture."""
+    spec = _spec_for(module, scaling, query.shape[-1], kwargs)
+    if spec.softcap is not None or spec.sinks is not None:
+        # SDPA cannot soft-cap or add sinks: use the model's own eager function.
+        eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward")
+        output, _ = eager(
+            module, query, key, value, _float_mask(attention_mask, spec, query, key),
+            scaling=scaling, dropout=dropout, **kwargs,
+        )
+    else:
+        output, _ = sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
+    session = _active
+    if session is not None and query.shape[2] == key.shape[2]:  # self-attention only
+        session._on_layer(module, query, key, value, output, spec)
+    return output, None
+
+
+def install() -> None:
+    """Register the "headvis" attention and mask functions (idempotent)."""
+    AttentionInterface.register(IMPLEMENTATION, _headvis_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(IMPLEMENTATION, sdpa_mask)
+
+
+def layer_index(module: nn.Module) -> int:
+    index = getattr(module, "layer_idx", None)
+    if not isinstance(index, int):
+        raise RuntimeError(f"{type(module).__name__} has no integer layer_idx; headvis cannot tell its layer")
+    return index
+
+
+class CaptureSession:
+    """Runs forward passes of `model`, calling `on_layer` for each wanted layer.
+
+    The model must have been loaded (or switched) to the "headvis" attention
+    implementation. Layers after the last wanted one are skipped.
+    """
+
+    def __init__(self, model: nn.Module, layers: set[int], on_layer: Callable[[LayerCapture], None]):
+        install()
+        self.model = model
+        self.layers = set(layers)
+        self.on_layer = on_layer
+        self.key_valid: Tensor | None = None
+        self._last = max(self.layers) if self.layers else -1
+
+    def __enter__(self) -> "CaptureSession":
+        global _active
+        _lock.acquire()
+        self._previous = self.model.config._attn_implementation
+        self.model.set_attn_implementation(IMPLEMENTATION)
+        _active = self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        global _active
+        _active = None
+        try:
+            self.model.set_attn_implementation(self._previous)
+        finally:
+            _lock.release()
+
+    def _on_layer(self, module, query, key, value, output, spec) -> None:
+        index = layer_index(module)
+        if index in self.layers:
+            self.on_layer(LayerCapture(index, module, query, key, value, output, spec))
+        if index >= self._last:
+            raise _StopForward
+
+    @torch.inference_mode()
+    def run(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> None:
+        """One forward pass over input_ids (batch, pos); padding keys are False in attention_mask."""
+        self.key_valid = attention_mask.bool() if attention_mask is not None else None
+        try:
+            self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        except _StopForward:
+            pass

@@ -1,0 +1,138 @@
+"""Reading a corpus and packing it into fixed-length token sequences.
+
+`--dataset` is one of
+- `pydoc_data.topics` (the default): the Python documentation text shipped in
+  the standard library, one document per topic, in the module's order;
+- a local `.txt` (the whole file is one document), `.jsonl` (one JSON object
+  per line, text in `--text-column`) or `.parquet` file, or a folder holding
+  such files (read recursively in sorted path order);
+- a Hugging Face hub name, streamed (`--split`, `--text-column`).
+
+Packing: each document is tokenized without special tokens and followed by the
+tokenizer's EOS token when it has one; the token stream is cut into
+consecutive chunks. With a BOS token (or, for BERT-style encoders, CLS) every
+sequence is `[BOS] + seq_len - 1 stream tokens`, otherwise `seq_len` stream
+tokens. A final partial chunk is dropped. Sequence ids are 0, 1, 2, ... in
+this order, so the same corpus and tokenizer always give the same ids.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from headvis.errors import HeadvisError
+
+__all__ = ["DEFAULT_DATASET", "iter_texts", "pack_sequences"]
+
+DEFAULT_DATASET = "pydoc_data.topics"
+_SUFFIXES = (".txt", ".jsonl", ".parquet")
+
+
+def _texts_from_file(path: Path, text_column: str) -> Iterator[str]:
+    if path.suffix == ".txt":
+        yield path.read_text(encoding="utf-8", errors="replace")
+    elif path.suffix == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise HeadvisError(f"{path}:{line_no}: not valid JSON ({e.msg})") from e
+                if not isinstance(row, dict) or text_column not in row:
+                    keys = sorted(row) if isinstance(row, dict) else type(row).__name__
+                    raise HeadvisError(f"{path}:{line_no}: no text column {text_column!r} (found {keys})")
+                if isinstance(row[text_column], str):
+                    yield row[text_column]
+    elif path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            parquet = pq.ParquetFile(path)
+        except Exception as e:  # pyarrow raises several types for a bad file
+            raise HeadvisError(f"{path}: not a readable parquet file ({e})") from e
+        if text_column not in parquet.schema_arrow.names:
+            raise HeadvisError(f"{path}: no text column {text_column!r} (found {parquet.schema_arrow.names})")
+        for batch in parquet.iter_batches(columns=[text_column]):
+            yield from (t for t in batch.column(0).to_pylist() if isinstance(t, str))
+
+
+def _texts_from_hub(name: str, split: str, text_column: str) -> Iterator[str]:
+    import datasets
+
+    try:
+        stream = datasets.load_dataset(name, split=split, streaming=True)
+        first = next(iter(stream))
+    except Exception as e:  # datasets raises many types for a missing or offline set
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise HeadvisError(f"cannot load dataset {name!r} (split {split!r}): {message}") from e
+    if text_column not in first:
+        raise HeadvisError(f"dataset {name!r} has no text column {text_column!r} (found {sorted(first)})")
+    for row in stream:
+        if isinstance(row[text_column], str):
+            yield row[text_column]
+
+
+def iter_texts(dataset: str, split: str = "train", text_column: str = "text") -> Iterator[str]:
+    """Documents of `dataset` in a stable order."""
+    if dataset == DEFAULT_DATASET:
+        from pydoc_data.topics import topics
+
+        yield from topics.values()
+        return
+    path = Path(dataset).expanduser()
+    if path.is_file():
+        if path.suffix not in _SUFFIXES:
+            raise HeadvisError(f"{path}: unsupported file type (use {', '.join(_SUFFIXES)})")
+        yield from _texts_from_file(path, text_column)
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in _SUFFIXES)
+        if not files:
+            raise HeadvisError(f"{path}: folder holds no {', '.join(_SUFFIXES)} files")
+        for file in files:
+            yield from _texts_from_file(file, text_column)
+    elif dataset.startswith((".", "/", "~")) or dataset.endswith(_SUFFIXES):
+        raise HeadvisError(f"dataset path {dataset!r} does not exist")
+    else:
+        yield from _texts_from_hub(dataset, split, text_column)
+
+
+def _prefix_token(tokenizer) -> int | None:
+    for name in ("bos_token_id", "cls_token_id"):
+        token = getattr(tokenizer, name, None)
+        if token is not None:
+            return int(token)
+    return None
+
+
+def pack_sequences(texts: Iterator[str], tokenizer, seq_len: int, num_seqs: int) -> torch.Tensor:
+    """(n, seq_len) int64 token ids, n <= num_seqs, packed as the module docstring says."""
+    prefix = _prefix_token(tokenizer)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        eos = getattr(tokenizer, "sep_token_id", None)
+    body = seq_len - (prefix is not None)
+    if body < 1:
+        raise HeadvisError(f"--seq-len {seq_len} leaves no room for text after the BOS token")
+    sequences: list[list[int]] = []
+    stream: list[int] = []
+    with tqdm(total=num_seqs, desc="tokenizing", unit="seq", leave=False) as bar:
+        for text in texts:
+            stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+            if eos is not None:
+                stream.append(int(eos))
+            while len(stream) >= body and len(sequences) < num_seqs:
+                chunk, stream = stream[:body], stream[body:]
+                sequences.append(([prefix] if prefix is not None else []) + chunk)
+                bar.update(1)
+            if len(sequences) >= num_seqs:
+                break
+    if not sequences:
+        raise HeadvisError(f"the corpus yields no full sequence of {seq_len} tokens (is it empty?)")
+    return torch.tensor(sequences, dtype=torch.int64)

@@ -1,0 +1,89 @@
+"""Writing the data tree: atomic files, 6-significant-digit floats, no NaN (CONTRACT section 2)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["atomic_write_bytes", "read_json", "round_sig", "write_json"]
+
+SIG_DIGITS = 6
+
+
+def round_sig(values: np.ndarray, digits: int = SIG_DIGITS) -> list:
+    """Floats rounded to `digits` significant digits, as a (nested) Python list.
+
+    k / 10**n with exact integers k and 10**n is correctly rounded by IEEE
+    division, so the result prints with at most `digits` digits.
+    """
+    x = np.asarray(values, dtype=np.float64)
+    if not np.all(np.isfinite(x)):
+        raise ValueError("refusing to write NaN or Infinity")
+    out = np.zeros_like(x)
+    nz = x != 0
+    exponent = np.floor(np.log10(np.abs(x[nz]))).astype(np.int64)
+    shift = digits - 1 - exponent  # decimal places to keep
+    small = shift >= 0
+    y = x[nz]
+    r = np.empty_like(y)
+    scale = 10.0 ** np.clip(shift[small], 0, 22)
+    r[small] = np.round(y[small] * scale) / scale
+    big = ~small
+    scale_big = 10.0 ** (-shift[big])
+    r[big] = np.round(y[big] / scale_big) * scale_big
+    out[nz] = r
+    return out.tolist()
+
+
+def _clean(obj: Any) -> Any:
+    """Recursively round floats and turn numpy values into JSON-ready Python ones."""
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        if obj and all(isinstance(v, float) for v in obj):
+            return round_sig(np.asarray(obj))
+        return [_clean(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        if obj.dtype.kind == "f":
+            return round_sig(obj)
+        return obj.tolist()
+    if isinstance(obj, (float, np.floating)):
+        return round_sig(np.asarray([float(obj)]))[0]
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    return obj
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temp file in the same folder, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Atomically write `obj` as compact UTF-8 JSON with rounded floats."""
+    text = json.dumps(_clean(obj), ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    atomic_write_bytes(Path(path), text.encode("utf-8"))
+
+
+def read_json(path: Path) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)

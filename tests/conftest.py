@@ -1,0 +1,52 @@
+"""Shared fixtures: the real default model (loaded once) and tiny random models of other families."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+
+from headvis.models import DEFAULT_MODEL, load_model
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    """The embedded default model (SmolLM2-135M, real weights), float32 on the CPU."""
+    return load_model(DEFAULT_MODEL, device="cpu")
+
+
+TINY_CONFIGS = {
+    "gpt2": dict(n_layer=2, n_head=4, n_embd=32, n_positions=128),
+    "gpt_neox": dict(num_hidden_layers=2, num_attention_heads=4, hidden_size=32, intermediate_size=64,
+                     max_position_embeddings=128, rotary_pct=0.5),
+    "bert": dict(num_hidden_layers=2, num_attention_heads=4, hidden_size=32, intermediate_size=64,
+                 max_position_embeddings=128),
+    "mistral": dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
+                    intermediate_size=64, max_position_embeddings=128, sliding_window=5, head_dim=8),
+    "gemma2": dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, hidden_size=32,
+                   intermediate_size=64, max_position_embeddings=128, head_dim=8, sliding_window=6,
+                   attn_logit_softcapping=2.0, query_pre_attn_scalar=16),
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm):
+    """arch -> a saved tiny random model of that family, with the SmolLM2 tokenizer."""
+    from transformers import AutoConfig, AutoModel
+
+    made = {}
+
+    def make(arch: str):
+        if arch not in made:
+            path = tmp_path_factory.mktemp(f"tiny-{arch}")
+            config = AutoConfig.for_model(arch, vocab_size=len(smollm.tokenizer), **TINY_CONFIGS[arch])
+            torch.manual_seed(0)
+            AutoModel.from_config(config).save_pretrained(path)
+            smollm.tokenizer.save_pretrained(path)
+            made[arch] = path
+        return made[arch]
+
+    return make
