@@ -111,7 +111,7 @@ def _composite_key(pattern: Tensor) -> Tensor:
 def _allowed(
     spec: AttentionSpec, q_start: int, q_end: int, key_pos: int, device: torch.device
 ) -> Tensor:
-    """(batch or 1, 1, q_end - q_start, key_pos) bool: which keys each row may read."""
+    """(batch or 1, 1, q_end - q_start, key_pos) bool: which of keys [0, key_pos) each row may read."""
     q = torch.arange(q_start, q_end, device=device)[:, None]
     k = torch.arange(key_pos, device=device)[None, :]
     allowed = torch.ones(q_end - q_start, key_pos, dtype=torch.bool, device=device)
@@ -121,12 +121,12 @@ def _allowed(
         allowed &= (q - k < spec.window) if spec.causal else ((q - k).abs() < spec.window)
     allowed = allowed[None, None]
     if spec.key_valid is not None:
-        allowed = allowed & spec.key_valid.to(device)[:, None, None, :]
+        allowed = allowed & spec.key_valid.to(device)[:, None, None, :key_pos]
     return allowed
 
 
 def _chunk_scores(query: Tensor, key: Tensor, spec: AttentionSpec, q_start: int, q_end: int) -> Tensor:
-    """Scores for query rows [q_start, q_end): (batch, head, rows, key_pos) float32.
+    """Scores of query rows [q_start, q_end) against every key of `key`: (batch, head, rows, key_pos) float32.
 
     GQA: query head h reads kv head h // group, by broadcasting over a group
     axis, never by repeating `key`.
@@ -145,11 +145,11 @@ def _chunk_scores(query: Tensor, key: Tensor, spec: AttentionSpec, q_start: int,
 
 
 def _chunk_pattern(scores: Tensor, allowed: Tensor, spec: AttentionSpec) -> tuple[Tensor, Tensor, Tensor]:
-    """(pattern, log_pattern, row_ok) for one chunk; masked entries are 0 and -inf.
+    """(pattern, masked scores, row_ok) for one chunk; masked entries are 0 and -inf.
 
-    `log_pattern = scores - logsumexp(scores)` is formed directly (no log of a
-    rounded probability), so entropy has no cancellation for large logits.
-    Rows without any allowed key (full padding) get an all-zero pattern.
+    pattern = exp(scores - logsumexp(scores)) over the allowed keys (plus the
+    sink logit, if any). Rows without any allowed key (full padding) get an
+    all-zero pattern and row_ok False.
     """
     masked = scores.masked_fill(~allowed, -math.inf)
     lse = torch.logsumexp(masked, dim=-1, keepdim=True)
@@ -157,15 +157,14 @@ def _chunk_pattern(scores: Tensor, allowed: Tensor, spec: AttentionSpec) -> tupl
         sink = spec.sinks.float().to(scores.device)[None, :, None, None]
         lse = torch.logaddexp(lse, sink)
     row_ok = torch.isfinite(lse)
-    log_pattern = torch.where(allowed & row_ok, masked - torch.where(row_ok, lse, 0.0), -math.inf)
-    return log_pattern.exp(), log_pattern, row_ok.squeeze(-1)
+    pattern = torch.exp(masked - torch.where(row_ok, lse, 0.0))  # exp(-inf) = 0 off the allowed keys
+    return pattern, masked, row_ok.squeeze(-1)
 
 
 def ref_pattern(query: Tensor, key: Tensor, spec: AttentionSpec) -> Tensor:
     """The full attention pattern (batch, head, query_pos, key_pos), float32. Tests only."""
-    key_pos = key.shape[2]
     scores = _chunk_scores(query, key, spec, 0, query.shape[2])
-    allowed = _allowed(spec, 0, query.shape[2], key_pos, query.device)
+    allowed = _allowed(spec, 0, query.shape[2], key.shape[2], query.device)
     return _chunk_pattern(scores, allowed, spec)[0]
 
 
@@ -212,52 +211,55 @@ def ref_row_stats(
         q_end = min(q_start + q_chunk, seq_len)
         rows = slice(q_start, q_end)
         q_pos = k_pos[rows]
-        scores = _chunk_scores(query, key, spec, q_start, q_end)  # (batch, head, rows, key_pos)
-        allowed = _allowed(spec, q_start, q_end, seq_len, device)
-        pattern, log_pattern, row_ok = _chunk_pattern(scores, allowed, spec)
+        k_end = q_end if spec.causal else seq_len  # causal: later keys are never allowed, skip them
+        keys = slice(0, k_end)
+        scores = _chunk_scores(query, key[:, :, keys], spec, q_start, q_end)  # (batch, head, rows, k_end)
+        allowed = _allowed(spec, q_start, q_end, k_end, device)
+        pattern, masked, row_ok = _chunk_pattern(scores, allowed, spec)
+        row_ok = row_ok & allowed.any(-1)
 
         n_allowed = allowed.sum(-1).clamp(min=1)
-        mean = (scores * allowed).sum(-1) / n_allowed
-        var = (((scores - mean[..., None]) ** 2) * allowed).sum(-1) / n_allowed
-        row_ok = row_ok & allowed.any(-1)
+        mean = torch.where(allowed, scores, 0.0).sum(-1) / n_allowed
+        centered = torch.where(allowed, scores - mean[..., None], 0.0)
+        var = (centered * centered).sum(-1) / n_allowed  # two-pass: no E[s^2] - E[s]^2 cancellation
         out["logit_mean"][:, :, rows] = torch.where(row_ok, mean, 0.0)
         out["logit_std"][:, :, rows] = torch.where(row_ok, var.sqrt(), 0.0)
-        out["logit_max"][:, :, rows] = torch.where(
-            row_ok, scores.masked_fill(~allowed, -math.inf).amax(-1), 0.0
-        )
-        out["entropy"][:, :, rows] = -(pattern * log_pattern.masked_fill(pattern == 0, 0.0)).sum(-1)
+        out["logit_max"][:, :, rows] = torch.where(row_ok, masked.amax(-1), 0.0)
+        # -sum p ln p straight from the probabilities: no lse - sum(p s) cancellation for large logits.
+        out["entropy"][:, :, rows] = -torch.special.xlogy(pattern, pattern).sum(-1)
         out["bos"][:, :, rows] = pattern[..., 0]
         out["self"][:, :, rows] = pattern.gather(-1, q_pos.expand(*pattern.shape[:2], -1)[..., None])[..., 0]
         prev = pattern.gather(-1, (q_pos - 1).clamp(min=0).expand(*pattern.shape[:2], -1)[..., None])[..., 0]
         out["prev_token"][:, :, rows] = torch.where(q_pos >= 1, prev, 0.0)
-        out["distance"][:, :, rows] = (pattern * (q_pos[:, None] - k_pos[None, :]).abs().float()).sum(-1)
+        distance = (q_pos[:, None] - k_pos[None, keys]).abs().float()  # (rows, k_end)
+        out["distance"][:, :, rows] = (pattern * distance).sum(-1)
 
-        earlier = k_pos[None, :] < q_pos[:, None]  # (rows, key_pos)
-        induction_keys = (prev_tokens[:, None, :] == tokens[:, rows, None]) & earlier & (k_pos >= 1)
-        duplicate_keys = (tokens[:, None, :] == tokens[:, rows, None]) & earlier
-        induction_keys = induction_keys[:, None] & allowed  # (batch, head or 1, rows, key_pos)
+        earlier = k_pos[None, keys] < q_pos[:, None]  # (rows, k_end)
+        induction_keys = (prev_tokens[:, None, keys] == tokens[:, rows, None]) & earlier & (k_pos[keys] >= 1)
+        duplicate_keys = (tokens[:, None, keys] == tokens[:, rows, None]) & earlier
+        induction_keys = induction_keys[:, None] & allowed  # (batch, 1, rows, k_end): the same for every head
         duplicate_keys = duplicate_keys[:, None] & allowed
         out["induction"][:, :, rows] = (pattern * induction_keys).sum(-1)
         out["duplicate"][:, :, rows] = (pattern * duplicate_keys).sum(-1)
         ind_counted[:, :, rows] = induction_keys.any(-1).expand(batch, n_heads, -1)
         dup_counted[:, :, rows] = duplicate_keys.any(-1).expand(batch, n_heads, -1)
 
-        if seq_len > 1:
-            best = _composite_key(pattern[..., 1:]).argmax(-1)  # lowest index among ties
-            best_value = pattern[..., 1:].gather(-1, best[..., None])[..., 0]
+        if k_end > 1:
+            best_value, best = pattern[..., 1:].max(-1)  # torch returns the first maximal index
             max_nobos[:, :, rows] = best_value
             argmax_nobos[:, :, rows] = torch.where(best_value > 0, best + 1, -1)
 
         # Bin sums via a prefix sum: keys with lo <= q-k < hi are k in (q-hi, q-lo].
         prefix = torch.nn.functional.pad(pattern.cumsum(-1), (1, 0))  # prefix[j] = sum_{k<j}
-        at = (q_pos[:, None] - edges[None, :] + 1).clamp(0, seq_len)  # (rows, n_edges)
+        at = (q_pos[:, None] - edges[None, :] + 1).clamp(0, k_end)  # (rows, n_edges)
         cum = prefix.gather(-1, at.expand(*pattern.shape[:2], -1, -1))
         dist_hist[:, :, rows] = (cum[..., :-1] - cum[..., 1:]).clamp(min=0)
 
-        key_weight += (pattern * (q_pos >= 1)[:, None]).sum(-2)
+        counted_rows = pattern[:, :, 1:] if q_start == 0 else pattern  # rows q >= 1
+        key_weight[:, :, keys] += counted_rows.sum(-2)
 
         if top_k:
-            k_eff = min(top_k, seq_len)
+            k_eff = min(top_k, k_end)
             chosen = _composite_key(pattern).topk(k_eff, dim=-1, sorted=True).indices
             values = pattern.gather(-1, chosen)
             top_values[:, :, rows, :k_eff] = values

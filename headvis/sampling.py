@@ -21,16 +21,17 @@ def interval_edges(values: np.ndarray, intervals: int = 10) -> np.ndarray:
 def assign_intervals(values: np.ndarray, intervals: int = 10) -> np.ndarray:
     """(n,) interval 1..intervals of each sequence: its population decile by rank.
 
-    Sequences are ranked by value (ties: lower sequence index first) and the
-    ranks cut into `intervals` equal parts, so every decile holds n/10
-    sequences (+-1) even when values tie at a percentile edge.
+    Sequences are ranked from the highest value down (ties: lower sequence
+    index first, as for the top sequences) and the ranks cut into `intervals`
+    equal parts, so every decile holds n/10 sequences (+-1) even when values
+    tie at a percentile edge.
     """
     values = np.asarray(values)
     n = len(values)
-    order = np.lexsort((np.arange(n), values))  # ascending, lowest index first on ties
+    order = np.lexsort((np.arange(n), -values))  # highest first, lowest index first on ties
     rank = np.empty(n, dtype=np.int64)
     rank[order] = np.arange(n)
-    return rank * intervals // max(n, 1) + 1
+    return intervals - rank * intervals // max(n, 1)
 
 
 def choose_samples(

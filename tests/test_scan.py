@@ -92,9 +92,9 @@ def test_every_sequence_sampled_in_its_decile(scan_tree):
         assert np.allclose(head["interval_edges"], np.percentile(values, np.arange(0, 101, 10)), rtol=1e-5)
         top = [s for s in seqs if s["interval"] == 10]
         assert [s["max_activation"] for s in top] == sorted(values, reverse=True)[:2]
-        for s in seqs:  # rank-deciles: interval i holds ranks 2(i-1), 2(i-1)+1 (ascending)
-            rank = sorted(range(N_SEQS), key=lambda i: (acts[i], i)).index(s["id"])
-            assert s["interval"] == rank // 2 + 1
+        ranking = sorted(range(N_SEQS), key=lambda i: (-acts[i], i))
+        for s in seqs:  # rank deciles: interval 10 holds the top two, interval 9 the next two, ...
+            assert s["interval"] == 10 - ranking.index(s["id"]) // 2
 
 
 def independent_metrics(p: np.ndarray, tok: np.ndarray, scores_ok: bool = False) -> dict:

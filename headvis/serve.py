@@ -1,0 +1,125 @@
+"""`python -m headvis.serve`: serve a scanned data tree, the frontend and the live endpoints.
+
+    python -m headvis.serve --data data                  # http://127.0.0.1:8765
+    python -m headvis.serve --data data --port 0 --allow-origin http://localhost:5173
+
+The frontend is served at `/`, the data tree at `/data/`, the endpoints of
+CONTRACT section 3 at `/api/{name}` (described at `/api/openapi.json`).
+docs/server.md has the details. The work lives in `headvis.server`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from headvis.errors import HeadvisError
+
+__all__ = ["build_parser", "main"]
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8765
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse's default also prints the usage)
+        print(f"headvis: error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--port must be an integer, not {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"--port must be in 0..65535 (0: any free port), not {port}")
+    return port
+
+
+def _origin(text: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.path or parts.query or parts.fragment:
+        raise argparse.ArgumentTypeError(f"--allow-origin wants one origin such as http://localhost:5173, not {text!r}")
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m headvis.serve", description=__doc__.splitlines()[0],
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", required=True, help="a folder written by python -m headvis.scan")
+    p.add_argument("--host", default=DEFAULT_HOST, help="address to bind (loopback by default)")
+    p.add_argument("--port", type=_port, default=DEFAULT_PORT, help="0 picks a free port")
+    p.add_argument("--model", default=None, help="model to load instead of the scan's (same shape required)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--frontend", default=None, help="built frontend folder (default: frontend/dist of the source tree)")
+    p.add_argument("--allow-origin", type=_origin, default=None,
+                   help="the one origin allowed to call cross-origin (CORS); off by default")
+    return p
+
+
+def _logger() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("headvis: %(message)s"))
+    for name in ("headvis", "aiohttp.server", "aiohttp.web"):
+        logger = logging.getLogger(name)
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+def _run(args: argparse.Namespace) -> None:
+    from headvis.server.tree import open_data_tree
+
+    tree = open_data_tree(args.data)  # before importing torch: a wrong --data fails at once
+    frontend = None
+    if args.frontend is not None:
+        frontend = Path(args.frontend).expanduser()
+        if not (frontend / "index.html").is_file():
+            raise HeadvisError(f"--frontend {args.frontend}: no index.html there (build the frontend first)")
+    if args.device not in (None, "cpu", "cuda") and not args.device.startswith("cuda:"):
+        raise HeadvisError(f"--device must be cpu or cuda, not {args.device!r}")
+
+    from headvis.server.app import allowed_hosts_for, bind, serve, url_for
+    from headvis.server.state import ServerConfig
+
+    sock = bind(args.host, args.port)  # before the model loads: a busy port fails at once
+    url = url_for(sock)
+    device = args.device
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    config = ServerConfig(data=tree.root, url=url, model=args.model, device=device, frontend=frontend,
+                          allow_origin=args.allow_origin, allowed_hosts=allowed_hosts_for(args.host, url))
+    asyncio.run(serve(config, sock))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _logger()
+    try:
+        _run(args)
+    except HeadvisError as e:
+        print(f"headvis: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # a bug: one line for the user, the trace on request
+        if os.environ.get("HEADVIS_DEBUG"):
+            traceback.print_exc()
+        print(f"headvis: internal error: {type(e).__name__}: {e} (HEADVIS_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""The command line: flags, selections, and one clear error for each kind of bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from headvis.errors import HeadvisError
+from headvis.scan import build_parser, main, parse_selection
+
+# Frozen public flags (CONTRACT section 5 plus headvis' own).
+FLAGS = {
+    "--model", "--dataset", "--split", "--text-column", "--seq-len", "--num-seqs", "--batch-size", "--layers",
+    "--heads", "--out", "--device", "--backend", "--top-k", "--min-weight", "--per-interval", "--umap",
+    "--no-umap", "--seed", "--proj-seqs", "--max-points",
+}
+
+
+def test_flags_are_frozen():
+    parser = build_parser()
+    found = {s for action in parser._actions for s in action.option_strings} - {"-h", "--help"}
+    assert found == FLAGS
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("all", list(range(6))), ("3", [3]), ("0-3", [0, 1, 2, 3]), ("1,4-5", [1, 4, 5]), (" 2 , 2 ", [2]),
+])
+def test_parse_selection(text, expected):
+    assert parse_selection(text, 6, "layers") == expected
+
+
+@pytest.mark.parametrize("text", ["6", "-1", "3-1", "a", "1,,2", "0-9"])
+def test_parse_selection_rejects(text):
+    with pytest.raises(HeadvisError, match="--heads"):
+        parse_selection(text, 6, "heads")
+
+
+@pytest.fixture
+def gpt2_dir(tiny_model_dir):
+    return str(tiny_model_dir("gpt2"))  # n_positions = 128
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "corpus.jsonl"
+    rows = [{"text": f"line {i}: the quick brown fox jumps over the lazy dog {i % 7}."} for i in range(60)]
+    path.write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
+    return str(path)
+
+
+def run_main(capsys, *args) -> tuple[int, str]:
+    code = main(list(args))
+    return code, capsys.readouterr().err
+
+
+def _fails_cleanly(capsys, out, expected: str, *args):
+    code, err = run_main(capsys, *args, "--out", str(out))
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert code == 2, err
+    assert lines[-1].startswith("headvis: error: ") and expected in lines[-1], err
+    assert "Traceback" not in err
+    assert not out.exists(), "nothing may be written on bad input"
+    assert not list(out.parent.glob(f".{out.name}.staging-*")), "staging folder left behind"
+
+
+def test_unknown_hub_model(capsys, tmp_path, corpus):
+    _fails_cleanly(capsys, tmp_path / "o", "cannot load model 'no-such-org/no-such-model'",
+                   "--model", "no-such-org/no-such-model", "--dataset", corpus)
+
+
+def test_missing_model_folder(capsys, tmp_path, corpus):
+    _fails_cleanly(capsys, tmp_path / "o", "does not exist", "--model", str(tmp_path / "nowhere"), "--dataset", corpus)
+
+
+def test_unknown_hub_dataset(capsys, tmp_path, gpt2_dir):
+    _fails_cleanly(capsys, tmp_path / "o", "cannot load dataset 'no-such-org/no-such-dataset'",
+                   "--model", gpt2_dir, "--dataset", "no-such-org/no-such-dataset")
+
+
+def test_missing_dataset_file(capsys, tmp_path, gpt2_dir):
+    _fails_cleanly(capsys, tmp_path / "o", "does not exist", "--model", gpt2_dir,
+                   "--dataset", str(tmp_path / "missing.jsonl"))
+
+
+def test_missing_text_column(capsys, tmp_path, gpt2_dir, corpus):
+    _fails_cleanly(capsys, tmp_path / "o", "no text column 'body'", "--model", gpt2_dir, "--dataset", corpus,
+                   "--text-column", "body")
+
+
+def test_missing_parquet_column(capsys, tmp_path, gpt2_dir):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"content": ["some text"] * 5}), path)
+    _fails_cleanly(capsys, tmp_path / "o", "no text column 'text'", "--model", gpt2_dir, "--dataset", str(path))
+
+
+def test_layer_out_of_range(capsys, tmp_path, gpt2_dir, corpus):
+    _fails_cleanly(capsys, tmp_path / "o", "--layers: 2 is out of range (the model has 2 layers: 0-1)",
+                   "--model", gpt2_dir, "--dataset", corpus, "--layers", "0-2")
+
+
+def test_head_out_of_range(capsys, tmp_path, gpt2_dir, corpus):
+    _fails_cleanly(capsys, tmp_path / "o", "--heads: 4 is out of range", "--model", gpt2_dir, "--dataset", corpus,
+                   "--heads", "4")
+
+
+def test_seq_len_beyond_context(capsys, tmp_path, gpt2_dir, corpus):
+    _fails_cleanly(capsys, tmp_path / "o", "exceeds the model's context of 128", "--model", gpt2_dir,
+                   "--dataset", corpus, "--seq-len", "129")
+
+
+def test_empty_corpus(capsys, tmp_path, gpt2_dir):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("", encoding="utf-8")
+    _fails_cleanly(capsys, tmp_path / "o", "no full sequence", "--model", gpt2_dir, "--dataset", str(empty))
+
+
+def test_empty_folder_corpus(capsys, tmp_path, gpt2_dir):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    _fails_cleanly(capsys, tmp_path / "o", "holds no", "--model", gpt2_dir, "--dataset", str(folder))
+
+
+def test_unwritable_out(capsys, tmp_path, gpt2_dir, corpus):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    _fails_cleanly(capsys, blocker / "data", "cannot write to --out", "--model", gpt2_dir, "--dataset", corpus)
+
+
+def test_refuses_to_replace_a_foreign_folder(capsys, tmp_path, gpt2_dir, corpus):
+    precious = tmp_path / "home"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("keep me")
+    code, err = run_main(capsys, "--model", gpt2_dir, "--dataset", corpus, "--out", str(precious))
+    assert code == 2 and "not a headvis data tree" in err
+    assert (precious / "thesis.tex").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--seq-len", "1", "--seq-len must be at least 2"),
+    ("--num-seqs", "0", "--num-seqs must be at least 1"),
+    ("--min-weight", "1.5", "--min-weight must be in [0, 1]"),
+    ("--device", "tpu", "--device must be cpu or cuda"),
+])
+def test_bad_numbers(capsys, tmp_path, flag, value, expected):
+    _fails_cleanly(capsys, tmp_path / "o", expected, flag, value)
+
+
+def test_triton_without_cuda_or_interpreter(capsys, tmp_path, gpt2_dir, corpus, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    _fails_cleanly(capsys, tmp_path / "o", "--backend triton needs --device cuda", "--model", gpt2_dir,
+                   "--dataset", corpus, "--backend", "triton", "--device", "cpu")
+
+
+def test_small_scan_of_other_architecture_and_folder_corpus(capsys, tmp_path, tiny_model_dir):
+    """A bidirectional model over a folder of .txt files: a full tree, negative distance bins."""
+    folder = tmp_path / "docs"
+    (folder / "sub").mkdir(parents=True)
+    for i in range(6):
+        (folder / ("sub" if i % 2 else ".") / f"d{i}.txt").write_text(f"document {i} " * 40, encoding="utf-8")
+    out = tmp_path / "tree"
+    code, err = run_main(capsys, "--model", str(tiny_model_dir("bert")), "--dataset", str(folder),
+                         "--seq-len", "16", "--num-seqs", "30", "--per-interval", "1", "--out", str(out))
+    assert code == 0, err
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"]["causal"] is False and config["dataset"]["n_sequences"] == 30
+    head = json.loads((out / "heads" / "L1H3.json").read_text())
+    assert head["qk_distance_histogram"]["bin_edges"][0] < 0
+    assert sum(head["interval_counts"]) == 30
+    from headvis.schemas import validate_tree
+
+    assert validate_tree(out) > 0
