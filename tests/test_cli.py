@@ -173,3 +173,39 @@ def test_small_scan_of_other_architecture_and_folder_corpus(capsys, tmp_path, ti
     from headvis.schemas import validate_tree
 
     assert validate_tree(out) > 0
+
+
+def test_umap_view_and_rotation_reproduce_the_saved_coordinates(capsys, tmp_path, tiny_model_dir, corpus):
+    """--umap adds views.umap; the saved PCA rotation maps the points' vectors onto their coordinates."""
+    import numpy as np
+    import torch
+
+    from headvis.capture import CaptureSession
+    from headvis.models import load_model, output_projections
+    from headvis.pipeline import HeadSelection, head_vectors
+    from headvis.projection import project_pca
+
+    model_dir = str(tiny_model_dir("gpt2"))
+    out = tmp_path / "u"
+    code, err = run_main(capsys, "--model", model_dir, "--dataset", corpus, "--seq-len", "24", "--num-seqs", "12",
+                         "--layers", "1", "--heads", "2", "--umap", "--proj-seqs", "3", "--out", str(out))
+    assert code == 0, err
+    body = json.loads((out / "umap" / "L1H2.json").read_text())
+    assert set(body["views"]["umap"]) == {"q", "k", "v", "o"}
+    assert len(body["views"]["umap"]["o"]) == len(body["points"]["pos"]) == 3 * 23
+    assert json.loads((out / "config.json").read_text())["projection"]["methods"] == ["pca", "umap"]
+
+    rotation = json.loads((out / "umap" / "L1H2.rotation.json").read_text())
+    seqs = json.loads((out / "umap" / "sequences.json").read_text())["sequences"]
+    ids = torch.tensor([s["token_ids"] for s in seqs])
+    lm = load_model(model_dir)
+    row_of = {s["id"]: i for i, s in enumerate(seqs)}
+    rows = torch.tensor([row_of[i] for i in body["points"]["seq"]])
+    positions = torch.tensor(body["points"]["pos"])
+    got = {}
+    selection = HeadSelection([1], [2], lm.info.n_heads, lm.info.n_kv_heads)
+    with CaptureSession(lm.model, {1}, lambda c: got.update(head_vectors(c, selection, output_projections(lm.model)[1], rows, positions))) as s:
+        s.run(ids)
+    for vector in ("q", "k", "v", "o"):
+        coords = project_pca(got[2][vector], rotation[vector])
+        assert np.allclose(coords, body["pca"][vector]["coords"], atol=2e-3 * (1 + np.abs(coords).max())), vector
