@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from headvis.errors import HeadvisError
 
-__all__ = ["DEFAULT_DATASET", "iter_texts", "pack_sequences"]
+__all__ = ["DEFAULT_DATASET", "iter_texts", "pack_sequences", "prefix_token"]
 
 DEFAULT_DATASET = "pydoc_data.topics"
 _SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -103,7 +103,8 @@ def iter_texts(dataset: str, split: str = "train", text_column: str = "text") ->
         yield from _texts_from_hub(dataset, split, text_column)
 
 
-def _prefix_token(tokenizer) -> int | None:
+def prefix_token(tokenizer) -> int | None:
+    """The token every sequence starts with: BOS, or CLS for BERT-style tokenizers, or None."""
     for name in ("bos_token_id", "cls_token_id"):
         token = getattr(tokenizer, name, None)
         if token is not None:
@@ -113,7 +114,7 @@ def _prefix_token(tokenizer) -> int | None:
 
 def pack_sequences(texts: Iterator[str], tokenizer, seq_len: int, num_seqs: int) -> torch.Tensor:
     """(n, seq_len) int64 token ids, n <= num_seqs, packed as the module docstring says."""
-    prefix = _prefix_token(tokenizer)
+    prefix = prefix_token(tokenizer)
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is None:
         eos = getattr(tokenizer, "sep_token_id", None)

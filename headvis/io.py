@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["atomic_write_bytes", "read_json", "round_sig", "write_json"]
+__all__ = ["DIR_MODE", "FILE_MODE", "atomic_write_bytes", "read_json", "round_sig", "write_json"]
 
 SIG_DIGITS = 6
 
@@ -61,6 +61,16 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_umask()  # what open() would give: readable by a static web server
+DIR_MODE = 0o777 & ~_umask()  # what mkdir() would give
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temp file in the same folder, then rename over `path`."""
     path = Path(path)
@@ -69,6 +79,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, FILE_MODE)  # mkstemp makes 0600
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -78,9 +89,14 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def write_json(path: Path, obj: Any) -> None:
-    """Atomically write `obj` as compact UTF-8 JSON with rounded floats."""
-    text = json.dumps(_clean(obj), ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+def write_json(path: Path, obj: Any, *, rounded: bool = False) -> None:
+    """Atomically write `obj` as compact UTF-8 JSON with rounded floats.
+
+    rounded=True skips the rounding pass for bodies built from already rounded
+    JSON values (the server's growing custom files).
+    """
+    body = obj if rounded else _clean(obj)
+    text = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     atomic_write_bytes(Path(path), text.encode("utf-8"))
 
 

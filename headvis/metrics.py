@@ -135,30 +135,37 @@ def _chunk_scores(query: Tensor, key: Tensor, spec: AttentionSpec, q_start: int,
     n_kv = key.shape[1]
     group = n_heads // n_kv
     rows = q_end - q_start
-    q = query[:, :, q_start:q_end].float().reshape(batch, n_kv, group, rows, d_head)
+    q = query[:, :, q_start:q_end].float() * spec.scaling  # scale the (rows, d_head) side: cheaper than scores
+    q = q.reshape(batch, n_kv, group, rows, d_head)
     k = key.float()[:, :, None]  # (batch, kv_head, 1, key_pos, d_head)
     scores = torch.matmul(q, k.transpose(-1, -2)).reshape(batch, n_heads, rows, -1)
-    scores = scores * spec.scaling
     if spec.softcap is not None:
         scores = torch.tanh(scores / spec.softcap) * spec.softcap
     return scores
 
 
 def _chunk_pattern(scores: Tensor, allowed: Tensor, spec: AttentionSpec) -> tuple[Tensor, Tensor, Tensor]:
-    """(pattern, masked scores, row_ok) for one chunk; masked entries are 0 and -inf.
+    """(pattern, row max score, row_ok) for one chunk; masked entries of the pattern are 0.
 
-    pattern = exp(scores - logsumexp(scores)) over the allowed keys (plus the
-    sink logit, if any). Rows without any allowed key (full padding) get an
-    all-zero pattern and row_ok False.
+    pattern = exp(s - m) / sum exp(s - m) with m the row max (and the sink
+    logit, if any, in both m and the sum). `s - m` is exact in float32 for
+    scores within a factor 2 of the max (Sterbenz), so large logits (1e3) lose
+    nothing to a rounded logsumexp. Rows without any allowed key (full
+    padding) get an all-zero pattern and row_ok False.
     """
     masked = scores.masked_fill(~allowed, -math.inf)
-    lse = torch.logsumexp(masked, dim=-1, keepdim=True)
+    row_max = masked.amax(-1, keepdim=True)
+    row_ok = torch.isfinite(row_max)
+    shift = torch.where(row_ok, row_max, 0.0)
     if spec.sinks is not None:
         sink = spec.sinks.float().to(scores.device)[None, :, None, None]
-        lse = torch.logaddexp(lse, sink)
-    row_ok = torch.isfinite(lse)
-    pattern = torch.exp(masked - torch.where(row_ok, lse, 0.0))  # exp(-inf) = 0 off the allowed keys
-    return pattern, masked, row_ok.squeeze(-1)
+        shift = torch.maximum(shift, sink)
+    weights = torch.exp(masked - shift)  # exp(-inf) = 0 off the allowed keys
+    total = weights.sum(-1, keepdim=True)
+    if spec.sinks is not None:
+        total = total + torch.exp(sink - shift)
+    pattern = weights / torch.where(row_ok, total, 1.0)
+    return pattern, row_max.squeeze(-1), row_ok.squeeze(-1)
 
 
 def ref_pattern(query: Tensor, key: Tensor, spec: AttentionSpec) -> Tensor:
@@ -215,7 +222,7 @@ def ref_row_stats(
         keys = slice(0, k_end)
         scores = _chunk_scores(query, key[:, :, keys], spec, q_start, q_end)  # (batch, head, rows, k_end)
         allowed = _allowed(spec, q_start, q_end, k_end, device)
-        pattern, masked, row_ok = _chunk_pattern(scores, allowed, spec)
+        pattern, row_max, row_ok = _chunk_pattern(scores, allowed, spec)
         row_ok = row_ok & allowed.any(-1)
 
         n_allowed = allowed.sum(-1).clamp(min=1)
@@ -224,7 +231,7 @@ def ref_row_stats(
         var = (centered * centered).sum(-1) / n_allowed  # two-pass: no E[s^2] - E[s]^2 cancellation
         out["logit_mean"][:, :, rows] = torch.where(row_ok, mean, 0.0)
         out["logit_std"][:, :, rows] = torch.where(row_ok, var.sqrt(), 0.0)
-        out["logit_max"][:, :, rows] = torch.where(row_ok, masked.amax(-1), 0.0)
+        out["logit_max"][:, :, rows] = torch.where(row_ok, row_max, 0.0)
         # -sum p ln p straight from the probabilities: no lse - sum(p s) cancellation for large logits.
         out["entropy"][:, :, rows] = -torch.special.xlogy(pattern, pattern).sum(-1)
         out["bos"][:, :, rows] = pattern[..., 0]

@@ -28,7 +28,7 @@ from headvis.accumulate import HEAD_METRICS, ScanAccumulator
 from headvis.backends import BACKENDS, resolve_backend
 from headvis.datasets import DEFAULT_DATASET, iter_texts, pack_sequences
 from headvis.errors import HeadvisError
-from headvis.io import read_json, write_json
+from headvis.io import DIR_MODE, write_json
 from headvis.metrics import distance_bin_edges
 from headvis.models import DEFAULT_MODEL, LoadedModel, load_model
 from headvis.pipeline import HeadSelection, Tokens, metric_pass, projection_pass, sequence_records
@@ -136,6 +136,8 @@ def _prepare_out(out: Path) -> Path:
 
 def _publish(staging: Path, out: Path) -> None:
     """Swap the finished staging tree in for `out` (two renames; the old tree is then removed)."""
+    for folder in [staging, *(p for p in staging.rglob("*") if p.is_dir())]:
+        folder.chmod(DIR_MODE)  # mkdtemp makes 0700; a static host may run as another user
     old = None
     if out.exists():
         old = out.parent / f".{out.name}.old-{os.getpid()}"

@@ -87,11 +87,14 @@ def _run(args: argparse.Namespace) -> None:
     if args.device not in (None, "cpu", "cuda") and not args.device.startswith("cuda:"):
         raise HeadvisError(f"--device must be cpu or cuda, not {args.device!r}")
 
-    from headvis.server.app import allowed_hosts_for, bind, serve, url_for
+    from headvis.server.net import allowed_hosts_for, bind, url_for
+
+    sock = bind(args.host, args.port)  # before torch is imported: a busy port fails at once
+    url = url_for(sock)
+
+    from headvis.server.app import serve
     from headvis.server.state import ServerConfig
 
-    sock = bind(args.host, args.port)  # before the model loads: a busy port fails at once
-    url = url_for(sock)
     device = args.device
     if device is None:
         import torch

@@ -6,8 +6,14 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import pytest
 import torch
+
+# Without CUDA, Triton kernels run under the interpreter. Triton reads the variable when it is
+# first imported (transformers imports it through torch._dynamo), so it is set before anything else.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest
 
 from headvis.models import DEFAULT_MODEL, load_model
 

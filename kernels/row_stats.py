@@ -1,0 +1,556 @@
+"""Fused attention row statistics: `tri_row_stats`, the Triton twin of `headvis.metrics.ref_row_stats`.
+
+Same inputs, same `RowStats`, same conventions (row 0 present, zeros for rows
+without an allowed key, -1 for missing indices, the lowest key index wins every
+tie), but no (query_pos, key_pos) matrix is ever written: each program owns a
+block of query rows of one (batch, head) and streams over key blocks with an
+online softmax, keeping every row quantity as a running sum relative to the
+row's running max. Two kernels:
+
+- `_row_stats_fwd_kernel`, grid (query blocks, batch * head): every per-row
+  output, plus the row's normalizer (c, log L), lse = c + log L;
+- `_key_weight_kernel`, grid (key blocks, batch * head): column sums of the
+  pattern over rows q >= 1, which need each row's final normalizer, hence a
+  second pass (it recomputes the scores; deterministic, no atomics).
+
+Grouped-query attention reads kv head `head // (n_heads // n_kv_heads)` in the
+kernel; `key` is never repeated. Scores accumulate in float32 whatever the
+input dtype (float32 inputs use IEEE float32 dot products, not TF32).
+
+Needs triton. On a machine without CUDA the kernels run under Triton's CPU
+interpreter when `TRITON_INTERPRET=1` is set before triton is first imported
+(slow; float32 and float16 only): that is how the tests run here.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError as error:  # the optional `triton` extra
+    raise ImportError("headvis.kernels.row_stats needs triton: pip install 'headvis[triton]'") from error
+
+from headvis.metrics import ROW_METRICS, AttentionSpec, RowStats
+
+__all__ = ["is_available", "tri_row_stats"]
+
+# Index of an empty top-k slot; above every key index, so empty slots lose ties.
+_NO_KEY = tl.constexpr(1 << 30)
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def _softcapped(scores, softcap, HAS_SOFTCAP: tl.constexpr):
+    """softcap * tanh(scores / softcap), with tanh(x) = 1 - 2 / (exp(2x) + 1).
+
+    The form has the exact limits +-1 for large |x| (exp gives inf or 0, never
+    NaN); its absolute error near 0 is ~1e-7 * softcap.
+    """
+    if HAS_SOFTCAP:
+        scores = softcap * (1.0 - 2.0 / (tl.exp(2.0 * (scores / softcap)) + 1.0))
+    return scores
+
+
+@triton.jit
+def _allowed(dist, key_pos, seq_len, window, key_valid,
+             CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KEY_VALID: tl.constexpr):
+    """Which (query, key) pairs a row may read; dist = q - k, all arguments broadcast together."""
+    ok = tl.broadcast_to((key_pos >= 0) & (key_pos < seq_len), dist.shape)
+    if CAUSAL:
+        ok = ok & (dist >= 0)
+    if HAS_WINDOW:
+        if CAUSAL:
+            ok = ok & (dist < window)
+        else:
+            ok = ok & (dist < window) & (dist > -window)
+    if HAS_KEY_VALID:
+        ok = ok & key_valid
+    return ok
+
+
+@triton.jit
+def _score_at(q, k_base, key_pos, key_ok, offs_d, d_in, stride_kt, stride_kd, scaling, softcap,
+              HAS_SOFTCAP: tl.constexpr):
+    """(BLOCK_M,) scores of each query row against one key per row (bos, self, previous token)."""
+    k = tl.load(k_base + key_pos[:, None] * stride_kt + offs_d[None, :] * stride_kd,
+                mask=key_ok[:, None] & d_in[None, :], other=0.0)
+    scores = tl.sum(q.to(tl.float32) * k.to(tl.float32), 1) * scaling
+    return _softcapped(scores, softcap, HAS_SOFTCAP)
+
+
+@triton.jit
+def _row_stats_fwd_kernel(
+    Q, K, TOKENS, KEY_VALID, SINKS, EDGES,
+    METRICS, COUNTED, MAX_NOBOS, ARGMAX_NOBOS, DIST_HIST, TOP_VALUES, TOP_INDICES, ROW_NORM,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    seq_len, n_heads, group, n_bins, window, scaling, softcap, plane,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_KEY_VALID: tl.constexpr, HAS_SINKS: tl.constexpr,
+    TOP_K: tl.constexpr, KEEP: tl.constexpr, KEEP_PAD: tl.constexpr,
+    BINS_PAD: tl.constexpr, EDGES_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Every per-row quantity of BLOCK_M query rows of one (batch, head), streaming over key blocks.
+
+    Online softmax: with the running max m, l = sum_k e_k where e_k = exp(s_k - m)
+    over allowed keys; when m grows to m', every running sum of e-weighted
+    terms is rescaled by alpha = exp(m - m'). At the end (sink optional)
+    p_k = e_k * f / L = exp((s_k - c) - log L) with c = max(m, sink),
+    f = exp(m - c), L = l f + exp(sink - c); lse = c + log L is never formed
+    (at |s| ~ 1e3 its float32 rounding alone is ~6e-5).
+
+    Entropy without cancellation: H = lse - sum p s cancels when logits are
+    large, so track t = sum_k e_k (s_k - m) (<= 0; on a max update
+    t' = alpha (t + (m - m') l)) and use H = (f / L) (l ((c - m) + log L) - t),
+    a sum of two non-negative terms.
+    Logit mean and population std: per key block, the block's own mean and
+    squared deviations (two passes over registers), merged into the running
+    (count, mean, M2) with Chan's formula: no sum-of-squares cancellation.
+    Distance histogram: a key block spans q - k in [d_min, d_max]; only the
+    bins it crosses get a masked sum, and when the span lies inside the edges
+    the last bin takes the block's remaining mass (most far blocks sit in one
+    power-of-two bin and cost nothing extra).
+    Top-k: softmax is monotone in s within a row, so a running top-KEEP set
+    of raw scores is kept (ties: lowest key index) and turned into
+    probabilities at the end. A key enters only when it beats the
+    set's minimum; blocks where no row's max beats its minimum are skipped.
+    KEEP >= 2 so the best key other than 0 (max_nobos) is always in the set.
+    """
+    pid_m = tl.program_id(0)
+    if CAUSAL:  # the last query blocks read the most keys: start them first
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    pid_bh = tl.program_id(1)
+    batch = pid_bh // n_heads
+    head = pid_bh % n_heads
+    kv_head = head // group
+    q_base = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
+    k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+    tok_base = TOKENS + batch.to(tl.int64) * seq_len
+    valid_base = KEY_VALID + batch.to(tl.int64) * seq_len
+    row_base = pid_bh.to(tl.int64) * seq_len  # (batch, head, 0) in (batch, head, query_pos) outputs
+
+    q0 = pid_m * BLOCK_M
+    q_pos = q0 + tl.arange(0, BLOCK_M)
+    q_in = q_pos < seq_len
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    d_in = offs_d < HEAD_DIM
+    q = tl.load(q_base + q_pos[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+                mask=q_in[:, None] & d_in[None, :], other=0.0)  # (BLOCK_M, HEAD_DIM_PAD)
+    tok_q = tl.load(tok_base + q_pos, mask=q_in, other=-1)
+
+    # Scores of the three single keys a row reports: bos (k = 0), self (k = q), previous (k = q - 1).
+    zero_pos = q_pos * 0
+    s_bos = _score_at(q, k_base, zero_pos, q_in, offs_d, d_in, stride_kt, stride_kd, scaling, softcap, HAS_SOFTCAP)
+    s_self = _score_at(q, k_base, q_pos, q_in, offs_d, d_in, stride_kt, stride_kd, scaling, softcap, HAS_SOFTCAP)
+    s_prev = _score_at(q, k_base, q_pos - 1, q_in & (q_pos >= 1), offs_d, d_in, stride_kt, stride_kd,
+                       scaling, softcap, HAS_SOFTCAP)
+    if HAS_KEY_VALID:
+        v_bos = tl.load(valid_base + zero_pos, mask=q_in, other=0) != 0
+        v_self = tl.load(valid_base + q_pos, mask=q_in, other=0) != 0
+        v_prev = tl.load(valid_base + q_pos - 1, mask=q_in & (q_pos >= 1), other=0) != 0
+    else:
+        v_bos = q_in
+        v_self = q_in
+        v_prev = q_in
+    ok_bos = _allowed(q_pos, zero_pos, seq_len, window, v_bos, CAUSAL, HAS_WINDOW, HAS_KEY_VALID)
+    ok_self = _allowed(zero_pos, q_pos, seq_len, window, v_self, CAUSAL, HAS_WINDOW, HAS_KEY_VALID)
+    ok_prev = _allowed(zero_pos + 1, q_pos - 1, seq_len, window, v_prev, CAUSAL, HAS_WINDOW, HAS_KEY_VALID)
+
+    # Running state, one entry per query row.
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # max allowed score
+    l_i = tl.zeros([BLOCK_M], tl.float32)  # sum e
+    t_i = tl.zeros([BLOCK_M], tl.float32)  # sum e * (s - m)
+    dist_acc = tl.zeros([BLOCK_M], tl.float32)  # sum e * |q - k|
+    ind_acc = tl.zeros([BLOCK_M], tl.float32)  # sum e over induction keys
+    dup_acc = tl.zeros([BLOCK_M], tl.float32)  # sum e over duplicate keys
+    ind_any = tl.zeros([BLOCK_M], tl.int32)
+    dup_any = tl.zeros([BLOCK_M], tl.int32)
+    n_i = tl.zeros([BLOCK_M], tl.float32)  # allowed keys so far
+    mean_i = tl.zeros([BLOCK_M], tl.float32)  # their mean score
+    m2_i = tl.zeros([BLOCK_M], tl.float32)  # their summed squared deviation
+    bin_col = tl.arange(0, BINS_PAD)
+    hist = tl.zeros([BLOCK_M, BINS_PAD], tl.float32)  # sum e by q - k bin
+    keep_col = tl.arange(0, KEEP_PAD)
+    real_slot = keep_col < KEEP  # padding slots hold +inf: never the minimum, never reported
+    top_s = tl.zeros([BLOCK_M, KEEP_PAD], tl.float32) + tl.where(real_slot, float("-inf"), float("inf"))[None, :]
+    top_i = tl.zeros([BLOCK_M, KEEP_PAD], tl.int32) + tl.where(real_slot, _NO_KEY + keep_col, -2)[None, :]
+    theta = tl.min(top_s, 1)  # the set's minimum: a key must beat it to enter
+
+    offs_e = tl.arange(0, EDGES_PAD)
+    edges = tl.load(EDGES + offs_e, mask=offs_e <= n_bins, other=2147483647)
+    edge_first = tl.load(EDGES)
+    edge_last = tl.load(EDGES + n_bins)
+
+    # Key blocks that can hold an allowed key for these rows.
+    k_lo = 0
+    k_hi = seq_len
+    if CAUSAL:
+        k_hi = tl.minimum(seq_len, q0 + BLOCK_M)
+    if HAS_WINDOW:
+        k_lo = tl.maximum(0, q0 - window + 1) // BLOCK_N * BLOCK_N
+        if not CAUSAL:
+            k_hi = tl.minimum(seq_len, q0 + BLOCK_M - 1 + window)
+
+    for k0 in range(k_lo, k_hi, BLOCK_N):
+        k_pos = k0 + tl.arange(0, BLOCK_N)
+        k_in = k_pos < seq_len
+        kt = tl.load(k_base + k_pos[None, :] * stride_kt + offs_d[:, None] * stride_kd,
+                     mask=k_in[None, :] & d_in[:, None], other=0.0)  # (HEAD_DIM_PAD, BLOCK_N)
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scaling  # (BLOCK_M, BLOCK_N) scores
+        s = _softcapped(s, softcap, HAS_SOFTCAP)
+        dist = q_pos[:, None] - k_pos[None, :]  # q - k
+        if HAS_KEY_VALID:
+            k_valid = tl.load(valid_base + k_pos, mask=k_in, other=0) != 0
+        else:
+            k_valid = k_in
+        allowed = _allowed(dist, k_pos[None, :], seq_len, window, k_valid[None, :],
+                           CAUSAL, HAS_WINDOW, HAS_KEY_VALID)
+        s_allowed = tl.where(allowed, s, float("-inf"))
+
+        # Online softmax, entropy and distance sums.
+        m_tile = tl.max(s_allowed, 1)
+        m_new = tl.maximum(m_i, m_tile)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)  # 0 while the row had no allowed key
+        shift = s - m_safe[:, None]  # finite everywhere (masked loads are 0)
+        e = tl.exp(tl.where(allowed, shift, float("-inf")))  # 0 where masked, never an overflow
+        e_sum = tl.sum(e, 1)
+        t_i = alpha * (t_i + tl.where(l_i > 0, m_i - m_safe, 0.0) * l_i) + tl.sum(e * shift, 1)
+        l_i = l_i * alpha + e_sum
+        dist_acc = dist_acc * alpha + tl.sum(e * tl.abs(dist.to(tl.float32)), 1)
+
+        # Induction (1 <= k < q, tok[k-1] == tok[q]) and duplicate (k < q, tok[k] == tok[q]) keys.
+        tok_k = tl.load(tok_base + k_pos, mask=k_in, other=-1)
+        tok_prev_k = tl.load(tok_base + k_pos - 1, mask=k_in & (k_pos >= 1), other=-1)
+        earlier = allowed & (dist > 0)
+        ind_keys = earlier & (k_pos[None, :] >= 1) & (tok_prev_k[None, :] == tok_q[:, None])
+        dup_keys = earlier & (tok_k[None, :] == tok_q[:, None])
+        ind_acc = ind_acc * alpha + tl.sum(tl.where(ind_keys, e, 0.0), 1)
+        dup_acc = dup_acc * alpha + tl.sum(tl.where(dup_keys, e, 0.0), 1)
+        ind_any = tl.maximum(ind_any, tl.max(ind_keys.to(tl.int32), 1))
+        dup_any = tl.maximum(dup_any, tl.max(dup_keys.to(tl.int32), 1))
+
+        # Logit mean / std: the block's (count, mean, M2), merged with Chan's formula.
+        n_b = tl.sum(allowed.to(tl.float32), 1)
+        mean_b = tl.sum(tl.where(allowed, s, 0.0), 1) / tl.maximum(n_b, 1.0)
+        dev = tl.where(allowed, s - mean_b[:, None], 0.0)
+        n_new = n_i + n_b
+        frac = n_b / tl.maximum(n_new, 1.0)
+        delta = mean_b - mean_i
+        mean_i = mean_i + delta * frac
+        m2_i = m2_i + tl.sum(dev * dev, 1) + delta * delta * n_i * frac
+        n_i = n_new
+
+        # Distance histogram: masked sums only for the bins this block crosses.
+        hist = hist * alpha[:, None]
+        d_min = q0 - (k0 + BLOCK_N - 1)
+        d_max = q0 + BLOCK_M - 1 - k0
+        b_first = tl.maximum(tl.sum((edges <= d_min).to(tl.int32), 0) - 1, 0)
+        b_last = tl.minimum(tl.sum((edges <= d_max).to(tl.int32), 0) - 1, n_bins - 1)
+        inside = (d_min >= edge_first) & (d_max < edge_last)
+        b_stop = tl.where(inside, b_last, b_last + 1)
+        rest = e_sum
+        for b in range(b_first, b_stop):
+            in_bin = (dist >= tl.load(EDGES + b)) & (dist < tl.load(EDGES + b + 1))
+            part = tl.sum(tl.where(in_bin, e, 0.0), 1)
+            hist += tl.where(bin_col[None, :] == b, part[:, None], 0.0)
+            rest -= part
+        if inside:
+            hist += tl.where(bin_col[None, :] == b_last, rest[:, None], 0.0)
+
+        # Top-KEEP raw scores: insert each row's best remaining key while it beats the set's minimum.
+        if tl.max((m_tile > theta).to(tl.int32), 0) > 0:
+            s_cand = s_allowed
+            best = m_tile
+            while tl.max((best > theta).to(tl.int32), 0) > 0:
+                best_pos = tl.min(tl.where(s_cand == best[:, None], k_pos[None, :], _NO_KEY), 1)
+                enter = best > theta
+                # Evict the weakest slot: minimum score, highest key index among equals.
+                weakest = tl.max(tl.where(top_s == theta[:, None], top_i, -1), 1)
+                slot = (top_i == weakest[:, None]) & enter[:, None]
+                top_s = tl.where(slot, best[:, None], top_s)
+                top_i = tl.where(slot, best_pos[:, None], top_i)
+                theta = tl.min(top_s, 1)
+                s_cand = tl.where(k_pos[None, :] == best_pos[:, None], float("-inf"), s_cand)
+                best = tl.max(s_cand, 1)
+        m_i = m_new
+
+    # Normalize: p = exp((s - c) - log L); each e-weighted sum times f / L is a sum of probabilities.
+    has_key = m_i > float("-inf")
+    m_fin = tl.where(has_key, m_i, 0.0)
+    if HAS_SINKS:
+        sink = tl.load(SINKS + head).to(tl.float32)
+        c = tl.maximum(m_fin, sink)
+        f = tl.exp(m_fin - c)
+        norm = l_i * f + tl.exp(sink - c)
+    else:
+        c = m_fin
+        f = 1.0
+        norm = l_i
+    norm = tl.where(has_key, norm, 1.0)
+    log_norm = tl.log(norm)
+    to_prob = tl.where(has_key, f / norm, 0.0)
+
+    entropy = to_prob * (l_i * ((c - m_fin) + log_norm) - t_i)
+    prev_token = tl.exp(tl.where(ok_prev & has_key, (s_prev - c) - log_norm, float("-inf")))
+    bos = tl.exp(tl.where(ok_bos & has_key, (s_bos - c) - log_norm, float("-inf")))
+    self_p = tl.exp(tl.where(ok_self & has_key, (s_self - c) - log_norm, float("-inf")))
+    logit_mean = tl.where(has_key, mean_i, 0.0)
+    logit_std = tl.where(has_key, tl.sqrt(tl.maximum(m2_i / tl.maximum(n_i, 1.0), 0.0)), 0.0)
+    logit_max = m_fin
+
+    out = METRICS + row_base + q_pos  # METRICS: (metric, batch, head, query_pos); order = ROW_METRICS
+    tl.store(out + 0 * plane, entropy, mask=q_in)
+    tl.store(out + 1 * plane, prev_token, mask=q_in)
+    tl.store(out + 2 * plane, ind_acc * to_prob, mask=q_in)
+    tl.store(out + 3 * plane, dup_acc * to_prob, mask=q_in)
+    tl.store(out + 4 * plane, bos, mask=q_in)
+    tl.store(out + 5 * plane, self_p, mask=q_in)
+    tl.store(out + 6 * plane, dist_acc * to_prob, mask=q_in)
+    tl.store(out + 7 * plane, logit_mean, mask=q_in)
+    tl.store(out + 8 * plane, logit_std, mask=q_in)
+    tl.store(out + 9 * plane, logit_max, mask=q_in)
+    tl.store(COUNTED + row_base + q_pos, ind_any.to(tl.int8), mask=q_in)
+    tl.store(COUNTED + plane + row_base + q_pos, dup_any.to(tl.int8), mask=q_in)
+    tl.store(ROW_NORM + row_base + q_pos, tl.where(has_key, c, float("-inf")), mask=q_in)
+    tl.store(ROW_NORM + plane + row_base + q_pos, log_norm, mask=q_in)
+
+    hist = tl.maximum(hist * to_prob[:, None], 0.0)
+    tl.store(DIST_HIST + (row_base + q_pos)[:, None] * n_bins + bin_col[None, :], hist,
+             mask=q_in[:, None] & (bin_col[None, :] < n_bins))
+
+    # max_nobos: the best slot with key index >= 1 (KEEP >= 2 guarantees it is in the set).
+    nobos = real_slot[None, :] & (top_i >= 1) & (top_i < _NO_KEY)
+    best_s = tl.max(tl.where(nobos, top_s, float("-inf")), 1)
+    best_pos = tl.min(tl.where(nobos & (top_s == best_s[:, None]), top_i, _NO_KEY), 1)
+    best_p = tl.where(has_key & (best_s > float("-inf")), tl.exp((best_s - c) - log_norm), 0.0)
+    tl.store(MAX_NOBOS + row_base + q_pos, best_p, mask=q_in)
+    tl.store(ARGMAX_NOBOS + row_base + q_pos, tl.where(best_p > 0, best_pos, -1).to(tl.int64), mask=q_in)
+
+    if TOP_K > 0:
+        # Output column of each slot = its rank by (score descending, key index ascending).
+        s_a = top_s[:, :, None]
+        s_b = top_s[:, None, :]
+        i_a = top_i[:, :, None]
+        i_b = top_i[:, None, :]
+        beats = ((s_b > s_a) | ((s_b == s_a) & (i_b < i_a))) & real_slot[None, None, :]
+        rank = tl.sum(beats.to(tl.int32), 2)  # (BLOCK_M, KEEP_PAD)
+        top_p = tl.where(has_key[:, None] & real_slot[None, :], tl.exp((top_s - c[:, None]) - log_norm[:, None]), 0.0)
+        top_pos = tl.where(top_p > 0, top_i, -1).to(tl.int64)
+        at = (row_base + q_pos)[:, None] * TOP_K + rank
+        written = q_in[:, None] & real_slot[None, :] & (rank < TOP_K)
+        tl.store(TOP_VALUES + at, top_p, mask=written)
+        tl.store(TOP_INDICES + at, top_pos, mask=written)
+
+
+@triton.jit
+def _key_weight_kernel(
+    Q, K, KEY_VALID, ROW_NORM, KEY_WEIGHT,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    seq_len, n_heads, group, window, scaling, softcap, plane,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_KEY_VALID: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """key_weight[k] = sum over rows 1 <= q < T of p[q, k] = exp((s[q, k] - c[q]) - log L[q]), for BLOCK_N keys.
+
+    Streams over query blocks with each row's (c, log L) saved by the forward
+    kernel; rows without an allowed key (c = -inf) contribute 0.
+    """
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    batch = pid_bh // n_heads
+    head = pid_bh % n_heads
+    kv_head = head // group
+    q_base = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
+    k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+    row_base = pid_bh.to(tl.int64) * seq_len
+
+    k0 = pid_n * BLOCK_N
+    k_pos = k0 + tl.arange(0, BLOCK_N)
+    k_in = k_pos < seq_len
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    d_in = offs_d < HEAD_DIM
+    kt = tl.load(k_base + k_pos[None, :] * stride_kt + offs_d[:, None] * stride_kd,
+                 mask=k_in[None, :] & d_in[:, None], other=0.0)  # (HEAD_DIM_PAD, BLOCK_N)
+    if HAS_KEY_VALID:
+        k_valid = tl.load(KEY_VALID + batch.to(tl.int64) * seq_len + k_pos, mask=k_in, other=0) != 0
+    else:
+        k_valid = k_in
+
+    # Query blocks that can read these keys.
+    q_lo = 0
+    q_hi = seq_len
+    if CAUSAL:
+        q_lo = k0 // BLOCK_M * BLOCK_M
+    if HAS_WINDOW:
+        q_hi = tl.minimum(seq_len, k0 + BLOCK_N - 1 + window)
+        if not CAUSAL:
+            q_lo = tl.maximum(0, k0 - window + 1) // BLOCK_M * BLOCK_M
+
+    acc = tl.zeros([BLOCK_N], tl.float32)
+    for q0 in range(q_lo, q_hi, BLOCK_M):
+        q_pos = q0 + tl.arange(0, BLOCK_M)
+        q_in = q_pos < seq_len
+        q = tl.load(q_base + q_pos[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+                    mask=q_in[:, None] & d_in[None, :], other=0.0)
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scaling
+        s = _softcapped(s, softcap, HAS_SOFTCAP)
+        c = tl.load(ROW_NORM + row_base + q_pos, mask=q_in, other=float("-inf"))
+        log_norm = tl.load(ROW_NORM + plane + row_base + q_pos, mask=q_in, other=0.0)
+        counted_row = (q_pos >= 1) & (c > float("-inf"))  # rows q >= 1 with an allowed key
+        allowed = _allowed(q_pos[:, None] - k_pos[None, :], k_pos[None, :], seq_len, window, k_valid[None, :],
+                           CAUSAL, HAS_WINDOW, HAS_KEY_VALID) & counted_row[:, None]
+        acc += tl.sum(tl.exp(tl.where(allowed, (s - c[:, None]) - log_norm[:, None], float("-inf"))), 0)
+    tl.store(KEY_WEIGHT + row_base + k_pos, acc, mask=k_in)
+
+
+def _interpreted() -> bool:
+    """True when triton was imported with TRITON_INTERPRET=1 (kernels run on CPU tensors)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(_row_stats_fwd_kernel, InterpretedFunction)
+
+
+def is_available(device: torch.device | str, dtype: torch.dtype | None = None) -> tuple[bool, str]:
+    """Whether `tri_row_stats` can run on `device` (and `dtype`), and why (not)."""
+    device = torch.device(device)
+    if dtype is not None and dtype not in _SUPPORTED_DTYPES:
+        return False, f"unsupported dtype {dtype}: use float32, float16 or bfloat16"
+    if device.type == "cuda":
+        if _interpreted():
+            return False, "triton was imported with TRITON_INTERPRET=1: kernels run on CPU tensors only"
+        if not torch.cuda.is_available():
+            return False, "CUDA is not available"
+        return True, f"triton on {torch.cuda.get_device_name(device)}"
+    if device.type == "cpu":
+        if not _interpreted():
+            return False, "triton kernels need a CUDA GPU (or TRITON_INTERPRET=1 set before triton is imported)"
+        if dtype == torch.bfloat16:
+            return False, "the triton interpreter has no bfloat16"
+        return True, "triton interpreter on CPU (slow: tests only)"
+    return False, f"triton kernels do not run on {device.type}"
+
+
+def _next_power_of_2(n: int, minimum: int = 1) -> int:
+    return max(minimum, triton.next_power_of_2(max(n, 1)))
+
+
+def tri_row_stats(
+    query: Tensor,
+    key: Tensor,
+    token_ids: Tensor,
+    spec: AttentionSpec,
+    *,
+    top_k: int,
+    bin_edges: list[int],
+    block_m: int = 64,
+    block_n: int = 64,
+    num_warps: int = 8,
+    num_stages: int = 2,
+) -> RowStats:
+    """Every row quantity of one layer, fused: the same contract as `ref_row_stats`.
+
+    query: (batch, head, query_pos, d_head), key: (batch, kv_head, key_pos,
+    d_head) post-RoPE and not repeated, token_ids: (batch, key_pos). Extra
+    memory is O(batch * head * query_pos * (n_bins + top_k)): the outputs.
+    `block_m`, `block_n` (query rows and keys per tile: powers of two >= 16),
+    `num_warps` and `num_stages` tune the launch (the last two only on CUDA;
+    benchmarks/gpu_check.py sweeps them).
+    """
+    batch, n_heads, seq_len, d_head = query.shape
+    if key.shape[0] != batch or key.shape[2] != seq_len or key.shape[3] != d_head:
+        raise ValueError(f"shape mismatch: query {tuple(query.shape)}, key {tuple(key.shape)}")
+    if token_ids.shape != (batch, seq_len):
+        raise ValueError(f"shape mismatch: query {tuple(query.shape)}, tokens {tuple(token_ids.shape)}")
+    n_kv = key.shape[1]
+    if n_heads % n_kv:
+        raise ValueError(f"{n_heads} query heads do not divide into {n_kv} kv heads")
+    if query.dtype != key.dtype:
+        raise ValueError(f"query is {query.dtype} but key is {key.dtype}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0, got {top_k}")
+    if len(bin_edges) < 2 or any(a >= b for a, b in zip(bin_edges, bin_edges[1:])):
+        raise ValueError(f"bin_edges must be >= 2 strictly ascending integers, got {bin_edges}")
+    device = query.device
+    ok, reason = is_available(device, query.dtype)
+    if not ok:
+        raise RuntimeError(f"tri_row_stats cannot run here: {reason}")
+    if key.device != device:
+        raise ValueError(f"query is on {device} but key is on {key.device}")
+
+    on_gpu = device.type == "cuda"
+    for name, block in (("block_m", block_m), ("block_n", block_n)):
+        if block < 16 or block & (block - 1):
+            raise ValueError(f"{name} must be a power of two >= 16, got {block}")
+    launch = dict(num_warps=num_warps, num_stages=num_stages) if on_gpu else {}
+
+    f32 = dict(dtype=torch.float32, device=device)
+    plane = batch * n_heads * seq_len
+    metrics = torch.zeros(len(ROW_METRICS), batch, n_heads, seq_len, **f32)
+    counted = torch.zeros(2, batch, n_heads, seq_len, dtype=torch.int8, device=device)
+    max_nobos = torch.zeros(batch, n_heads, seq_len, **f32)
+    argmax_nobos = torch.full((batch, n_heads, seq_len), -1, dtype=torch.int64, device=device)
+    n_bins = len(bin_edges) - 1
+    dist_hist = torch.zeros(batch, n_heads, seq_len, n_bins, **f32)
+    key_weight = torch.zeros(batch, n_heads, seq_len, **f32)
+    top_values = torch.zeros(batch, n_heads, seq_len, top_k, **f32)
+    top_indices = torch.full((batch, n_heads, seq_len, top_k), -1, dtype=torch.int64, device=device)
+    row_norm = torch.empty(2, batch, n_heads, seq_len, **f32)  # (c, log L) per row, for the second pass
+
+    tokens = token_ids.to(device=device, dtype=torch.int32).contiguous()
+    edges = torch.tensor(bin_edges, dtype=torch.int32, device=device)
+    has_key_valid = spec.key_valid is not None
+    key_valid = (spec.key_valid.to(device=device, dtype=torch.int8).contiguous() if has_key_valid else tokens)
+    has_sinks = spec.sinks is not None
+    sinks = spec.sinks.to(device=device, dtype=torch.float32).contiguous() if has_sinks else metrics
+    if has_key_valid and key_valid.shape != (batch, seq_len):
+        raise ValueError(f"key_valid must be (batch, key_pos) = {(batch, seq_len)}, got {tuple(key_valid.shape)}")
+    if has_sinks and sinks.shape != (n_heads,):
+        raise ValueError(f"sinks must be (head,) = ({n_heads},), got {tuple(sinks.shape)}")
+
+    keep = max(top_k, 2)
+    common = dict(
+        HEAD_DIM=d_head,
+        HEAD_DIM_PAD=_next_power_of_2(d_head, 16),
+        CAUSAL=spec.causal,
+        HAS_WINDOW=spec.window is not None,
+        HAS_SOFTCAP=spec.softcap is not None,
+        HAS_KEY_VALID=has_key_valid,
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+    )
+    window = int(spec.window) if spec.window is not None else 0
+    softcap = float(spec.softcap) if spec.softcap is not None else 1.0
+    group = n_heads // n_kv
+    _row_stats_fwd_kernel[(triton.cdiv(seq_len, block_m), batch * n_heads)](
+        query, key, tokens, key_valid, sinks, edges,
+        metrics, counted, max_nobos, argmax_nobos, dist_hist, top_values, top_indices, row_norm,
+        *query.stride(), *key.stride(),
+        seq_len, n_heads, group, n_bins, window, float(spec.scaling), softcap, plane,
+        BLOCK_M=block_m, BLOCK_N=block_n, HAS_SINKS=has_sinks,
+        TOP_K=top_k, KEEP=keep, KEEP_PAD=_next_power_of_2(keep),
+        BINS_PAD=_next_power_of_2(n_bins, 2), EDGES_PAD=_next_power_of_2(n_bins + 1, 2),
+        **common, **launch,
+    )
+    _key_weight_kernel[(triton.cdiv(seq_len, block_n), batch * n_heads)](
+        query, key, key_valid, row_norm, key_weight,
+        *query.stride(), *key.stride(),
+        seq_len, n_heads, group, window, float(spec.scaling), softcap, plane,
+        BLOCK_M=block_m, BLOCK_N=block_n, **common, **launch,
+    )
+    return RowStats(
+        metrics={name: metrics[i] for i, name in enumerate(ROW_METRICS)},
+        induction_counted=counted[0].bool(),
+        duplicate_counted=counted[1].bool(),
+        max_nobos=max_nobos,
+        argmax_nobos=argmax_nobos,
+        dist_hist=dist_hist,
+        key_weight=key_weight,
+        top_values=top_values,
+        top_indices=top_indices,
+    )

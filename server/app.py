@@ -1,0 +1,207 @@
+"""The aiohttp application: `create_app(config)`, its middlewares and start-up/shutdown, and `serve`.
+
+    app = create_app(ServerConfig(data=Path("data"), url="http://127.0.0.1:8765"))
+
+Start-up (cleanup contexts, in order): load the model once (the scan's, or
+`config.model`) on a thread; reconcile `custom/` and start the file thread; write
+`data/server_config.json` with the URL and a fresh context. Shutdown undoes
+them in reverse: `server_config.json` back to `{}` (static-only), then the
+file thread and the model thread finish their jobs and stop.
+
+The context is `{"setup": "default", "token": <random>}`: it selects the one
+setup this process serves (its data tree and model), and the token makes a
+context this process did not issue fail (403). Requests never carry a path,
+a model name or a command.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import signal
+import socket
+from pathlib import Path
+
+from aiohttp import web
+
+from headvis.errors import HeadvisError
+from headvis.io import write_json
+from headvis.models import load_model
+from headvis.server.compute import ModelJobs, ModelWorker
+from headvis.server.limits import MAX_BODY_BYTES
+from headvis.server.routes import setup_routes
+from headvis.server.state import CONFIG, CONTEXT, FILES, JOBS, PRELOADED, STORE, TREE, ServerConfig
+from headvis.server.store import CustomStore, JsonFiles
+from headvis.server.tree import open_data_tree
+
+__all__ = ["create_app", "serve"]
+
+log = logging.getLogger("headvis.server")
+
+SETUP = "default"  # the one server-side setup a context can select
+_STATIC_ONLY: dict = {}
+
+
+# -- middlewares
+
+def _error_response(status: int, message: str, headers=None) -> web.Response:
+    return web.json_response({"error": message}, status=status, headers=headers)
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler) -> web.StreamResponse:
+    """Every error becomes `{"error": "..."}` with its status; a bug is a 500 without a trace."""
+    try:
+        return await handler(request)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        generic = not e.text or e.text.startswith(f"{e.status}:")  # aiohttp's own "404: Not Found"
+        message = f"{e.reason.lower()}: {request.path[:200]}" if generic else e.text
+        keep = {k: v for k, v in e.headers.items() if k.lower() in ("allow", "retry-after")}
+        return _error_response(e.status, message, headers=keep)
+    except HeadvisError as e:
+        return _error_response(400, str(e))
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("internal error on %s %s", request.method, request.path)
+        return _error_response(500, "internal error (the server log has the details)")
+
+
+def _hostname(header: str) -> str:
+    """'127.0.0.1:8765' -> '127.0.0.1', '[::1]:8765' -> '::1', 'LocalHost' -> 'localhost'."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:].split("]", 1)[0]
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+def _host_guard(allowed: tuple[str, ...]):
+    """403 unless the Host header names the server: a page on a rebound DNS name cannot reach it."""
+
+    @web.middleware
+    async def host_guard(request: web.Request, handler) -> web.StreamResponse:
+        if _hostname(request.host or "") not in allowed:
+            raise web.HTTPForbidden(text=f"unexpected Host header {request.host[:100]!r}; "
+                                         f"use {' or '.join(allowed[:2])}")
+        return await handler(request)
+
+    return host_guard
+
+
+def _cors(origin: str):
+    """CORS for exactly one origin: its requests get Access-Control headers, and preflights a 204."""
+
+    @web.middleware
+    async def cors(request: web.Request, handler) -> web.StreamResponse:
+        if request.headers.get("Origin") != origin:
+            return await handler(request)
+        if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+            response = web.Response(status=204)
+            response.headers.update({
+                "Access-Control-Allow-Methods": "GET, HEAD, POST",
+                "Access-Control-Allow-Headers": "Content-Type",
+                "Access-Control-Max-Age": "600",
+            })
+        else:
+            response = await handler(request)
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Vary"] = "Origin"
+        return response
+
+    return cors
+
+
+async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    if request.path.startswith("/api/"):
+        response.headers.setdefault("Cache-Control", "no-store")
+
+
+# -- start-up and shutdown
+
+async def _model(app: web.Application):
+    """Load the model once (on a thread), start the model thread; stop it at shutdown."""
+    config, tree = app[CONFIG], app[TREE]
+    lm = app.get(PRELOADED)
+    if lm is None:
+        name = config.model or tree.config["model"]["name"]
+        log.info("loading model %s on %s", name, config.device)
+        lm = await asyncio.to_thread(load_model, name, config.device)
+    jobs = ModelJobs(ModelWorker(lm, tree))
+    app[JOBS] = jobs
+    yield
+    await asyncio.to_thread(jobs.close)
+
+
+async def _store(app: web.Application):
+    """Reconcile custom/ with its sequences.json; stop the file thread at shutdown."""
+    tree = app[TREE]
+    try:
+        dropped = await asyncio.to_thread(app[STORE].reconcile)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise HeadvisError(f"{tree.custom_dir} is damaged ({type(e).__name__}: {e}); fix or remove it") from e
+    if dropped:
+        log.info("removed %d custom records left by an interrupted add or delete", dropped)
+    yield
+    await asyncio.to_thread(app[FILES].close)
+
+
+async def _server_config(app: web.Application):
+    """Advertise the server in server_config.json; put static-only back at shutdown."""
+    tree = app[TREE]
+    try:
+        write_json(tree.server_config, {"url": app[CONFIG].url, "context": app[CONTEXT]})
+    except OSError as e:
+        raise HeadvisError(f"cannot write {tree.server_config}: {e.strerror or e}") from e
+    yield
+    write_json(tree.server_config, _STATIC_ONLY)
+
+
+def create_app(config: ServerConfig, lm=None) -> web.Application:
+    """The server for `config`; `lm` (a LoadedModel) skips loading the model, as tests do."""
+    tree = open_data_tree(config.data)
+    middlewares = [json_errors]
+    if config.allowed_hosts is not None:
+        middlewares.append(_host_guard(config.allowed_hosts))
+    if config.allow_origin is not None:
+        middlewares.insert(0, _cors(config.allow_origin))  # outermost: error replies get CORS headers too
+    app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
+    app[CONFIG] = config
+    app[TREE] = tree
+    app[CONTEXT] = {"setup": SETUP, "token": secrets.token_urlsafe(24)}
+    app[FILES] = JsonFiles()
+    app[STORE] = CustomStore(tree, app[FILES])
+    if lm is not None:
+        app[PRELOADED] = lm
+    app.cleanup_ctx.extend([_model, _store, _server_config])
+    app.on_response_prepare.append(_security_headers)
+    setup_routes(app)
+    return app
+
+
+# -- running
+
+async def serve(config: ServerConfig, sock: socket.socket) -> None:
+    """Run until SIGINT/SIGTERM, then shut down cleanly (server_config.json back to static-only)."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, task.cancel)
+    runner = web.AppRunner(create_app(config), handle_signals=False, access_log=None)
+    started = False
+    try:
+        await runner.setup()  # the cleanup contexts: model load, server_config.json
+        await web.SockSite(runner, sock).start()
+        started = True
+        log.info("ready: serving %s at %s (model %s); Ctrl-C stops", config.data, config.url,
+                 config.model or runner.app[TREE].config["model"]["name"])
+        await asyncio.Event().wait()
+    except asyncio.CancelledError:
+        log.info("shutting down")
+    finally:
+        await runner.cleanup()
+        if started:
+            log.info("stopped; %s is static-only again", Path(config.data) / "server_config.json")

@@ -1,0 +1,25 @@
+"""The server's documented limits (docs/server.md), in one place.
+
+Each one bounds what a single request can cost: bytes read, tokens run
+through the model, files grown, work queued.
+"""
+
+__all__ = [
+    "MAX_BODY_BYTES",
+    "MAX_CLUSTERS",
+    "MAX_CLUSTER_NAME",
+    "MAX_CUSTOM_SEQUENCES",
+    "MAX_PENDING_JOBS",
+    "MAX_TEXT_BYTES",
+    "MAX_TOKENS",
+    "NEIGHBOURS",
+]
+
+MAX_BODY_BYTES = 1 << 20  # a request body larger than this is refused with 413 before it is parsed
+MAX_TEXT_BYTES = 16 * 1024  # `text` of add_custom_sequence / project_to_umap, UTF-8 bytes (413 beyond)
+MAX_TOKENS = 1024  # a prompt is cut to min(this, the model's context) tokens, BOS included
+MAX_CUSTOM_SEQUENCES = 256  # add_custom_sequence answers 409 beyond this many; delete some first
+MAX_CLUSTERS = 64  # clusters per save_umap_clusters
+MAX_CLUSTER_NAME = 100  # characters of a cluster name
+MAX_PENDING_JOBS = 32  # model jobs queued or running; more are refused with 429
+NEIGHBOURS = 8  # k of the nearest-neighbour interpolation onto UMAP views
