@@ -23,6 +23,8 @@ __all__ = [
     "ROW_METRICS",
     "AttentionSpec",
     "RowStats",
+    "allowed_keys",
+    "chunk_scores",
     "distance_bin_edges",
     "ref_pattern",
     "ref_row_stats",
@@ -108,7 +110,7 @@ def _composite_key(pattern: Tensor) -> Tensor:
     return (bits << _INDEX_BITS) - index
 
 
-def _allowed(
+def allowed_keys(
     spec: AttentionSpec, q_start: int, q_end: int, key_pos: int, device: torch.device
 ) -> Tensor:
     """(batch or 1, 1, q_end - q_start, key_pos) bool: which of keys [0, key_pos) each row may read."""
@@ -125,7 +127,7 @@ def _allowed(
     return allowed
 
 
-def _chunk_scores(query: Tensor, key: Tensor, spec: AttentionSpec, q_start: int, q_end: int) -> Tensor:
+def chunk_scores(query: Tensor, key: Tensor, spec: AttentionSpec, q_start: int, q_end: int) -> Tensor:
     """Scores of query rows [q_start, q_end) against every key of `key`: (batch, head, rows, key_pos) float32.
 
     GQA: query head h reads kv head h // group, by broadcasting over a group
@@ -170,8 +172,8 @@ def _chunk_pattern(scores: Tensor, allowed: Tensor, spec: AttentionSpec) -> tupl
 
 def ref_pattern(query: Tensor, key: Tensor, spec: AttentionSpec) -> Tensor:
     """The full attention pattern (batch, head, query_pos, key_pos), float32. Tests only."""
-    scores = _chunk_scores(query, key, spec, 0, query.shape[2])
-    allowed = _allowed(spec, 0, query.shape[2], key.shape[2], query.device)
+    scores = chunk_scores(query, key, spec, 0, query.shape[2])
+    allowed = allowed_keys(spec, 0, query.shape[2], key.shape[2], query.device)
     return _chunk_pattern(scores, allowed, spec)[0]
 
 
@@ -220,8 +222,8 @@ def ref_row_stats(
         q_pos = k_pos[rows]
         k_end = q_end if spec.causal else seq_len  # causal: later keys are never allowed, skip them
         keys = slice(0, k_end)
-        scores = _chunk_scores(query, key[:, :, keys], spec, q_start, q_end)  # (batch, head, rows, k_end)
-        allowed = _allowed(spec, q_start, q_end, k_end, device)
+        scores = chunk_scores(query, key[:, :, keys], spec, q_start, q_end)  # (batch, head, rows, k_end)
+        allowed = allowed_keys(spec, q_start, q_end, k_end, device)
         pattern, row_max, row_ok = _chunk_pattern(scores, allowed, spec)
         row_ok = row_ok & allowed.any(-1)
 

@@ -24,7 +24,7 @@ from headvis.backends import RowStatsFn
 from headvis.capture import CaptureSession, LayerCapture
 from headvis.metrics import RowStats
 from headvis.models import LoadedModel, output_projections
-from headvis.projection import VECTORS, fit_head
+from headvis.projection import VECTORS, fit_head, gpu_libraries
 from headvis.sampling import sparse_rows
 
 __all__ = ["HeadSelection", "Tokens", "metric_pass", "projection_pass", "sequence_records"]
@@ -165,13 +165,16 @@ def sequence_records(
 
 
 def head_vectors(
-    capture: LayerCapture, selection: HeadSelection, w_o: Tensor, rows: Tensor, positions: Tensor
-) -> dict[int, dict[str, np.ndarray]]:
+    capture: LayerCapture, selection: HeadSelection, w_o: Tensor, rows: Tensor, positions: Tensor,
+    *, as_numpy: bool = True,
+) -> dict[int, dict]:
     """head -> {q, k, v: (n, d_head), o: (n, d_model)} at the (rows[i], positions[i]) points.
 
     o is the head's write to the residual stream: its attention output times
-    its d_head-column slice of the output projection.
+    its d_head-column slice of the output projection. as_numpy=False keeps
+    float32 tensors on the capture's device.
     """
+    host = (lambda t: t.float().cpu().numpy()) if as_numpy else (lambda t: t.float())
     query, key, value = selection.slice(capture)
     d_head = query.shape[-1]
     group = query.shape[1] // key.shape[1]
@@ -180,10 +183,10 @@ def head_vectors(
         per_head = capture.output[rows, positions, head]  # (n, d_head)
         o = per_head.float() @ w_o[:, head * d_head : (head + 1) * d_head].float().T  # (n, d_model)
         out[head] = {
-            "q": query[rows, slot, positions].float().cpu().numpy(),
-            "k": key[rows, slot // group, positions].float().cpu().numpy(),
-            "v": value[rows, slot // group, positions].float().cpu().numpy(),
-            "o": o.cpu().numpy(),
+            "q": host(query[rows, slot, positions]),
+            "k": host(key[rows, slot // group, positions]),
+            "v": host(value[rows, slot // group, positions]),
+            "o": host(o),
         }
     return out
 
@@ -204,6 +207,10 @@ def projection_pass(
     points: (row in `sequences`, position) arrays, shared by all heads.
     """
     w_o = output_projections(lm.model)
+    gpu = gpu_libraries() if lm.device.type == "cuda" else None
+    if lm.device.type == "cuda":
+        print("headvis: projections on the GPU with cuML" if gpu else
+              "headvis: projections on the CPU with scikit-learn (install headvis[gpu] for cuML)", flush=True)
     rows = torch.as_tensor(points[0], device=lm.device)
     positions = torch.as_tensor(points[1], device=lm.device)
     bar = tqdm(total=len(selection.layers) * len(selection.heads), desc="pass 3: projections", unit="head")
@@ -211,8 +218,9 @@ def projection_pass(
     def on_layer(capture: LayerCapture) -> None:
         if capture.layer not in w_o:
             raise RuntimeError(f"no output projection found for layer {capture.layer}")
-        for head, vectors in head_vectors(capture, selection, w_o[capture.layer], rows, positions).items():
-            fields, rotation = fit_head(vectors, with_umap=with_umap, seed=seed)
+        vectors_of = head_vectors(capture, selection, w_o[capture.layer], rows, positions, as_numpy=gpu is None)
+        for head, vectors in vectors_of.items():
+            fields, rotation = fit_head(vectors, with_umap=with_umap, seed=seed, gpu=gpu)
             on_head(capture.layer, head, fields, rotation)
             bar.update(1)
 

@@ -5,13 +5,22 @@ Points are every position >= 1 of a seeded sample of scanned sequences
 the first components); the same points serve every head. The PCA rotation
 (`mean`, `components`) is saved as JSON beside the head's file so that new
 prompts can be projected later (`project_pca`).
+
+On CUDA, when cupy and cuML are installed (`pip install headvis[gpu]`), the
+fits run on the GPU: the vectors stay on the device and reach cuML through
+DLPack. Otherwise scikit-learn and umap-learn fit them on the CPU. The scan
+says once which it uses.
 """
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import numpy as np
 
-__all__ = ["VECTORS", "fit_head", "project_pca"]
+__all__ = ["VECTORS", "GpuLibraries", "fit_head", "gpu_libraries", "project_pca"]
+
+GpuLibraries = tuple[ModuleType, ModuleType]  # (cupy, cuml)
 
 VECTORS: tuple[str, ...] = ("q", "k", "v", "o")
 
@@ -41,18 +50,54 @@ def _umap(x: np.ndarray, seed: int) -> np.ndarray:
     return reducer.fit_transform(x)
 
 
-def fit_head(vectors: dict[str, np.ndarray], *, with_umap: bool, seed: int) -> tuple[dict, dict]:
-    """Fit one head. vectors: name -> (n_points, dim). Returns (file fields, rotation)."""
+def gpu_libraries() -> GpuLibraries | None:
+    """(cupy, cuml) when both import, else None."""
+    try:
+        import cuml
+        import cupy
+    except ImportError:
+        return None
+    return cupy, cuml
+
+
+def _fit_gpu(x, libs: GpuLibraries, with_umap: bool, seed: int) -> tuple[np.ndarray, dict, np.ndarray | None]:
+    """PCA (and UMAP) with cuML on a device tensor handed over by DLPack; results back on the host."""
+    cupy, cuml = libs
+    data = cupy.from_dlpack(x.contiguous())
+    n_components = min(2, data.shape[0], data.shape[1])
+    pca = cuml.PCA(n_components=n_components, output_type="numpy")
+    coords = np.asarray(pca.fit_transform(data), dtype=np.float64)
+    if n_components < 2:
+        coords = np.pad(coords, ((0, 0), (0, 2 - n_components)))
+    rotation = {name: np.asarray(getattr(pca, name + "_"), dtype=np.float64)
+                for name in ("mean", "components", "explained_variance_ratio")}
+    umap_coords = None
+    if with_umap:
+        n_neighbors = max(2, min(15, data.shape[0] - 1))
+        reducer = cuml.UMAP(n_components=2, n_neighbors=n_neighbors, random_state=seed, output_type="numpy")
+        umap_coords = np.asarray(reducer.fit_transform(data), dtype=np.float64)
+    return coords, rotation, umap_coords
+
+
+def fit_head(vectors: dict, *, with_umap: bool, seed: int, gpu: GpuLibraries | None = None) -> tuple[dict, dict]:
+    """Fit one head. vectors: name -> (n_points, dim) array, or device tensor with `gpu`.
+
+    Returns (the file's `pca` and `views` fields, the rotation).
+    """
     pca_part: dict = {}
     rotation: dict = {}
     views: dict = {}
     for name in VECTORS:
-        x = np.asarray(vectors[name], dtype=np.float64)
-        coords, rot = _pca(x, seed)
+        if gpu is not None:
+            coords, rot, umap_coords = _fit_gpu(vectors[name], gpu, with_umap, seed)
+        else:
+            x = np.asarray(vectors[name], dtype=np.float64)
+            coords, rot = _pca(x, seed)
+            umap_coords = _umap(x, seed) if with_umap else None
         pca_part[name] = {"coords": coords, "explained_variance_ratio": rot["explained_variance_ratio"]}
         rotation[name] = {"mean": rot["mean"], "components": rot["components"]}
         if with_umap:
-            views[name] = _umap(x, seed)
+            views[name] = umap_coords
     fields = {"pca": pca_part}
     if with_umap:
         fields["views"] = {"umap": views}

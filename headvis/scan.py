@@ -16,7 +16,6 @@ import shutil
 import sys
 import tempfile
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import headvis
 from headvis.accumulate import HEAD_METRICS, ScanAccumulator
 from headvis.backends import BACKENDS, resolve_backend
 from headvis.datasets import DEFAULT_DATASET, iter_texts, pack_sequences
-from headvis.errors import HeadvisError
+from headvis.errors import HeadvisError, run_cli
 from headvis.io import DIR_MODE, write_json
 from headvis.metrics import distance_bin_edges
 from headvis.models import DEFAULT_MODEL, LoadedModel, load_model
@@ -66,7 +65,7 @@ class ScanOptions:
     split: str = "train"
     text_column: str = "text"
     seq_len: int = 128  # tokens per sequence, BOS included
-    num_seqs: int = 512  # sequences to scan (fewer if the corpus is shorter)
+    num_seqs: int = 256  # sequences to scan (fewer if the corpus is shorter)
     batch_size: int = 8
     layers: str = "all"  # "all", "0-3", "2,5"
     heads: str = "all"
@@ -315,21 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     opts = ScanOptions(**{k: v for k, v in vars(args).items()})
-    try:
-        run_scan(opts)
-    except HeadvisError as e:
-        print(f"headvis: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("headvis: interrupted; the previous --out tree is untouched", file=sys.stderr)
-        return 130
-    except Exception as e:  # a bug: one line for the user, the trace on request
-        if os.environ.get("HEADVIS_DEBUG"):
-            traceback.print_exc()
-        print(f"headvis: internal error: {type(e).__name__}: {e} (HEADVIS_DEBUG=1 shows the traceback)",
-              file=sys.stderr)
-        return 1
-    return 0
+    return run_cli(lambda: run_scan(opts), interrupted="interrupted; the previous --out tree is untouched")
 
 
 if __name__ == "__main__":

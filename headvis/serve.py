@@ -13,12 +13,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import sys
-import traceback
 from pathlib import Path
 
-from headvis.errors import HeadvisError
+from headvis.errors import HeadvisError, run_cli
 
 __all__ = ["build_parser", "main"]
 
@@ -108,20 +106,7 @@ def _run(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _logger()
-    try:
-        _run(args)
-    except HeadvisError as e:
-        print(f"headvis: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    except Exception as e:  # a bug: one line for the user, the trace on request
-        if os.environ.get("HEADVIS_DEBUG"):
-            traceback.print_exc()
-        print(f"headvis: internal error: {type(e).__name__}: {e} (HEADVIS_DEBUG=1 shows the traceback)",
-              file=sys.stderr)
-        return 1
-    return 0
+    return run_cli(lambda: _run(args))
 
 
 if __name__ == "__main__":

@@ -19,8 +19,8 @@ NOT_BUILT_PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>headvis server</title></head>
 <body style="font-family: system-ui, sans-serif; max-width: 40em; margin: 3em auto">
 <h1>headvis server</h1>
-<p>The frontend is not built: run <code>npm ci &amp;&amp; npm run build</code> in <code>frontend/</code>,
-or pass <code>--frontend DIR</code>.</p>
+<p>The frontend is not built (no <code>frontend/dist</code>: this version of headvis does not ship one yet),
+and no <code>--frontend DIR</code> was given.</p>
 <p>The server is up: see <a href="/data/config.json">/data/config.json</a> and the API description
 <a href="/api/openapi.json">/api/openapi.json</a>.</p>
 </body></html>

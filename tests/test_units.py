@@ -101,3 +101,35 @@ def test_accumulators_merge_to_the_single_pass_result():
         assert np.allclose(a.seq_max, b.seq_max) and np.array_equal(a.seq_argmax, b.seq_argmax)
         assert np.allclose(a.key_weight, b.key_weight) and np.allclose(a.dist_hist, b.dist_hist)
     assert set(whole.state_dict()) >= {"metric_sum", "metric_count", "seq_max", "key_weight"}
+
+
+def test_gpu_projection_path_hands_tensors_over_by_dlpack(monkeypatch):
+    """The cuML path, with stand-ins for cupy and cuML (no GPU here): same numbers as scikit-learn."""
+    import types
+
+    from sklearn.decomposition import PCA
+
+    from headvis.projection import fit_head
+
+    handed = []
+
+    def from_dlpack(tensor):
+        handed.append(type(tensor).__name__)
+        return np.from_dlpack(tensor)
+
+    class FakePCA(PCA):
+        def __init__(self, n_components, output_type):
+            assert output_type == "numpy"
+            super().__init__(n_components=n_components)
+
+    cupy = types.SimpleNamespace(from_dlpack=from_dlpack)
+    cuml = types.SimpleNamespace(PCA=FakePCA)
+    g = torch.Generator().manual_seed(0)
+    vectors = {name: torch.randn(40, 6, generator=g) for name in ("q", "k", "v", "o")}
+    fields, rotation = fit_head(vectors, with_umap=False, seed=0, gpu=(cupy, cuml))
+    ref_fields, ref_rotation = fit_head({k: v.numpy() for k, v in vectors.items()}, with_umap=False, seed=0)
+    assert handed == ["Tensor"] * 4
+    for name in ("q", "k", "v", "o"):
+        assert np.allclose(np.abs(fields["pca"][name]["coords"]), np.abs(ref_fields["pca"][name]["coords"]), atol=1e-5)
+        assert np.allclose(rotation[name]["mean"], ref_rotation[name]["mean"], atol=1e-6)
+    assert "views" not in fields

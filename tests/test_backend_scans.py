@@ -1,7 +1,7 @@
-"""One pipeline: an interpreted Triton scan of a few heads of the default model equals the torch scan.
+"""One pipeline: Triton and numba scans of a few heads of the default model equal the torch scan.
 
-On a machine without CUDA the kernels run under TRITON_INTERPRET=1 (set by
-tests/conftest.py); with CUDA this runs natively.
+On a machine without CUDA the Triton kernels run under TRITON_INTERPRET=1
+(set by tests/conftest.py); with CUDA they run natively.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ ARGS = ["--seq-len", "32", "--num-seqs", "10", "--layers", "3", "--heads", "0-2"
 
 
 def scan(out: Path, backend: str) -> Path:
-    device = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+    device = "cuda" if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     result = subprocess.run([sys.executable, "-m", "headvis.scan", *ARGS, "--backend", backend, "--device", device,
                              "--out", str(out)], capture_output=True, text=True, env=env, timeout=900)
@@ -34,11 +34,17 @@ def load(path: Path):
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def test_triton_tree_equals_torch_tree(tmp_path):
-    ref = scan(tmp_path / "torch", "torch")
-    tri = scan(tmp_path / "triton", "triton")
+@pytest.fixture(scope="module")
+def torch_tree(tmp_path_factory) -> Path:
+    return scan(tmp_path_factory.mktemp("ref") / "torch", "torch")
+
+
+@pytest.mark.parametrize("backend", ["triton", "numba"])
+def test_backend_tree_equals_torch_tree(tmp_path, torch_tree, backend):
+    ref = torch_tree
+    tri = scan(tmp_path / backend, backend)
     assert load(ref / "config.json")["backend"] == "torch"
-    assert load(tri / "config.json")["backend"] == "triton"
+    assert load(tri / "config.json")["backend"] == backend
     files = sorted(p.relative_to(ref) for p in ref.rglob("*.json"))
     assert files == sorted(p.relative_to(tri) for p in tri.rglob("*.json"))
     for head in range(3):

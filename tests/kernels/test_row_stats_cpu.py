@@ -1,0 +1,84 @@
+"""`ref_row_stats` (torch reference) against `cpu_row_stats` (fused numba loop), field by field."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from headvis.kernels.row_stats_cpu import cpu_row_stats
+from headvis.metrics import ROW_METRICS, AttentionSpec, distance_bin_edges, ref_row_stats
+
+FLOAT_FIELDS = ("max_nobos", "dist_hist", "key_weight", "top_values")
+EXACT_FIELDS = ("induction_counted", "duplicate_counted", "argmax_nobos", "top_indices")
+
+
+def assert_close(name: str, ref: torch.Tensor, got: torch.Tensor, atol: float) -> None:
+    assert ref.shape == got.shape and ref.dtype == got.dtype, f"{name}: {got.shape} {got.dtype} vs {ref.shape} {ref.dtype}"
+    err = (ref.double() - got.double()).abs().max().item() if ref.numel() else 0.0
+    assert err <= atol, f"{name}: max abs error {err:.3g} > {atol}"
+
+
+def compare(query, key, tokens, spec, top_k, q_chunk=64):
+    edges = distance_bin_edges(query.shape[2], spec.causal)
+    ref = ref_row_stats(query, key, tokens, spec, top_k=top_k, bin_edges=edges)
+    got = cpu_row_stats(query, key, tokens, spec, top_k=top_k, bin_edges=edges, q_chunk=q_chunk)
+    for name in ROW_METRICS:
+        scale = 1 + ref.metrics[name].abs().max().item() if ref.metrics[name].numel() else 1
+        assert_close(name, ref.metrics[name], got.metrics[name], 3e-6 * scale * max(1, query.shape[2] / 16))
+    for name in FLOAT_FIELDS:
+        assert_close(name, getattr(ref, name), getattr(got, name), 5e-6 * max(1, query.shape[2] / 32))
+    for name in EXACT_FIELDS:
+        assert torch.equal(getattr(ref, name), getattr(got, name)), name
+    return got
+
+
+CASES = [  # batch, heads, kv heads, T, d_head, causal, window, softcap, padded, sinks
+    (2, 3, 3, 1, 16, True, None, None, False, False),
+    (1, 3, 1, 2, 16, True, None, None, False, False),
+    (2, 6, 2, 63, 16, True, None, None, False, False),
+    (1, 3, 3, 130, 32, True, None, None, False, False),
+    (2, 3, 1, 63, 16, False, None, None, True, False),
+    (1, 2, 2, 40, 16, True, 7, None, False, False),
+    (1, 2, 2, 33, 16, False, 5, None, False, False),
+    (1, 2, 1, 30, 16, True, None, 3.0, False, True),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}-H{c[1]}-KV{c[2]}-T{c[3]}-D{c[4]}-"
+                         + ("causal" if c[5] else "bidir") + (f"-win{c[6]}" if c[6] else "")
+                         + ("-softcap" if c[7] else "") + ("-pad" if c[8] else "") + ("-sinks" if c[9] else ""))
+@pytest.mark.parametrize("top_k", [0, 1, 8])
+def test_cpu_matches_reference(case, top_k):
+    batch, heads, kv, seq_len, d_head, causal, window, softcap, padded, sinks = case
+    g = torch.Generator().manual_seed(seq_len + 7 * heads)
+    query = torch.randn(batch, heads, seq_len, d_head, generator=g)
+    key = torch.randn(batch, kv, seq_len, d_head, generator=g)
+    tokens = torch.randint(0, 5, (batch, seq_len), generator=g)
+    key_valid = None
+    if padded:
+        key_valid = torch.ones(batch, seq_len, dtype=torch.bool)
+        key_valid[0, 50:] = False
+        key_valid[1] = False  # a fully padded sequence: zeros, -1, no NaN
+    spec = AttentionSpec(causal=causal, scaling=d_head**-0.5, window=window, softcap=softcap, key_valid=key_valid,
+                         sinks=torch.randn(heads, generator=g) if sinks else None)
+    got = compare(query, key, tokens, spec, top_k)
+    for name in ROW_METRICS:
+        assert torch.isfinite(got.metrics[name]).all(), name
+
+
+def test_large_logits_and_ties():
+    g = torch.Generator().manual_seed(3)
+    query = torch.randn(1, 2, 40, 16, generator=g) * 30
+    key = torch.randn(1, 2, 40, 16, generator=g) * 30
+    compare(query, key, torch.zeros(1, 40, dtype=torch.long), AttentionSpec(causal=True, scaling=1.0), 4)
+    key = torch.ones(1, 1, 40, 16)  # every key alike: ties everywhere, lowest index first
+    got = compare(torch.randn(1, 2, 40, 16, generator=g), key, torch.arange(40)[None],
+                  AttentionSpec(causal=False, scaling=0.25), 3)
+    assert got.top_indices[0, 0, 10].tolist() == [0, 1, 2] and got.argmax_nobos[0, 0, 10] == 1
+
+
+@pytest.mark.parametrize("q_chunk", [1, 7, 64, 500])
+def test_chunking_does_not_matter(q_chunk):
+    g = torch.Generator().manual_seed(5)
+    compare(torch.randn(1, 3, 50, 16, generator=g), torch.randn(1, 1, 50, 16, generator=g),
+            torch.randint(0, 3, (1, 50), generator=g), AttentionSpec(causal=True, scaling=0.25), 2, q_chunk=q_chunk)
