@@ -117,10 +117,16 @@ def test_gpu_projection_path_hands_tensors_over_by_dlpack(monkeypatch):
         handed.append(type(tensor).__name__)
         return np.from_dlpack(tensor)
 
-    class FakePCA(PCA):
+    class FakePCA:  # cuml.PCA's interface, computed by scikit-learn
         def __init__(self, n_components, output_type):
             assert output_type == "numpy"
-            super().__init__(n_components=n_components)
+            self._pca = PCA(n_components=n_components)
+
+        def fit_transform(self, x):
+            coords = self._pca.fit_transform(x)
+            self.mean_, self.components_ = self._pca.mean_, self._pca.components_
+            self.explained_variance_ratio_ = self._pca.explained_variance_ratio_
+            return coords
 
     cupy = types.SimpleNamespace(from_dlpack=from_dlpack)
     cuml = types.SimpleNamespace(PCA=FakePCA)
