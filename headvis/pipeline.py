@@ -85,21 +85,27 @@ def metric_pass(
     *,
     batch_size: int,
     bin_edges: list[int],
+    after_batch: Callable[[ScanAccumulator], None] | None = None,
 ) -> None:
-    """Pass 1: every sequence (n, seq_len) through the model into `accumulator`."""
+    """Pass 1: every sequence (n, seq_len) not yet seen by `accumulator` through the model into it.
+
+    `after_batch(accumulator)` runs after each batch (the scan saves its resume checkpoint there).
+    """
     state: dict = {}
 
     def on_layer(capture: LayerCapture) -> None:
         stats = _row_stats(fn, selection, capture, state["tokens"], top_k=0, bin_edges=bin_edges)
         accumulator.update(capture.layer, state["ids"], state["tokens"], stats)
 
-    ids = list(range(len(sequences)))
+    ids = [i for i in range(len(sequences)) if not accumulator.seq_seen[i]]
     with CaptureSession(lm.model, set(selection.layers), on_layer) as session:
         for batch in tqdm(_batches(ids, batch_size), desc="pass 1: metrics", unit="batch"):
             state["ids"] = torch.tensor(batch)
             state["tokens"] = sequences[batch].to(lm.device)
-            accumulator.count_tokens(state["ids"], state["tokens"])
             session.run(state["tokens"])
+            accumulator.count_tokens(state["ids"], state["tokens"])  # marks the batch seen: last
+            if after_batch is not None:
+                after_batch(accumulator)
 
 
 def sequence_records(

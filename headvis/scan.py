@@ -25,6 +25,7 @@ import torch
 import headvis
 from headvis.accumulate import HEAD_METRICS, ScanAccumulator
 from headvis.backends import BACKENDS, resolve_backend
+from headvis.checkpoint import Checkpoint, scan_key
 from headvis.datasets import DEFAULT_DATASET, iter_texts, pack_sequences
 from headvis.errors import HeadvisError, run_cli
 from headvis.io import DIR_MODE, write_json
@@ -79,6 +80,7 @@ class ScanOptions:
     seed: int = 0
     proj_seqs: int = 8  # sequences whose positions are projected
     max_points: int = 2000  # projected positions per head at most
+    resume: bool = True  # continue a killed scan of the same settings from its checkpoint
 
 
 def parse_selection(text: str, upper: int, what: str) -> list[int]:
@@ -197,7 +199,16 @@ def run_scan(opts: ScanOptions, lm: LoadedModel | None = None) -> Path:
         bin_edges = distance_bin_edges(opts.seq_len, info.causal)
         vocab = max(info.vocab_size, int(sequences.max()) + 1)
         acc = ScanAccumulator(layers, len(heads), n_seqs, vocab, len(bin_edges) - 1)
-        metric_pass(lm, sequences, selection, fn, acc, batch_size=opts.batch_size, bin_edges=bin_edges)
+        settings = {"headvis": headvis.__version__, "model": opts.model, "dataset": opts.dataset,
+                    "split": opts.split, "text_column": opts.text_column, "layers": layers, "heads": heads,
+                    "backend": backend, "device": str(lm.device)}
+        checkpoint = Checkpoint(out.parent / f".{out.name}.resume", scan_key(settings, sequences))
+        done = checkpoint.load(acc) if opts.resume else 0
+        if done:
+            print(f"headvis: resuming pass 1: {done} of {n_seqs} sequences already scanned", flush=True)
+        metric_pass(lm, sequences, selection, fn, acc, batch_size=opts.batch_size, bin_edges=bin_edges,
+                    after_batch=checkpoint.maybe_save)
+        checkpoint.save(acc)  # pass 1 is the long part: a failure after it resumes from here
 
         rng = np.random.default_rng(opts.seed)
         tokens = Tokens(lm.tokenizer)
@@ -277,6 +288,7 @@ def run_scan(opts: ScanOptions, lm: LoadedModel | None = None) -> Path:
             "seed": opts.seed,
         })
         _publish(staging, out)
+        checkpoint.remove()
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -309,13 +321,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=d.seed, help="seeds the decile samples and the projected points")
     p.add_argument("--proj-seqs", type=int, default=d.proj_seqs, help="sequences whose positions are projected")
     p.add_argument("--max-points", type=int, default=d.max_points, help="projected positions per head at most")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=d.resume,
+                   help="continue a killed scan with the same settings from its checkpoint beside --out")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     opts = ScanOptions(**{k: v for k, v in vars(args).items()})
-    return run_cli(lambda: run_scan(opts), interrupted="interrupted; the previous --out tree is untouched")
+    return run_cli(lambda: run_scan(opts), interrupted="interrupted; the previous --out tree is untouched "
+                   "(the same command resumes pass 1 where it stopped)")
 
 
 if __name__ == "__main__":

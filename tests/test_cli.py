@@ -13,7 +13,7 @@ from headvis.scan import build_parser, main, parse_selection
 FLAGS = {
     "--model", "--dataset", "--split", "--text-column", "--seq-len", "--num-seqs", "--batch-size", "--layers",
     "--heads", "--out", "--device", "--backend", "--top-k", "--min-weight", "--per-interval", "--umap",
-    "--no-umap", "--seed", "--proj-seqs", "--max-points",
+    "--no-umap", "--seed", "--proj-seqs", "--max-points", "--resume", "--no-resume",
 }
 
 
@@ -209,3 +209,56 @@ def test_umap_view_and_rotation_reproduce_the_saved_coordinates(capsys, tmp_path
     for vector in ("q", "k", "v", "o"):
         coords = project_pca(got[2][vector], rotation[vector])
         assert np.allclose(coords, body["pca"][vector]["coords"], atol=2e-3 * (1 + np.abs(coords).max())), vector
+
+
+def test_killed_scan_resumes_where_it_stopped(capsys, tmp_path, gpt2_dir, corpus, monkeypatch):
+    """Ctrl-C during pass 1 keeps a checkpoint; the same command then scans only the rest, same tree."""
+    import headvis.checkpoint as checkpoint
+    import headvis.pipeline as pipeline
+
+    args = ["--model", gpt2_dir, "--dataset", corpus, "--seq-len", "16", "--num-seqs", "24", "--batch-size", "4",
+            "--per-interval", "1", "--proj-seqs", "2"]
+    clean = tmp_path / "clean"
+    assert run_main(capsys, *args, "--out", str(clean))[0] == 0
+
+    monkeypatch.setattr(checkpoint, "SAVE_EVERY_S", 0.0)
+    real_pass = pipeline.metric_pass
+    batches = []
+
+    def killed_pass(*a, after_batch, **kw):
+        def after(acc):
+            after_batch(acc)
+            batches.append(1)
+            if len(batches) == 3:
+                raise KeyboardInterrupt
+        real_pass(*a, after_batch=after, **kw)
+
+    monkeypatch.setattr("headvis.scan.metric_pass", killed_pass)
+    out = tmp_path / "resumed"
+    code, err = run_main(capsys, *args, "--out", str(out))
+    assert code == 130 and "resumes pass 1" in err
+    assert not out.exists() and (tmp_path / ".resumed.resume" / "state.safetensors").exists()
+
+    monkeypatch.setattr("headvis.scan.metric_pass", real_pass)
+    seen = []
+    monkeypatch.setattr("headvis.scan.metric_pass", lambda lm, seqs, sel, fn, acc, **kw: (
+        seen.append(int(acc.seq_seen.sum())), real_pass(lm, seqs, sel, fn, acc, **kw)))
+    code = main([*args, "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0 and "resuming pass 1: 12 of 24 sequences already scanned" in printed
+    assert seen == [12]
+    assert not (tmp_path / ".resumed.resume").exists(), "a finished scan removes its checkpoint"
+    for name in ("scatter_data.json", "heads/L1H2.json"):
+        a = json.loads((clean / name).read_text())
+        b = json.loads((out / name).read_text())
+        assert a == b, name
+
+
+def test_checkpoint_of_another_scan_is_discarded(capsys, tmp_path, gpt2_dir, corpus):
+    stale = tmp_path / ".o.resume"
+    stale.mkdir()
+    (stale / "key.json").write_text('{"model": "something else"}')
+    (stale / "state.safetensors").write_bytes(b"not a tensor file")
+    code, _ = run_main(capsys, "--model", gpt2_dir, "--dataset", corpus, "--seq-len", "16", "--num-seqs", "8",
+                       "--out", str(tmp_path / "o"))
+    assert code == 0 and not stale.exists()
