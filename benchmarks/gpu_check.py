@@ -259,15 +259,23 @@ def materialized_bytes(batch: int, heads: int, seq_len: int) -> int:
     return 16 * 4 * batch * heads * seq_len * seq_len
 
 
-def throughput_row(metrics, row_stats, shape, dims, device, reps: int) -> dict:
+def _random_inputs(shape, dims, device, seed: int, vocab: int):
+    """(query, key, value, tokens) for a (seq_len, d_head, dtype) shape and (batch, heads, kv_heads) dims."""
     seq_len, d_head, dtype_name = shape
     batch, heads, kv_heads = dims
     dtype = _dtype(dtype_name)
-    gen = torch.Generator(device=device).manual_seed(0)
+    gen = torch.Generator(device=device).manual_seed(seed)
     query = torch.randn(batch, heads, seq_len, d_head, generator=gen, device=device).to(dtype)
     key = torch.randn(batch, kv_heads, seq_len, d_head, generator=gen, device=device).to(dtype)
     value = torch.randn(batch, kv_heads, seq_len, d_head, generator=gen, device=device).to(dtype)
-    tokens = torch.randint(0, 1000, (batch, seq_len), generator=gen, device=device)
+    tokens = torch.randint(0, vocab, (batch, seq_len), generator=gen, device=device)
+    return query, key, value, tokens
+
+
+def throughput_row(metrics, row_stats, shape, dims, device, reps: int) -> dict:
+    seq_len, d_head, dtype_name = shape
+    batch, heads, kv_heads = dims
+    query, key, value, tokens = _random_inputs(shape, dims, device, seed=0, vocab=1000)
     spec = metrics.AttentionSpec(causal=True, scaling=d_head**-0.5)
     edges = metrics.distance_bin_edges(seq_len, True)
     n_pairs = pairs(batch, heads, seq_len)
@@ -325,11 +333,7 @@ def sweep(metrics, row_stats, configs, shape, dims, device, reps: int) -> list[d
     """Time each launch configuration; each must reproduce the first configuration's output."""
     seq_len, d_head, dtype_name = shape
     batch, heads, kv_heads = dims
-    dtype = _dtype(dtype_name)
-    gen = torch.Generator(device=device).manual_seed(1)
-    query = torch.randn(batch, heads, seq_len, d_head, generator=gen, device=device).to(dtype)
-    key = torch.randn(batch, kv_heads, seq_len, d_head, generator=gen, device=device).to(dtype)
-    tokens = torch.randint(0, 8, (batch, seq_len), generator=gen, device=device)
+    query, key, _, tokens = _random_inputs(shape, dims, device, seed=1, vocab=8)
     spec = metrics.AttentionSpec(causal=True, scaling=d_head**-0.5)
     edges = metrics.distance_bin_edges(seq_len, True)
     rows, first = [], None

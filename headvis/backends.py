@@ -12,6 +12,7 @@ All are functions with the signature of `ref_row_stats` returning the same
 
 from __future__ import annotations
 
+import importlib
 import os
 from typing import Callable
 
@@ -26,20 +27,24 @@ BACKENDS = ("auto", "triton", "numba", "torch")
 RowStatsFn = Callable[..., RowStats]
 
 
-def _triton_fn() -> tuple[RowStatsFn | None, str]:
-    try:
-        from headvis.kernels.row_stats import tri_row_stats
-    except ImportError as e:
-        return None, f"triton is not importable ({e}); install it with pip install triton==3.6.0"
-    return tri_row_stats, ""
+# backend -> (module, function, what to install when the import fails)
+_KERNELS = {
+    "triton": ("headvis.kernels.row_stats", "tri_row_stats", "pip install triton==3.6.0"),
+    "numba": ("headvis.kernels.row_stats_cpu", "cpu_row_stats", "pip install numba"),
+}
 
 
-def _numba_fn() -> tuple[RowStatsFn | None, str]:
+def _kernel(name: str, fallback: bool) -> tuple[str, RowStatsFn]:
+    """The kernel backend `name`; when it cannot be imported, torch if `fallback` (said once), else an error."""
+    module, function, install = _KERNELS[name]
     try:
-        from headvis.kernels.row_stats_cpu import cpu_row_stats
+        return name, getattr(importlib.import_module(module), function)
     except ImportError as e:
-        return None, f"numba is not importable ({e})"
-    return cpu_row_stats, ""
+        why = f"{name} is not importable ({e}); {install}"
+    if not fallback:
+        raise HeadvisError(f"--backend {name}: {why}")
+    print(f"headvis: backend auto -> torch: {why}", flush=True)
+    return "torch", ref_row_stats
 
 
 def resolve_backend(name: str, device: torch.device) -> tuple[str, RowStatsFn]:
@@ -52,22 +57,13 @@ def resolve_backend(name: str, device: torch.device) -> tuple[str, RowStatsFn]:
     if name == "numba" or (name == "auto" and device.type != "cuda"):
         if device.type != "cpu":
             raise HeadvisError("--backend numba runs on the CPU only: use --device cpu")
-        fn, why = _numba_fn()
-        if fn is None:
-            if name == "auto":
-                print(f"headvis: backend auto -> torch: {why}", flush=True)
-                return "torch", ref_row_stats
-            raise HeadvisError(f"--backend numba: {why}")
-        return "numba", fn
-    fn, why = _triton_fn()
-    if fn is None:
-        if name == "auto":
-            print(f"headvis: backend auto -> torch: {why}", flush=True)
-            return "torch", ref_row_stats
-        raise HeadvisError(f"--backend triton: {why}")
+        return _kernel("numba", fallback=name == "auto")
+    chosen, fn = _kernel("triton", fallback=name == "auto")
+    if chosen == "torch":
+        return chosen, fn
     if device.type != "cuda" and not interpreted:
         raise HeadvisError(
             "--backend triton needs --device cuda, or TRITON_INTERPRET=1 to run the kernels "
             "interpreted on the CPU (slow; meant for verification)"
         )
-    return "triton", fn
+    return chosen, fn

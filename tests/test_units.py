@@ -139,3 +139,19 @@ def test_gpu_projection_path_hands_tensors_over_by_dlpack(monkeypatch):
         assert np.allclose(np.abs(fields["pca"][name]["coords"]), np.abs(ref_fields["pca"][name]["coords"]), atol=1e-5)
         assert np.allclose(rotation[name]["mean"], ref_rotation[name]["mean"], atol=1e-6)
     assert "views" not in fields
+
+
+def test_backend_resolution_and_fallback(monkeypatch, capsys):
+    from headvis import backends
+    from headvis.errors import HeadvisError
+
+    cpu = torch.device("cpu")
+    assert backends.resolve_backend("torch", cpu)[0] == "torch"
+    assert backends.resolve_backend("auto", cpu)[0] == "numba"
+    monkeypatch.setitem(backends._KERNELS, "numba", ("headvis.kernels.no_such_module", "f", "pip install numba"))
+    assert backends.resolve_backend("auto", cpu) == ("torch", backends.ref_row_stats)
+    assert "backend auto -> torch: numba is not importable" in capsys.readouterr().out
+    with pytest.raises(HeadvisError, match="--backend numba: numba is not importable"):
+        backends.resolve_backend("numba", cpu)
+    with pytest.raises(HeadvisError, match="--backend must be one of"):
+        backends.resolve_backend("jax", cpu)
