@@ -44,6 +44,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from kernel_resources import CONFIGS  # noqa: E402  (a sibling script, not an installed module)
 
 TARGET_PAIRS_PER_S = 1.0e12  # at T=2048, d_head 64, causal, fp16, top-8
 TARGET_VS_MATERIALIZED = 20.0  # tri at least this many times faster than the materialized path
@@ -115,8 +117,7 @@ DRY_SHAPES = [(32, 16, "float16")]
 GPU_BATCH = (4, 9, 3)
 DRY_BATCH = (1, 3, 1)
 # (block_m, block_n, num_warps, num_stages)
-GPU_SWEEP = [(64, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2), (128, 32, 8, 2), (32, 64, 4, 2),
-             (64, 64, 8, 3)]
+GPU_SWEEP = CONFIGS  # the launch configurations whose compiled cost kernel_resources.py reports
 DRY_SWEEP = [(16, 16, 4, 2), (32, 16, 4, 2)]
 
 
@@ -426,7 +427,10 @@ def to_markdown(results: dict) -> str:
     lines = [f"# gpu_check: {results['card']}, {results['date']}", "",
              f"torch {results['torch']}, triton {results['triton']}, capability {results['capability']}"
              f"{', DRY RUN (CPU interpreter: numbers mean nothing)' if results['dry_run'] else ''}.",
-             f"Launch defaults: {results['launch_defaults']}.", "", "## Targets", ""]
+             f"Launch defaults: {results['launch_defaults']}.", ""]
+    if results.get("stage", "complete") != "complete":
+        lines += [f"**Incomplete: the run stopped after the {results['stage']} stage.**", ""]
+    lines += ["## Targets", ""]
     lines += [f"- {t['name']}: **{t['verdict']}**" for t in results["targets"]]
     lines += ["", "## Correctness (tri_row_stats vs ref_row_stats)", "", "| case | ok | fields over tolerance |",
               "|---|---|---|"]
@@ -483,8 +487,11 @@ def write_results(results: dict, out: Path) -> tuple[Path, Path]:
     card = re.sub(r"[^A-Za-z0-9]+", "_", results["card"]).strip("_") or "unknown"
     stem = out / f"gpu_check_{card}_{results['date']}"
     json_path, md_path = stem.with_suffix(".json"), stem.with_suffix(".md")
-    json_path.write_text(json.dumps(_json_safe(results), indent=1, allow_nan=False) + "\n")
-    md_path.write_text(to_markdown(results))
+    for path, text in ((json_path, json.dumps(_json_safe(results), indent=1, allow_nan=False) + "\n"),
+                       (md_path, to_markdown(results))):
+        temp = path.with_name(f".{path.name}.tmp")  # a lease can end mid-write: never a half file
+        temp.write_text(text)
+        temp.replace(path)
     return json_path, md_path
 
 
@@ -521,7 +528,15 @@ def main(argv: list[str] | None = None) -> int:
             "shape": TARGET_SHAPE},
     }
 
+    def save(stage: str) -> tuple[Path, Path]:
+        """Write what is measured so far, so that a run cut short by its time limit still leaves results."""
+        results["stage"] = stage
+        results["targets"] = evaluate_targets(results["throughput"])
+        results["wall_s"] = time.time() - started
+        return write_results(results, args.out)
+
     results["correctness"] = []
+    results["throughput"] = []
     for case in DRY_CASES if args.dry_run else GPU_CASES:
         try:
             result = check_case(metrics, row_stats, case, device)
@@ -530,14 +545,16 @@ def main(argv: list[str] | None = None) -> int:
         results["correctness"].append(result)
         log(f"correctness {case.id}: {'ok' if result['ok'] else 'FAILED ' + str(result.get('error') or result['errors'])}")
 
+    save("correctness")
+
     dims = DRY_BATCH if args.dry_run else GPU_BATCH
-    results["throughput"] = []
     reps = 1 if args.dry_run else args.reps
     for shape in DRY_SHAPES if args.dry_run else GPU_SHAPES:
         row = throughput_row(metrics, row_stats, shape, dims, device, reps)
         results["throughput"].append(row)
         log(f"throughput T={shape[0]} d={shape[1]} {shape[2]}: tri {_fmt(row['tri_pairs_per_s'])} pairs/s, "
             f"x{_fmt(row['speedup_vs_materialized'])} vs materialized, {_fmt(row['slowdown_vs_sdpa'])}x SDPA time")
+        save("throughput")
 
     if not args.no_sweep:
         shape = DRY_SHAPES[0] if args.dry_run else (2048, 64, "float16")
@@ -546,6 +563,7 @@ def main(argv: list[str] | None = None) -> int:
                                  reps)
         log("sweep: " + "; ".join(f"{r['block_m']}x{r['block_n']}/w{r['num_warps']}/s{r['num_stages']}: "
                                   f"{_fmt(r.get('pairs_per_s'))}" for r in results["sweep"]))
+        save("sweep")
 
     if args.no_model or args.dry_run:
         results["model"] = {"skipped": "dry run" if args.dry_run else "--no-model"}
@@ -553,9 +571,7 @@ def main(argv: list[str] | None = None) -> int:
         results["model"] = model_check(row_stats, metrics, device, args.reps)
         log(f"model: {results['model']}")
 
-    results["targets"] = evaluate_targets(results["throughput"])
-    results["wall_s"] = time.time() - started
-    json_path, md_path = write_results(results, args.out)
+    json_path, md_path = save("complete")
     for t in results["targets"]:
         log(f"target {t['name']}: {t['verdict']}")
     log(f"wrote {json_path} and {md_path}")

@@ -82,8 +82,140 @@ def _score_at(q, k_base, key_pos, key_ok, offs_d, d_in, stride_kt, stride_kd, sc
 
 
 @triton.jit
+def _key_block(state, q, q0, q_pos, tok_q, k0, k_base, tok_base, valid_base, offs_d, d_in, stride_kt, stride_kd,
+               seq_len, window, scaling, softcap, EDGES, BIN_OF, bin_reach, n_bins, edge_first, edge_last,
+               bin_col, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+               HAS_SOFTCAP: tl.constexpr, HAS_KEY_VALID: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               TOKEN_COUNTED: tl.constexpr, MASKED: tl.constexpr):
+    """The running row state of `_row_stats_fwd_kernel` after the key block k0 .. k0 + BLOCK_N.
+
+    With MASKED False the caller guarantees that every key of the block is allowed for every row (no window,
+    no padding, inside T) and, when causal, earlier than every row: the block then skips every mask, counts
+    BLOCK_N keys without summing a mask, and forms sum e |q - k| as (q - k0) sum e - sum e (k - k0) (causal,
+    where q - k > 0; both terms are block-local, so no cancellation beyond BLOCK_N ulps). That is the cost
+    of almost every block of a long causal row.
+    """
+    m_i, l_i, t_i, dist_acc, ind_acc, dup_acc, ind_any, dup_any, n_i, mean_i, m2_i, hist, top_s, top_i, theta = state
+    j = tl.arange(0, BLOCK_N)
+    k_pos = k0 + j
+    k_in = k_pos < seq_len
+    if MASKED:
+        kt = tl.load(k_base + k_pos[None, :] * stride_kt + offs_d[:, None] * stride_kd,
+                     mask=k_in[None, :] & d_in[:, None], other=0.0)  # (HEAD_DIM_PAD, BLOCK_N)
+    else:
+        kt = tl.load(k_base + k_pos[None, :] * stride_kt + offs_d[:, None] * stride_kd, mask=d_in[:, None],
+                     other=0.0)
+    s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scaling  # (BLOCK_M, BLOCK_N) scores
+    s = _softcapped(s, softcap, HAS_SOFTCAP)
+    dist = q_pos[:, None] - k_pos[None, :]  # q - k; only materialized where a mask or bin needs it
+    if MASKED:
+        if HAS_KEY_VALID:
+            k_valid = tl.load(valid_base + k_pos, mask=k_in, other=0) != 0
+        else:
+            k_valid = k_in
+        allowed = _allowed(dist, k_pos[None, :], seq_len, window, k_valid[None, :],
+                           CAUSAL, HAS_WINDOW, HAS_KEY_VALID)
+        s_allowed = tl.where(allowed, s, float("-inf"))
+    else:
+        s_allowed = s
+
+    # Online softmax, entropy and distance sums.
+    m_tile = tl.max(s_allowed, 1)
+    m_new = tl.maximum(m_i, m_tile)
+    if MASKED:
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_safe = m_new  # every row has BLOCK_N allowed keys here
+    alpha = tl.exp(m_i - m_safe)  # 0 while the row had no allowed key
+    shift = s - m_safe[:, None]  # finite everywhere (masked loads are 0)
+    if MASKED:
+        e = tl.exp(tl.where(allowed, shift, float("-inf")))  # 0 where masked, never an overflow
+    else:
+        e = tl.exp(shift)
+    e_sum = tl.sum(e, 1)
+    t_i = alpha * (t_i + tl.where(l_i > 0, m_i - m_safe, 0.0) * l_i) + tl.sum(e * shift, 1)
+    l_i = l_i * alpha + e_sum
+    if MASKED or not CAUSAL:
+        dist_acc = dist_acc * alpha + tl.sum(e * tl.abs(dist.to(tl.float32)), 1)
+    else:
+        dist_acc = dist_acc * alpha + (q_pos - k0).to(tl.float32) * e_sum - tl.sum(e * j.to(tl.float32)[None, :], 1)
+
+    # Induction (1 <= k < q, tok[k-1] == tok[q]) and duplicate (k < q, tok[k] == tok[q]) keys. Key 0 needs no
+    # test of its own: its "previous token" loads as -1, which no token id of a real row equals.
+    tok_k = tl.load(tok_base + k_pos, mask=k_in, other=-1)
+    tok_prev_k = tl.load(tok_base + k_pos - 1, mask=k_in & (k_pos >= 1), other=-1)
+    ind_keys = tok_prev_k[None, :] == tok_q[:, None]
+    dup_keys = tok_k[None, :] == tok_q[:, None]
+    if MASKED:
+        earlier = allowed & (dist > 0)
+        ind_keys = ind_keys & earlier
+        dup_keys = dup_keys & earlier
+    elif not CAUSAL:
+        ind_keys = ind_keys & (dist > 0)
+        dup_keys = dup_keys & (dist > 0)
+    ind_acc = ind_acc * alpha + tl.sum(tl.where(ind_keys, e, 0.0), 1)
+    dup_acc = dup_acc * alpha + tl.sum(tl.where(dup_keys, e, 0.0), 1)
+    if not TOKEN_COUNTED:  # else the launcher finds the counted rows from the tokens alone
+        ind_any = tl.maximum(ind_any, tl.max(ind_keys.to(tl.int32), 1))
+        dup_any = tl.maximum(dup_any, tl.max(dup_keys.to(tl.int32), 1))
+
+    # Logit mean / std: the block's (count, mean, M2), merged with Chan's formula.
+    if MASKED:
+        n_b = tl.sum(allowed.to(tl.float32), 1)
+        mean_b = tl.sum(tl.where(allowed, s, 0.0), 1) / tl.maximum(n_b, 1.0)
+        dev = tl.where(allowed, s - mean_b[:, None], 0.0)
+    else:
+        n_b = tl.full([BLOCK_M], BLOCK_N, tl.float32)
+        mean_b = tl.sum(s, 1) / BLOCK_N
+        dev = s - mean_b[:, None]
+    n_new = n_i + n_b
+    frac = n_b / tl.maximum(n_new, 1.0)
+    delta = mean_b - mean_i
+    mean_i = mean_i + delta * frac
+    m2_i = m2_i + tl.sum(dev * dev, 1) + delta * delta * n_i * frac
+    n_i = n_new
+
+    # Distance histogram: masked sums only for the bins this block crosses.
+    hist = hist * alpha[:, None]
+    d_min = q0 - (k0 + BLOCK_N - 1)
+    d_max = q0 + BLOCK_M - 1 - k0
+    # BIN_OF[d + bin_reach] = number of edges <= d, for |d| <= bin_reach (beyond, the bins saturate).
+    b_first = tl.maximum(tl.load(BIN_OF + tl.minimum(tl.maximum(d_min, -bin_reach), bin_reach) + bin_reach) - 1, 0)
+    b_last = tl.minimum(tl.load(BIN_OF + tl.minimum(tl.maximum(d_max, -bin_reach), bin_reach) + bin_reach) - 1,
+                        n_bins - 1)
+    inside = (d_min >= edge_first) & (d_max < edge_last)
+    b_stop = tl.where(inside, b_last, b_last + 1)
+    rest = e_sum
+    for b in range(b_first, b_stop):
+        in_bin = (dist >= tl.load(EDGES + b)) & (dist < tl.load(EDGES + b + 1))
+        part = tl.sum(tl.where(in_bin, e, 0.0), 1)
+        hist += tl.where(bin_col[None, :] == b, part[:, None], 0.0)
+        rest -= part
+    if inside:
+        hist += tl.where(bin_col[None, :] == b_last, rest[:, None], 0.0)
+
+    # Top-KEEP raw scores: insert each row's best remaining key while it beats the set's minimum.
+    if tl.max((m_tile > theta).to(tl.int32), 0) > 0:
+        s_cand = s_allowed
+        best = m_tile
+        while tl.max((best > theta).to(tl.int32), 0) > 0:
+            best_pos = tl.min(tl.where(s_cand == best[:, None], k_pos[None, :], _NO_KEY), 1)
+            enter = best > theta
+            # Evict the weakest slot: minimum score, highest key index among equals.
+            weakest = tl.max(tl.where(top_s == theta[:, None], top_i, -1), 1)
+            slot = (top_i == weakest[:, None]) & enter[:, None]
+            top_s = tl.where(slot, best[:, None], top_s)
+            top_i = tl.where(slot, best_pos[:, None], top_i)
+            theta = tl.min(top_s, 1)
+            s_cand = tl.where(k_pos[None, :] == best_pos[:, None], float("-inf"), s_cand)
+            best = tl.max(s_cand, 1)
+    m_i = m_new
+    return m_i, l_i, t_i, dist_acc, ind_acc, dup_acc, ind_any, dup_any, n_i, mean_i, m2_i, hist, top_s, top_i, theta
+
+
+@triton.jit
 def _row_stats_fwd_kernel(
-    Q, K, TOKENS, KEY_VALID, SINKS, EDGES,
+    Q, K, TOKENS, KEY_VALID, SINKS, EDGES, BIN_OF,
     METRICS, COUNTED, MAX_NOBOS, ARGMAX_NOBOS, DIST_HIST, TOP_VALUES, TOP_INDICES, ROW_NORM,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
@@ -92,7 +224,7 @@ def _row_stats_fwd_kernel(
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_KEY_VALID: tl.constexpr, HAS_SINKS: tl.constexpr,
     TOP_K: tl.constexpr, KEEP: tl.constexpr, KEEP_PAD: tl.constexpr,
-    BINS_PAD: tl.constexpr, EDGES_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BINS_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, TOKEN_COUNTED: tl.constexpr,
 ):
     """Every per-row quantity of BLOCK_M query rows of one (batch, head), streaming over key blocks.
 
@@ -113,7 +245,13 @@ def _row_stats_fwd_kernel(
     Distance histogram: a key block spans q - k in [d_min, d_max]; only the
     bins it crosses get a masked sum, and when the span lies inside the edges
     the last bin takes the block's remaining mass (most far blocks sit in one
-    power-of-two bin and cost nothing extra).
+    power-of-two bin and cost nothing extra). The first and last bin come from
+    a lookup table, BIN_OF[d + bin_reach] = #edges <= d, built by the launcher.
+    Cost: key blocks wholly before the diagonal (causal, no window, no
+    padding) take `_key_block`'s unmasked path; and without a window or
+    padding the rows that count for induction / duplicate are found from the
+    tokens by the launcher (TOKEN_COUNTED), so the key loop skips those two
+    reductions. `benchmarks/kernel_resources.py` reads the compiled cost.
     Top-k: softmax is monotone in s within a row, so a running top-KEEP set
     of raw scores is kept (ties: lowest key index) and turned into
     probabilities at the end. A key enters only when it beats the
@@ -180,8 +318,7 @@ def _row_stats_fwd_kernel(
     top_i = tl.zeros([BLOCK_M, KEEP_PAD], tl.int32) + tl.where(real_slot, _NO_KEY + keep_col, -2)[None, :]
     theta = tl.min(top_s, 1)  # the set's minimum: a key must beat it to enter
 
-    offs_e = tl.arange(0, EDGES_PAD)
-    edges = tl.load(EDGES + offs_e, mask=offs_e <= n_bins, other=2147483647)
+    bin_reach = seq_len + 2 * (BLOCK_M + BLOCK_N)  # BIN_OF covers every q - k a block can span
     edge_first = tl.load(EDGES)
     edge_last = tl.load(EDGES + n_bins)
 
@@ -194,90 +331,28 @@ def _row_stats_fwd_kernel(
         k_lo = tl.maximum(0, q0 - window + 1) // BLOCK_N * BLOCK_N
         if not CAUSAL:
             k_hi = tl.minimum(seq_len, q0 + BLOCK_M - 1 + window)
-
-    for k0 in range(k_lo, k_hi, BLOCK_N):
-        k_pos = k0 + tl.arange(0, BLOCK_N)
-        k_in = k_pos < seq_len
-        kt = tl.load(k_base + k_pos[None, :] * stride_kt + offs_d[:, None] * stride_kd,
-                     mask=k_in[None, :] & d_in[:, None], other=0.0)  # (HEAD_DIM_PAD, BLOCK_N)
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scaling  # (BLOCK_M, BLOCK_N) scores
-        s = _softcapped(s, softcap, HAS_SOFTCAP)
-        dist = q_pos[:, None] - k_pos[None, :]  # q - k
-        if HAS_KEY_VALID:
-            k_valid = tl.load(valid_base + k_pos, mask=k_in, other=0) != 0
+    # Blocks where every key is allowed for every row (and, causal, earlier than every row) need no mask:
+    # without a window or padding, causal blocks wholly before q0 and bidirectional blocks wholly inside T.
+    k_split = k_lo
+    if not HAS_WINDOW and not HAS_KEY_VALID:
+        if CAUSAL:
+            k_split = q0 // BLOCK_N * BLOCK_N
         else:
-            k_valid = k_in
-        allowed = _allowed(dist, k_pos[None, :], seq_len, window, k_valid[None, :],
-                           CAUSAL, HAS_WINDOW, HAS_KEY_VALID)
-        s_allowed = tl.where(allowed, s, float("-inf"))
+            k_split = seq_len // BLOCK_N * BLOCK_N
 
-        # Online softmax, entropy and distance sums.
-        m_tile = tl.max(s_allowed, 1)
-        m_new = tl.maximum(m_i, m_tile)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_safe)  # 0 while the row had no allowed key
-        shift = s - m_safe[:, None]  # finite everywhere (masked loads are 0)
-        e = tl.exp(tl.where(allowed, shift, float("-inf")))  # 0 where masked, never an overflow
-        e_sum = tl.sum(e, 1)
-        t_i = alpha * (t_i + tl.where(l_i > 0, m_i - m_safe, 0.0) * l_i) + tl.sum(e * shift, 1)
-        l_i = l_i * alpha + e_sum
-        dist_acc = dist_acc * alpha + tl.sum(e * tl.abs(dist.to(tl.float32)), 1)
-
-        # Induction (1 <= k < q, tok[k-1] == tok[q]) and duplicate (k < q, tok[k] == tok[q]) keys.
-        tok_k = tl.load(tok_base + k_pos, mask=k_in, other=-1)
-        tok_prev_k = tl.load(tok_base + k_pos - 1, mask=k_in & (k_pos >= 1), other=-1)
-        earlier = allowed & (dist > 0)
-        ind_keys = earlier & (k_pos[None, :] >= 1) & (tok_prev_k[None, :] == tok_q[:, None])
-        dup_keys = earlier & (tok_k[None, :] == tok_q[:, None])
-        ind_acc = ind_acc * alpha + tl.sum(tl.where(ind_keys, e, 0.0), 1)
-        dup_acc = dup_acc * alpha + tl.sum(tl.where(dup_keys, e, 0.0), 1)
-        ind_any = tl.maximum(ind_any, tl.max(ind_keys.to(tl.int32), 1))
-        dup_any = tl.maximum(dup_any, tl.max(dup_keys.to(tl.int32), 1))
-
-        # Logit mean / std: the block's (count, mean, M2), merged with Chan's formula.
-        n_b = tl.sum(allowed.to(tl.float32), 1)
-        mean_b = tl.sum(tl.where(allowed, s, 0.0), 1) / tl.maximum(n_b, 1.0)
-        dev = tl.where(allowed, s - mean_b[:, None], 0.0)
-        n_new = n_i + n_b
-        frac = n_b / tl.maximum(n_new, 1.0)
-        delta = mean_b - mean_i
-        mean_i = mean_i + delta * frac
-        m2_i = m2_i + tl.sum(dev * dev, 1) + delta * delta * n_i * frac
-        n_i = n_new
-
-        # Distance histogram: masked sums only for the bins this block crosses.
-        hist = hist * alpha[:, None]
-        d_min = q0 - (k0 + BLOCK_N - 1)
-        d_max = q0 + BLOCK_M - 1 - k0
-        b_first = tl.maximum(tl.sum((edges <= d_min).to(tl.int32), 0) - 1, 0)
-        b_last = tl.minimum(tl.sum((edges <= d_max).to(tl.int32), 0) - 1, n_bins - 1)
-        inside = (d_min >= edge_first) & (d_max < edge_last)
-        b_stop = tl.where(inside, b_last, b_last + 1)
-        rest = e_sum
-        for b in range(b_first, b_stop):
-            in_bin = (dist >= tl.load(EDGES + b)) & (dist < tl.load(EDGES + b + 1))
-            part = tl.sum(tl.where(in_bin, e, 0.0), 1)
-            hist += tl.where(bin_col[None, :] == b, part[:, None], 0.0)
-            rest -= part
-        if inside:
-            hist += tl.where(bin_col[None, :] == b_last, rest[:, None], 0.0)
-
-        # Top-KEEP raw scores: insert each row's best remaining key while it beats the set's minimum.
-        if tl.max((m_tile > theta).to(tl.int32), 0) > 0:
-            s_cand = s_allowed
-            best = m_tile
-            while tl.max((best > theta).to(tl.int32), 0) > 0:
-                best_pos = tl.min(tl.where(s_cand == best[:, None], k_pos[None, :], _NO_KEY), 1)
-                enter = best > theta
-                # Evict the weakest slot: minimum score, highest key index among equals.
-                weakest = tl.max(tl.where(top_s == theta[:, None], top_i, -1), 1)
-                slot = (top_i == weakest[:, None]) & enter[:, None]
-                top_s = tl.where(slot, best[:, None], top_s)
-                top_i = tl.where(slot, best_pos[:, None], top_i)
-                theta = tl.min(top_s, 1)
-                s_cand = tl.where(k_pos[None, :] == best_pos[:, None], float("-inf"), s_cand)
-                best = tl.max(s_cand, 1)
-        m_i = m_new
+    state = (m_i, l_i, t_i, dist_acc, ind_acc, dup_acc, ind_any, dup_any, n_i, mean_i, m2_i, hist, top_s, top_i,
+             theta)
+    for k0 in range(k_lo, k_split, BLOCK_N):
+        state = _key_block(state, q, q0, q_pos, tok_q, k0, k_base, tok_base, valid_base, offs_d, d_in,
+                           stride_kt, stride_kd, seq_len, window, scaling, softcap, EDGES, BIN_OF, bin_reach,
+                           n_bins, edge_first, edge_last, bin_col, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
+                           HAS_KEY_VALID, DOT_PRECISION, TOKEN_COUNTED, False)
+    for k0 in range(k_split, k_hi, BLOCK_N):
+        state = _key_block(state, q, q0, q_pos, tok_q, k0, k_base, tok_base, valid_base, offs_d, d_in,
+                           stride_kt, stride_kd, seq_len, window, scaling, softcap, EDGES, BIN_OF, bin_reach,
+                           n_bins, edge_first, edge_last, bin_col, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
+                           HAS_KEY_VALID, DOT_PRECISION, TOKEN_COUNTED, True)
+    m_i, l_i, t_i, dist_acc, ind_acc, dup_acc, ind_any, dup_any, n_i, mean_i, m2_i, hist, top_s, top_i, theta = state
 
     # Normalize: p = exp((s - c) - log L); each e-weighted sum times f / L is a sum of probabilities.
     has_key = m_i > float("-inf")
@@ -314,8 +389,9 @@ def _row_stats_fwd_kernel(
     tl.store(out + 7 * plane, logit_mean, mask=q_in)
     tl.store(out + 8 * plane, logit_std, mask=q_in)
     tl.store(out + 9 * plane, logit_max, mask=q_in)
-    tl.store(COUNTED + row_base + q_pos, ind_any.to(tl.int8), mask=q_in)
-    tl.store(COUNTED + plane + row_base + q_pos, dup_any.to(tl.int8), mask=q_in)
+    if not TOKEN_COUNTED:
+        tl.store(COUNTED + row_base + q_pos, ind_any.to(tl.int8), mask=q_in)
+        tl.store(COUNTED + plane + row_base + q_pos, dup_any.to(tl.int8), mask=q_in)
     tl.store(ROW_NORM + row_base + q_pos, tl.where(has_key, c, float("-inf")), mask=q_in)
     tl.store(ROW_NORM + plane + row_base + q_pos, log_norm, mask=q_in)
 
@@ -345,6 +421,40 @@ def _row_stats_fwd_kernel(
         written = q_in[:, None] & real_slot[None, :] & (rank < TOP_K)
         tl.store(TOP_VALUES + at, top_p, mask=written)
         tl.store(TOP_INDICES + at, top_pos, mask=written)
+
+
+@triton.jit
+def _column_block(acc, q0, q_base, kt, k_pos, k_valid, row_base, ROW_NORM, plane, offs_d, d_in, stride_qt,
+                  stride_qd, seq_len, window, scaling, softcap, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr,
+                  HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr):
+    """acc + p[q, k] for the query rows q0 .. q0 + BLOCK_M of `_key_weight_kernel` (rows q >= 1 only).
+
+    With MASKED False the caller guarantees every row is inside T, at least 1, has an allowed key, and may
+    read every key of the block: no mask at all.
+    """
+    q_pos = q0 + tl.arange(0, BLOCK_M)
+    q_in = q_pos < seq_len
+    if MASKED:
+        q = tl.load(q_base + q_pos[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+                    mask=q_in[:, None] & d_in[None, :], other=0.0)
+    else:
+        q = tl.load(q_base + q_pos[:, None] * stride_qt + offs_d[None, :] * stride_qd, mask=d_in[None, :],
+                    other=0.0)
+    s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scaling
+    s = _softcapped(s, softcap, HAS_SOFTCAP)
+    if MASKED:
+        c = tl.load(ROW_NORM + row_base + q_pos, mask=q_in, other=float("-inf"))
+        log_norm = tl.load(ROW_NORM + plane + row_base + q_pos, mask=q_in, other=0.0)
+        counted_row = (q_pos >= 1) & (c > float("-inf"))  # rows q >= 1 with an allowed key
+        allowed = _allowed(q_pos[:, None] - k_pos[None, :], k_pos[None, :], seq_len, window, k_valid[None, :],
+                           CAUSAL, HAS_WINDOW, HAS_KEY_VALID) & counted_row[:, None]
+        acc += tl.exp(tl.where(allowed, (s - c[:, None]) - log_norm[:, None], float("-inf")))
+    else:
+        c = tl.load(ROW_NORM + row_base + q_pos)
+        log_norm = tl.load(ROW_NORM + plane + row_base + q_pos)
+        acc += tl.exp((s - c[:, None]) - log_norm[:, None])
+    return acc
 
 
 @triton.jit
@@ -393,20 +503,31 @@ def _key_weight_kernel(
         if not CAUSAL:
             q_lo = tl.maximum(0, k0 - window + 1) // BLOCK_M * BLOCK_M
 
-    acc = tl.zeros([BLOCK_N], tl.float32)
-    for q0 in range(q_lo, q_hi, BLOCK_M):
-        q_pos = q0 + tl.arange(0, BLOCK_M)
-        q_in = q_pos < seq_len
-        q = tl.load(q_base + q_pos[:, None] * stride_qt + offs_d[None, :] * stride_qd,
-                    mask=q_in[:, None] & d_in[None, :], other=0.0)
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scaling
-        s = _softcapped(s, softcap, HAS_SOFTCAP)
-        c = tl.load(ROW_NORM + row_base + q_pos, mask=q_in, other=float("-inf"))
-        log_norm = tl.load(ROW_NORM + plane + row_base + q_pos, mask=q_in, other=0.0)
-        counted_row = (q_pos >= 1) & (c > float("-inf"))  # rows q >= 1 with an allowed key
-        allowed = _allowed(q_pos[:, None] - k_pos[None, :], k_pos[None, :], seq_len, window, k_valid[None, :],
-                           CAUSAL, HAS_WINDOW, HAS_KEY_VALID) & counted_row[:, None]
-        acc += tl.sum(tl.exp(tl.where(allowed, (s - c[:, None]) - log_norm[:, None], float("-inf"))), 0)
+    # Without a window or padding, query blocks wholly inside T, after row 0 and (causal) starting at or
+    # after the block's last key read every key of it: no mask there. The rest (the diagonal, row 0's
+    # block, the ragged last block) are masked.
+    q_split = q_lo
+    q_tail = q_lo
+    if not HAS_WINDOW and not HAS_KEY_VALID:
+        q_tail = seq_len // BLOCK_M * BLOCK_M
+        if CAUSAL:
+            q_split = tl.minimum(tl.cdiv(k0 + BLOCK_N - 1, BLOCK_M) * BLOCK_M, q_tail)
+        else:
+            q_split = tl.minimum(BLOCK_M, q_tail)  # the first block holds row 0, which is not counted
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)  # summed over rows once, after the loops
+    for q0 in range(q_lo, q_split, BLOCK_M):
+        acc = _column_block(acc, q0, q_base, kt, k_pos, k_valid, row_base, ROW_NORM, plane, offs_d, d_in,
+                            stride_qt, stride_qd, seq_len, window, scaling, softcap, BLOCK_M, CAUSAL, HAS_WINDOW,
+                            HAS_SOFTCAP, HAS_KEY_VALID, DOT_PRECISION, True)
+    for q0 in range(q_split, q_tail, BLOCK_M):
+        acc = _column_block(acc, q0, q_base, kt, k_pos, k_valid, row_base, ROW_NORM, plane, offs_d, d_in,
+                            stride_qt, stride_qd, seq_len, window, scaling, softcap, BLOCK_M, CAUSAL, HAS_WINDOW,
+                            HAS_SOFTCAP, HAS_KEY_VALID, DOT_PRECISION, False)
+    for q0 in range(q_tail, q_hi, BLOCK_M):
+        acc = _column_block(acc, q0, q_base, kt, k_pos, k_valid, row_base, ROW_NORM, plane, offs_d, d_in,
+                            stride_qt, stride_qd, seq_len, window, scaling, softcap, BLOCK_M, CAUSAL, HAS_WINDOW,
+                            HAS_SOFTCAP, HAS_KEY_VALID, DOT_PRECISION, True)
+    acc = tl.sum(acc, 0)
     tl.store(KEY_WEIGHT + row_base + k_pos, acc, mask=k_in)
 
 
@@ -437,6 +558,23 @@ def is_available(device: torch.device | str, dtype: torch.dtype | None = None) -
     return False, f"triton kernels do not run on {device.type}"
 
 
+def _token_counted(tokens: Tensor) -> tuple[Tensor, Tensor]:
+    """(induction, duplicate) rows of (batch, query_pos) int32 tokens, as int8, when every earlier key is allowed.
+
+    With first[q] the first position of tok[q] in its sequence: a duplicate key k < q exists iff first[q] < q;
+    an induction key (1 <= k < q, tok[k-1] == tok[q]) exists iff tok[q] occurs at or before q - 2, i.e.
+    first[q] <= q - 2.
+    """
+    batch, seq_len = tokens.shape
+    pos = torch.arange(seq_len, device=tokens.device).expand(batch, seq_len)
+    sorted_tokens, order = torch.sort(tokens, dim=1, stable=True)  # equal tokens in position order
+    run_start = torch.ones_like(sorted_tokens, dtype=torch.bool)
+    run_start[:, 1:] = sorted_tokens[:, 1:] != sorted_tokens[:, :-1]
+    start_index = torch.cummax(torch.where(run_start, pos, 0), dim=1).values  # where each one's run begins
+    first = torch.empty_like(order).scatter_(1, order, order.gather(1, start_index))
+    return (first <= pos - 2).to(torch.int8), (first < pos).to(torch.int8)
+
+
 def _next_power_of_2(n: int, minimum: int = 1) -> int:
     return max(minimum, triton.next_power_of_2(max(n, 1)))
 
@@ -450,8 +588,8 @@ def tri_row_stats(
     top_k: int,
     bin_edges: list[int],
     block_m: int = 64,
-    block_n: int = 64,
-    num_warps: int = 8,
+    block_n: int = 32,
+    num_warps: int = 4,
     num_stages: int = 2,
 ) -> RowStats:
     """Every row quantity of one layer, fused: the same contract as `ref_row_stats`.
@@ -505,6 +643,10 @@ def tri_row_stats(
 
     tokens = token_ids.to(device=device, dtype=torch.int32).contiguous()
     edges = torch.tensor(bin_edges, dtype=torch.int32, device=device)
+    # bin_of[d + reach] = number of edges <= d: the kernel's bin lookup for a span of q - k (kernel: bin_reach).
+    reach = seq_len + 2 * (block_m + block_n)
+    bin_of = torch.searchsorted(edges, torch.arange(-reach, reach + 1, dtype=torch.int32, device=device),
+                                right=True).to(torch.int32)
     has_key_valid = spec.key_valid is not None
     key_valid = (spec.key_valid.to(device=device, dtype=torch.int8).contiguous() if has_key_valid else tokens)
     has_sinks = spec.sinks is not None
@@ -513,6 +655,15 @@ def tri_row_stats(
         raise ValueError(f"key_valid must be (batch, key_pos) = {(batch, seq_len)}, got {tuple(key_valid.shape)}")
     if has_sinks and sinks.shape != (n_heads,):
         raise ValueError(f"sinks must be (head,) = ({n_heads},), got {tuple(sinks.shape)}")
+
+    # Without a window or padding every earlier key is allowed, so whether a row has an induction or a
+    # duplicate key depends on the tokens alone: found here in O(T log T), and the kernel skips two
+    # reductions per key block.
+    token_counted = spec.window is None and not has_key_valid
+    if token_counted:
+        induction, duplicate = _token_counted(tokens)
+        counted[0] = induction[:, None, :]
+        counted[1] = duplicate[:, None, :]
 
     keep = max(top_k, 2)
     common = dict(
@@ -528,13 +679,13 @@ def tri_row_stats(
     softcap = float(spec.softcap) if spec.softcap is not None else 1.0
     group = n_heads // n_kv
     _row_stats_fwd_kernel[(triton.cdiv(seq_len, block_m), batch * n_heads)](
-        query, key, tokens, key_valid, sinks, edges,
+        query, key, tokens, key_valid, sinks, edges, bin_of,
         metrics, counted, max_nobos, argmax_nobos, dist_hist, top_values, top_indices, row_norm,
         *query.stride(), *key.stride(),
         seq_len, n_heads, group, n_bins, window, float(spec.scaling), softcap, plane,
         BLOCK_M=block_m, BLOCK_N=block_n, HAS_SINKS=has_sinks,
         TOP_K=top_k, KEEP=keep, KEEP_PAD=_next_power_of_2(keep),
-        BINS_PAD=_next_power_of_2(n_bins, 2), EDGES_PAD=_next_power_of_2(n_bins + 1, 2),
+        BINS_PAD=_next_power_of_2(n_bins, 2), TOKEN_COUNTED=token_counted,
         **common, **launch,
     )
     _key_weight_kernel[(triton.cdiv(seq_len, block_n), batch * n_heads)](

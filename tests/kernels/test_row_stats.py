@@ -10,12 +10,15 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
 
 from headvis.kernels.row_stats import is_available, tri_row_stats
 from headvis.metrics import ROW_METRICS, AttentionSpec, RowStats, distance_bin_edges, ref_pattern, ref_row_stats
+
+ROOT = Path(__file__).resolve().parents[2]
 
 # Triton 3.6's interpreter turns loop bounds into ints through a deprecated numpy path.
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
@@ -303,48 +306,55 @@ def test_rejects_bad_inputs() -> None:
 
 
 # Compiles both kernels for sm_90 through triton's own pipeline (PTX, then the
-# bundled ptxas): no GPU needed, and it catches what the interpreter accepts
-# but the compiler does not (loop-carried types, dot shapes, constexpr use).
+# bundled ptxas), with benchmarks/kernel_resources.py: no GPU needed, and it
+# catches what the interpreter accepts but the compiler does not (loop-carried
+# types, dot shapes, constexpr use). At the launcher's defaults and the target
+# shape the forward kernel must not spill registers (a spill in the key loop
+# costs local-memory traffic on every key block).
 _COMPILE_SCRIPT = """
 import sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+sys.path.insert(0, "benchmarks")
+import kernel_resources as kr
 from headvis.kernels import row_stats
-
-POINTERS = {"TOKENS": "*i32", "KEY_VALID": "*i8", "EDGES": "*i32", "COUNTED": "*i8", "ARGMAX_NOBOS": "*i64",
-            "TOP_INDICES": "*i64"}
-
-def compile_kernel(kernel, dtype, constexprs):
-    signature = {}
-    for name in kernel.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in ("Q", "K"):
-            signature[name] = "*" + dtype
-        elif name.isupper():
-            signature[name] = POINTERS.get(name, "*fp32")
-        else:
-            signature[name] = "fp32" if name in ("scaling", "softcap") else "i32"
-    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "num_stages": 2})
 
 for dtype, flags, fwd in [
     ("fp16", dict(CAUSAL=False, HAS_WINDOW=True, HAS_SOFTCAP=True, HAS_KEY_VALID=True, HEAD_DIM=80, HEAD_DIM_PAD=128),
-     dict(HAS_SINKS=True, TOP_K=5, KEEP=5, KEEP_PAD=8)),
+     dict(HAS_SINKS=True, TOP_K=5, KEEP=5, KEEP_PAD=8, TOKEN_COUNTED=False)),
     ("bf16", dict(CAUSAL=True, HAS_WINDOW=False, HAS_SOFTCAP=False, HAS_KEY_VALID=False, HEAD_DIM=64, HEAD_DIM_PAD=64),
-     dict(HAS_SINKS=False, TOP_K=1, KEEP=2, KEEP_PAD=2)),
+     dict(HAS_SINKS=False, TOP_K=1, KEEP=2, KEEP_PAD=2, TOKEN_COUNTED=True)),
 ]:
     common = dict(flags, BLOCK_M=64, BLOCK_N=64, DOT_PRECISION="tf32")
-    compile_kernel(row_stats._row_stats_fwd_kernel, dtype, dict(common, **fwd, BINS_PAD=32, EDGES_PAD=32))
-    compile_kernel(row_stats._key_weight_kernel, dtype, common)
+    kr.compile_for_hopper(row_stats._row_stats_fwd_kernel, dtype, dict(common, **fwd, BINS_PAD=32), 8, 2)
+    kr.compile_for_hopper(row_stats._key_weight_kernel, dtype, common, 8, 2)
     print("compiled", dtype, flush=True)
+row = kr.measure(row_stats, *kr.launch_defaults(row_stats))
+print("defaults", row["registers"], row["spill_stores"], row["spill_loads"], row["instructions_per_pair"])
 """
 
 
 def test_kernels_compile_for_hopper() -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     assert done.stdout.count("compiled") == 2
+    registers, spill_stores, spill_loads, per_pair = done.stdout.split("defaults")[1].split()
+    assert (int(spill_stores), int(spill_loads)) == (0, 0), f"the default launch spills: {done.stdout}"
+    assert 0 < float(per_pair) < 1000 and 0 < int(registers) <= 255
+
+
+@pytest.mark.parametrize("vocab", [1, 3, 50])
+def test_token_counted_matches_brute_force(vocab: int) -> None:
+    """The launcher's O(T log T) counted rows (no window, no padding) against the definition, pair by pair."""
+    from headvis.kernels.row_stats import _token_counted
+
+    gen = torch.Generator().manual_seed(vocab)
+    tokens = torch.randint(0, vocab, (3, 40), generator=gen, dtype=torch.int32)
+    induction, duplicate = _token_counted(tokens)
+    for b in range(tokens.shape[0]):
+        for q in range(tokens.shape[1]):
+            tok = tokens[b].tolist()
+            want_ind = any(tok[k - 1] == tok[q] for k in range(1, q))
+            want_dup = any(tok[k] == tok[q] for k in range(q))
+            assert (bool(induction[b, q]), bool(duplicate[b, q])) == (want_ind, want_dup), (b, q)
+    assert induction.dtype == duplicate.dtype == torch.int8
