@@ -19,8 +19,9 @@ NOT_BUILT_PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>headvis server</title></head>
 <body style="font-family: system-ui, sans-serif; max-width: 40em; margin: 3em auto">
 <h1>headvis server</h1>
-<p>The frontend is not built (no <code>frontend/dist</code>: this version of headvis does not ship one yet),
-and no <code>--frontend DIR</code> was given.</p>
+<p>The frontend is not built: there is no <code>frontend/dist</code>, and no <code>--frontend DIR</code> was given.
+Build it with <code>scripts/setup.sh</code>, or with <code>cd frontend &amp;&amp; npm ci &amp;&amp; npm run build</code>
+(Node.js 20.19 or newer), then reload this page.</p>
 <p>The server is up: see <a href="/data/config.json">/data/config.json</a> and the API description
 <a href="/api/openapi.json">/api/openapi.json</a>.</p>
 </body></html>

@@ -81,6 +81,7 @@ async def test_without_a_built_frontend_root_is_a_placeholder_page(client):
     text = await response.text()
     assert response.status == 200 and response.content_type == "text/html"
     assert "not built" in text and 'href="/data/config.json"' in text and 'href="/api/openapi.json"' in text
+    assert "scripts/setup.sh" in text and "npm ci" in text  # how to build it
     assert (await client.get("/index.html")).status == 404
 
 

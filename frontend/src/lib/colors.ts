@@ -1,0 +1,37 @@
+/** Color scales shared by the views: layers, token positions, sequences, metric values, attention weights. */
+
+import { scaleOrdinal, scaleSequential } from 'd3-scale';
+import { interpolateBlues, interpolatePlasma, interpolateViridis, schemeTableau10 } from 'd3-scale-chromatic';
+
+/** Plasma without its palest yellow, which vanishes on white. */
+const plasma = (t: number) => interpolatePlasma(0.05 + 0.8 * t);
+const viridis = (t: number) => interpolateViridis(0.9 * t);
+
+/** One color per layer, dark (first) to bright (last). */
+export function layerColor(layers: number[]) {
+  const lo = Math.min(...layers);
+  const hi = Math.max(...layers);
+  return scaleSequential(plasma).domain([lo, hi > lo ? hi : lo + 1]);
+}
+
+export function positionColor(maxPosition: number) {
+  return scaleSequential(viridis).domain([0, Math.max(1, maxPosition)]);
+}
+
+export function sequenceColor() {
+  return scaleOrdinal<number, string>(schemeTableau10);
+}
+
+/** A metric's value over its extent, pale to deep blue. */
+export function valueColor(lo: number, hi: number) {
+  return scaleSequential((t: number) => interpolateBlues(0.08 + 0.85 * t)).domain([lo, hi > lo ? hi : lo + 1]);
+}
+
+/** A token's background for an attention weight in [0, 1], and whether its text should turn white. */
+export function weightBackground(weight: number): string {
+  return weight > 0 ? `rgba(40, 89, 197, ${Math.min(1, weight).toFixed(3)})` : 'transparent';
+}
+export const darkOnWeight = (weight: number) => weight > 0.55;
+
+/** Cluster colors offered in turn for new clusters. */
+export const CLUSTER_COLORS = ['#e6194b', '#3cb44b', '#4363d8', '#f58231', '#911eb4', '#42d4f4', '#f032e6', '#9a6324'];

