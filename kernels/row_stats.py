@@ -82,6 +82,16 @@ def _score_at(q, k_base, key_pos, key_ok, offs_d, d_in, stride_kt, stride_kd, sc
 
 
 @triton.jit
+def _head_bases(pid_bh, Q, K, stride_qb, stride_qh, stride_kb, stride_kh, n_heads, group):
+    """(batch, head, Q pointer, K pointer) of pid_bh = batch * n_heads + head; K is kv head head // group's."""
+    batch = pid_bh // n_heads
+    head = pid_bh % n_heads
+    q_base = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
+    k_base = K + batch.to(tl.int64) * stride_kb + (head // group).to(tl.int64) * stride_kh
+    return batch, head, q_base, k_base
+
+
+@triton.jit
 def _key_block(state, q, q0, q_pos, tok_q, k0, k_base, tok_base, valid_base, offs_d, d_in, stride_kt, stride_kd,
                seq_len, window, scaling, softcap, EDGES, BIN_OF, bin_reach, n_bins, edge_first, edge_last,
                bin_col, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
@@ -262,11 +272,8 @@ def _row_stats_fwd_kernel(
     if CAUSAL:  # the last query blocks read the most keys: start them first
         pid_m = tl.num_programs(0) - 1 - pid_m
     pid_bh = tl.program_id(1)
-    batch = pid_bh // n_heads
-    head = pid_bh % n_heads
-    kv_head = head // group
-    q_base = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
-    k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+    batch, head, q_base, k_base = _head_bases(pid_bh, Q, K, stride_qb, stride_qh, stride_kb, stride_kh, n_heads,
+                                              group)
     tok_base = TOKENS + batch.to(tl.int64) * seq_len
     valid_base = KEY_VALID + batch.to(tl.int64) * seq_len
     row_base = pid_bh.to(tl.int64) * seq_len  # (batch, head, 0) in (batch, head, query_pos) outputs
@@ -474,11 +481,8 @@ def _key_weight_kernel(
     """
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    batch = pid_bh // n_heads
-    head = pid_bh % n_heads
-    kv_head = head // group
-    q_base = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
-    k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
+    batch, head, q_base, k_base = _head_bases(pid_bh, Q, K, stride_qb, stride_qh, stride_kb, stride_kh, n_heads,
+                                              group)
     row_base = pid_bh.to(tl.int64) * seq_len
 
     k0 = pid_n * BLOCK_N

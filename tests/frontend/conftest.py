@@ -27,7 +27,8 @@ from pathlib import Path
 
 import pytest
 
-from frontend_helpers import CHROMIUM, CHROMIUM_ARGS, DIST, HEADS, LAYERS, NUM_SEQS, PER_INTERVAL, SEQ_LEN, Site
+from frontend_helpers import (CHROMIUM, CHROMIUM_ARGS, DIST, HEADS, LAYERS, NUM_SEQS, PER_INTERVAL, SEQ_LEN, Site,
+                              missing)
 from headvis.scan import ScanOptions, run_scan
 
 
@@ -35,10 +36,13 @@ from headvis.scan import ScanOptions, run_scan
 def frontend_ready() -> None:
     """Skip (with how to fix it) unless the built frontend, chromium and Playwright are all here."""
     if not (DIST / "index.html").is_file():
-        pytest.skip("frontend/dist is not built: run scripts/setup.sh (or cd frontend && npm ci && npm run build)")
+        missing("frontend/dist is not built: run scripts/setup.sh (or cd frontend && npm ci && npm run build)")
     if not CHROMIUM.is_file():
-        pytest.skip("no /usr/bin/chromium: apt-get install -y chromium (.ci/run does)")
-    pytest.importorskip("playwright.sync_api", reason="Playwright is not installed: pip install -e '.[dev]'")
+        missing("no /usr/bin/chromium: apt-get install -y chromium (.ci/run does)")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        missing("Playwright is not installed: pip install -e '.[dev]'")
 
 
 @pytest.fixture(scope="module")

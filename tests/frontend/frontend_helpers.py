@@ -22,3 +22,15 @@ PER_INTERVAL = 2  # sequences shown per interval
 class Site:
     url: str  # the page, e.g. http://127.0.0.1:40123/
     data: Path  # the data tree it serves (a private copy: tests may change it)
+
+
+def missing(reason: str, *, module: bool = False) -> None:
+    """Skip for want of a prerequisite, with how to get it; under CI (`CI` set, as .ci/run's caller does) the
+    prerequisites are installed by .ci/run, so their absence fails instead of passing silently."""
+    import os
+
+    import pytest
+
+    if os.environ.get("CI"):
+        pytest.fail(f"CI must run the frontend tests, but {reason}")
+    pytest.skip(reason, allow_module_level=module)

@@ -16,9 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from frontend_helpers import HEADS, LAYERS, Site
+from frontend_helpers import HEADS, LAYERS, Site, missing
 
-playwright_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed: pip install -e '.[dev]'")
+try:
+    import playwright.sync_api as playwright_api
+except ImportError:
+    missing("Playwright is not installed: pip install -e '.[dev]'", module=True)
 expect = playwright_api.expect
 
 MODEL_TIMEOUT_MS = 90_000  # a request that runs the model on a busy 2-core machine
