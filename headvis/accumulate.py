@@ -16,12 +16,45 @@ from torch import Tensor
 
 from headvis.metrics import ROW_METRICS, RowStats
 
-__all__ = ["HEAD_METRICS", "HeadResult", "ScanAccumulator", "sequence_argmax"]
+__all__ = ["HEAD_METRICS", "ROW_SUMS", "HeadResult", "ScanAccumulator", "sequence_argmax", "token_entropy"]
 
-# Head-level metrics: the row means plus max_activation. Public names: frozen by tests.
-HEAD_METRICS: tuple[str, ...] = ROW_METRICS + ("max_activation",)
+# Every metric of CONTRACT section 1, in the order config.json lists them: the row means, then the
+# head-level ones. Public names: frozen by tests.
+HEAD_METRICS: tuple[str, ...] = (
+    "pattern_entropy", "previous_token_score", "self_attention_score", "bos_score", "induction_score",
+    "duplicate_token_score", "qk_distance", "logit_mean", "logit_std", "logit_max", "top_logit_margin",
+    "logit_z_score", "qk_distance_variance", "key_token_entropy", "query_token_entropy", "mean_max_activation",
+)
 
-_COUNTED_BY = {"induction": "induction_counted", "duplicate": "duplicate_counted"}
+# Row quantities summed (with their counts) over rows q >= 1: the backends' plus the z-score,
+# which is a function of one row's logit_max, logit_mean and logit_std.
+ROW_SUMS: tuple[str, ...] = ROW_METRICS + ("logit_z_score",)
+
+_COUNTED_BY = {"induction_score": "induction_counted", "duplicate_token_score": "duplicate_counted",
+               "top_logit_margin": "margin_counted"}
+
+# A row's logit_std counts as > 0 above this fraction of its scale (|max| + |mean|): equal float32
+# scores can leave a rounding residue of ~1e-7 of the scale, which must not turn into a z-score.
+Z_STD_EPS = 1e-6
+
+
+def token_entropy(weight: np.ndarray) -> float | None:
+    """Entropy (nats) of a non-negative weight per token id, normalized; None when all weights are 0."""
+    w = np.asarray(weight, dtype=np.float64)
+    total = w.sum()
+    if not total > 0:
+        return None
+    p = w[w > 0] / total
+    return float(max(0.0, -(p * np.log(p)).sum()))
+
+
+def _z_rows(stats: RowStats) -> tuple[Tensor, Tensor]:
+    """(z, counted): (logit_max - logit_mean) / logit_std per row, counted where logit_std > 0."""
+    mean, std, top = (stats.metrics[n].double() for n in ("logit_mean", "logit_std", "logit_max"))
+    counted = std > Z_STD_EPS * (top.abs() + mean.abs())
+    counted &= std > 0
+    z = torch.where(counted, (top - mean) / torch.where(counted, std, 1.0), 0.0)
+    return z, counted
 
 
 def sequence_argmax(max_nobos: Tensor, argmax_nobos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -44,7 +77,7 @@ def sequence_argmax(max_nobos: Tensor, argmax_nobos: Tensor) -> tuple[Tensor, Te
 class HeadResult:
     """The finished numbers of one head."""
 
-    metrics: dict[str, float]
+    metrics: dict[str, float | None]  # HEAD_METRICS; None where no row was counted
     seq_max: np.ndarray  # (n_sequences,) max_activation per sequence
     seq_argmax: np.ndarray  # (n_sequences, 2) [q, k]; [-1, -1] where no k >= 1 exists
     dist_hist: np.ndarray  # (n_bins,) normalized to sum 1 (all zero if nothing counted)
@@ -63,7 +96,7 @@ class ScanAccumulator:
     def __init__(self, layers: list[int], n_heads: int, n_sequences: int, vocab_size: int, n_bins: int):
         self.layers = list(layers)
         self.n_heads = n_heads
-        n_layers, m = len(self.layers), len(ROW_METRICS)
+        n_layers, m = len(self.layers), len(ROW_SUMS)
         f64 = dict(dtype=torch.float64)
         self.metric_sum = torch.zeros(n_layers, n_heads, m, **f64)
         self.metric_count = torch.zeros(n_layers, n_heads, m, dtype=torch.int64)
@@ -86,10 +119,14 @@ class ScanAccumulator:
         rows = slice(1, None)  # row 0 is skipped everywhere
         seq_ids = seq_ids.cpu()
         tokens = token_ids[:, rows].reshape(-1).cpu()
-        for m, name in enumerate(ROW_METRICS):
-            values = stats.metrics[name][:, :, rows].double()  # (batch, head, pos-1)
-            if name in _COUNTED_BY:
-                counted = getattr(stats, _COUNTED_BY[name])[:, :, rows]
+        z, z_counted = _z_rows(stats)
+        for m, name in enumerate(ROW_SUMS):
+            if name == "logit_z_score":
+                values, counted = z[:, :, rows], z_counted[:, :, rows]
+            else:
+                values = stats.metrics[name][:, :, rows].double()  # (batch, head, pos-1)
+                counted = getattr(stats, _COUNTED_BY[name])[:, :, rows] if name in _COUNTED_BY else None
+            if counted is not None:
                 self.metric_sum[li, :, m] += (values * counted).sum((0, 2)).cpu()
                 self.metric_count[li, :, m] += counted.sum((0, 2)).cpu()
             else:
@@ -126,11 +163,18 @@ class ScanAccumulator:
         """Finished numbers of scanned head `head_slot` (0-based in scan order) of `layer`."""
         li = self.layers.index(layer)
         count = self.metric_count[li, head_slot]
-        mean = torch.where(count > 0, self.metric_sum[li, head_slot] / count.clamp(min=1), 0.0)
-        metrics = {name: float(mean[m]) for m, name in enumerate(ROW_METRICS)}
+        mean = self.metric_sum[li, head_slot] / count.clamp(min=1)
+        row = {name: float(mean[m]) if count[m] > 0 else None for m, name in enumerate(ROW_SUMS)}
         seen = self.seq_seen
         seq_max = self.seq_max[li, :, head_slot]
-        metrics["max_activation"] = float(seq_max[seen].double().mean()) if seen.any() else 0.0
+        metrics = {name: row[name] for name in HEAD_METRICS if name in row}
+        d, d_sq = row["qk_distance"], row["qk_distance_sq"]
+        # E[d^2] - E[d]^2 over the pooled mass; clamped: float rounding may leave a tiny negative
+        metrics["qk_distance_variance"] = None if d is None else max(0.0, d_sq - d * d)
+        metrics["key_token_entropy"] = token_entropy(self.key_weight[li, head_slot].numpy())
+        metrics["query_token_entropy"] = token_entropy(self.query_max_sum[li, head_slot].numpy())
+        metrics["mean_max_activation"] = float(seq_max[seen].double().mean()) if seen.any() else None
+        metrics = {name: metrics[name] for name in HEAD_METRICS}
         hist = self.dist_hist[li, head_slot]
         total = float(hist.sum())
         return HeadResult(

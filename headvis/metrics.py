@@ -30,18 +30,22 @@ __all__ = [
     "ref_row_stats",
 ]
 
-# Row metrics in the order backends return them. Public names: frozen by tests.
+# Row quantities in the order backends return them: CONTRACT section 1's row metrics by their
+# contract names, plus `qk_distance_sq` (sum_k p[q,k] (q-k)^2, for the head-level
+# qk_distance_variance). Public names: frozen by tests.
 ROW_METRICS: tuple[str, ...] = (
-    "entropy",
-    "prev_token",
-    "induction",
-    "duplicate",
-    "bos",
-    "self",
-    "distance",
+    "pattern_entropy",
+    "previous_token_score",
+    "induction_score",
+    "duplicate_token_score",
+    "bos_score",
+    "self_attention_score",
+    "qk_distance",
     "logit_mean",
     "logit_std",
     "logit_max",
+    "top_logit_margin",
+    "qk_distance_sq",
 )
 
 # Bits reserved for the key index in the composite sort key (see `_composite_key`).
@@ -71,6 +75,7 @@ class RowStats:
     metrics: dict[str, Tensor]  # name -> (batch, head, query_pos) float32, names = ROW_METRICS
     induction_counted: Tensor  # (batch, head, query_pos) bool: the row has an induction key
     duplicate_counted: Tensor  # (batch, head, query_pos) bool: the row has a duplicate key
+    margin_counted: Tensor  # (batch, head, query_pos) bool: the row has >= 2 allowed keys
     max_nobos: Tensor  # (batch, head, query_pos) float32: max_{k>=1} pattern[q, k], 0 if none
     argmax_nobos: Tensor  # (batch, head, query_pos) int64: its key index, -1 if none
     dist_hist: Tensor  # (batch, head, query_pos, n_bins) float32: pattern summed by q-k bins
@@ -203,6 +208,7 @@ def ref_row_stats(
     out = {name: torch.zeros(batch, n_heads, seq_len, **f32) for name in ROW_METRICS}
     ind_counted = torch.zeros(batch, n_heads, seq_len, dtype=torch.bool, device=device)
     dup_counted = torch.zeros_like(ind_counted)
+    margin_counted = torch.zeros_like(ind_counted)
     max_nobos = torch.zeros(batch, n_heads, seq_len, **f32)
     argmax_nobos = torch.full((batch, n_heads, seq_len), -1, dtype=torch.int64, device=device)
     n_bins = len(bin_edges) - 1
@@ -234,22 +240,30 @@ def ref_row_stats(
         out["logit_mean"][:, :, rows] = torch.where(row_ok, mean, 0.0)
         out["logit_std"][:, :, rows] = torch.where(row_ok, var.sqrt(), 0.0)
         out["logit_max"][:, :, rows] = torch.where(row_ok, row_max, 0.0)
+        # top-1 minus top-2 over allowed keys; ties give 0 (topk keeps duplicates)
+        two = allowed.sum(-1) >= 2  # (batch or 1, 1, rows)
+        if k_end >= 2:
+            top2 = scores.masked_fill(~allowed, -math.inf).topk(2, dim=-1).values  # (batch, head, rows, 2)
+            margin = torch.where(two, top2[..., 0] - top2[..., 1], 0.0)
+            out["top_logit_margin"][:, :, rows] = torch.where(row_ok, margin, 0.0)
+        margin_counted[:, :, rows] = (two & row_ok).expand(batch, n_heads, -1)
         # -sum p ln p straight from the probabilities: no lse - sum(p s) cancellation for large logits.
-        out["entropy"][:, :, rows] = -torch.special.xlogy(pattern, pattern).sum(-1)
-        out["bos"][:, :, rows] = pattern[..., 0]
-        out["self"][:, :, rows] = pattern.gather(-1, q_pos.expand(*pattern.shape[:2], -1)[..., None])[..., 0]
+        out["pattern_entropy"][:, :, rows] = -torch.special.xlogy(pattern, pattern).sum(-1)
+        out["bos_score"][:, :, rows] = pattern[..., 0]
+        out["self_attention_score"][:, :, rows] = pattern.gather(-1, q_pos.expand(*pattern.shape[:2], -1)[..., None])[..., 0]
         prev = pattern.gather(-1, (q_pos - 1).clamp(min=0).expand(*pattern.shape[:2], -1)[..., None])[..., 0]
-        out["prev_token"][:, :, rows] = torch.where(q_pos >= 1, prev, 0.0)
+        out["previous_token_score"][:, :, rows] = torch.where(q_pos >= 1, prev, 0.0)
         distance = (q_pos[:, None] - k_pos[None, keys]).abs().float()  # (rows, k_end)
-        out["distance"][:, :, rows] = (pattern * distance).sum(-1)
+        out["qk_distance"][:, :, rows] = (pattern * distance).sum(-1)
+        out["qk_distance_sq"][:, :, rows] = (pattern * (distance * distance)).sum(-1)
 
         earlier = k_pos[None, keys] < q_pos[:, None]  # (rows, k_end)
         induction_keys = (prev_tokens[:, None, keys] == tokens[:, rows, None]) & earlier & (k_pos[keys] >= 1)
         duplicate_keys = (tokens[:, None, keys] == tokens[:, rows, None]) & earlier
         induction_keys = induction_keys[:, None] & allowed  # (batch, 1, rows, k_end): the same for every head
         duplicate_keys = duplicate_keys[:, None] & allowed
-        out["induction"][:, :, rows] = (pattern * induction_keys).sum(-1)
-        out["duplicate"][:, :, rows] = (pattern * duplicate_keys).sum(-1)
+        out["induction_score"][:, :, rows] = (pattern * induction_keys).sum(-1)
+        out["duplicate_token_score"][:, :, rows] = (pattern * duplicate_keys).sum(-1)
         ind_counted[:, :, rows] = induction_keys.any(-1).expand(batch, n_heads, -1)
         dup_counted[:, :, rows] = duplicate_keys.any(-1).expand(batch, n_heads, -1)
 
@@ -278,6 +292,7 @@ def ref_row_stats(
         metrics=out,
         induction_counted=ind_counted,
         duplicate_counted=dup_counted,
+        margin_counted=margin_counted,
         max_nobos=max_nobos,
         argmax_nobos=argmax_nobos,
         dist_hist=dist_hist,

@@ -4,9 +4,10 @@ Pass 1 (`metric_pass`) walks every sequence through the model; each wanted
 layer's queries and keys go through the row-statistics backend into a
 `ScanAccumulator`. Pass 2 (`sequence_records`) runs only the sampled
 sequences again and turns their top-K rows into the per-sequence records of
-the head files; the server uses the same function for custom prompts. Pass 3
-(`projection_pass`) fits PCA (and UMAP) of q/k/v/o per head on a small
-sample of positions, one layer at a time.
+the head files, gathering in the same forward passes each head's projection
+cloud (`ProjectionPoints`: strong edges and their Q/K/V/O vectors); the server
+uses the same function for custom prompts. Pass 3 (`fit_projections`) fits
+PCA (and UMAP) per head on the gathered vectors, with no forward pass.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from headvis.models import LoadedModel, output_projections
 from headvis.projection import VECTORS, fit_head, gpu_libraries
 from headvis.sampling import sparse_rows
 
-__all__ = ["HeadSelection", "Tokens", "metric_pass", "projection_pass", "sequence_records"]
+__all__ = ["HeadSelection", "ProjectionPoints", "Tokens", "fit_projections", "head_vectors", "metric_pass", "sequence_records"]
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,64 @@ def metric_pass(
                 after_batch(accumulator)
 
 
+class ProjectionPoints:
+    """The projection cloud of each head, gathered in pass 2 (CONTRACT section 2, `umap/`).
+
+    A point is a strong attention edge (seq_idx, top_q, top_k) of the head:
+    from each of the head's sampled sequences, the rows q >= 1 whose largest
+    weight outside column 0, p[q, top_k] with top_k >= 1, is at least
+    `min_weight`, the `per_sequence` heaviest of them (ties: lower q first),
+    one edge per row. Q is the query at top_q, K and V the key and value at
+    top_k, O the head's write to the residual stream at top_q; O is kept as
+    the head's attention output (d_head) and multiplied by its slice of the
+    output projection only when the head is fitted, to hold 4 x d_head floats
+    per point.
+    """
+
+    def __init__(self, per_sequence: dict[tuple[int, int], int], min_weight: float):
+        self.per_sequence = per_sequence  # (layer, head) -> edges taken from each sampled sequence
+        self.min_weight = min_weight
+        self._parts: dict[tuple[int, int], list[dict]] = {key: [] for key in per_sequence}
+
+    def add(self, layer: int, head: int, slot: int, b: int, seq_id: int, stats: RowStats,
+            qkv: tuple[Tensor, Tensor, Tensor], output: Tensor) -> None:
+        """The edges of head `head` (scanned slot `slot`) on batch row `b` (sequence `seq_id`).
+
+        qkv: `HeadSelection.slice` of the layer's capture; output: the capture's (batch, query_pos, head, d_head).
+        """
+        if (layer, head) not in self._parts:
+            return
+        weight = stats.max_nobos[b, slot, 1:].float()  # (query_pos - 1,)
+        top_k = stats.argmax_nobos[b, slot, 1:]
+        rows = torch.nonzero((top_k >= 1) & (weight >= self.min_weight)).flatten()
+        if rows.numel() == 0:
+            return
+        order = torch.sort(weight[rows], descending=True, stable=True).indices[: self.per_sequence[(layer, head)]]
+        rows = torch.sort(rows[order]).values
+        top_q, top_k = rows + 1, top_k[rows]
+        query, key, value = qkv
+        kv = slot // (query.shape[1] // key.shape[1])
+        self._parts[(layer, head)].append({
+            "seq_idx": np.full(len(top_q), seq_id, dtype=np.int64),
+            "top_q": top_q.cpu().numpy(), "top_k": top_k.cpu().numpy(),
+            "Q": query[b, slot, top_q].float().cpu().numpy(),
+            "K": key[b, kv, top_k].float().cpu().numpy(),
+            "V": value[b, kv, top_k].float().cpu().numpy(),
+            "Z": output[b, top_q, head].float().cpu().numpy(),  # (n, d_head): O before W_O
+        })
+
+    def cloud(self, layer: int, head: int, w_o: Tensor) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """(edges {seq_idx, top_q, top_k}: (n,) each, vectors {Q, K, V: (n, d_head), O: (n, d_model)}), by seq_idx then top_q."""
+        parts = sorted(self._parts.pop((layer, head), []), key=lambda p: int(p["seq_idx"][0]))
+        if not parts:
+            return ({name: np.zeros(0, dtype=np.int64) for name in ("seq_idx", "top_q", "top_k")}, {})
+        cat = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+        d_head = cat["Q"].shape[1]
+        w = w_o[:, head * d_head : (head + 1) * d_head].detach().float().cpu().numpy()  # (d_model, d_head)
+        vectors = {"Q": cat["Q"], "K": cat["K"], "V": cat["V"], "O": cat["Z"] @ w.T}
+        return {name: cat[name] for name in ("seq_idx", "top_q", "top_k")}, vectors
+
+
 def sequence_records(
     lm: LoadedModel,
     sequences: Tensor,
@@ -122,12 +181,15 @@ def sequence_records(
     batch_size: int,
     tokens: Tokens,
     progress: bool = True,
+    points: ProjectionPoints | None = None,
 ) -> dict[tuple[int, int], dict]:
-    """Pass 2: the head-file record of each wanted (layer, head, sequence).
+    """Pass 2: the head-file record of each wanted (layer, head, sequence), and the projection points.
 
     sequences: (n, seq_len) token ids whose rows are named by `seq_ids`;
     wanted: (layer, head) -> {seq_id: interval}. Returns (layer, head) ->
     {seq_id: record} with the fields of CONTRACT section 2's `sequences`.
+    With `points`, the same forward passes also gather every head's
+    projection cloud (no pass of its own).
     """
     records: dict[tuple[int, int], dict] = {key: {} for key in wanted}
     needed = sorted({sid for per_head in wanted.values() for sid in per_head}, key=seq_ids.index)
@@ -138,6 +200,7 @@ def sequence_records(
         best, q, k = sequence_argmax(stats.max_nobos, stats.argmax_nobos)
         top_values = stats.top_values.float().cpu().numpy()
         top_indices = stats.top_indices.cpu().numpy()
+        qkv = selection.slice(capture) if points is not None else None
         for slot, head in enumerate(selection.heads):
             per_head = wanted.get((capture.layer, head))
             if not per_head:
@@ -148,16 +211,18 @@ def sequence_records(
                 indices, values = sparse_rows(top_values[b, slot], top_indices[b, slot], min_weight)
                 token_ids = state["token_lists"][b]
                 records[(capture.layer, head)][sid] = {
-                    "id": sid,
+                    "sequence_id": sid,
                     "interval": per_head[sid],
                     "max_activation": float(best[b, slot]),
-                    "argmax": [int(q[b, slot]), int(k[b, slot])],
                     "tokens": tokens(token_ids),
-                    "token_ids": token_ids,
                     "seq_len": len(token_ids),
                     "attention_indices": indices,
                     "attention_values": values,
+                    "argmax": [int(q[b, slot]), int(k[b, slot])],
+                    "token_ids": token_ids,
                 }
+                if points is not None:
+                    points.add(capture.layer, head, slot, b, sid, stats, qkv, capture.output)
 
     rows = {sid: i for i, sid in enumerate(seq_ids)}
     with CaptureSession(lm.model, set(selection.layers), on_layer) as session:
@@ -171,68 +236,54 @@ def sequence_records(
 
 
 def head_vectors(
-    capture: LayerCapture, selection: HeadSelection, w_o: Tensor, rows: Tensor, positions: Tensor,
-    *, as_numpy: bool = True,
-) -> dict[int, dict]:
-    """head -> {q, k, v: (n, d_head), o: (n, d_model)} at the (rows[i], positions[i]) points.
+    capture: LayerCapture, selection: HeadSelection, w_o: Tensor, rows: Tensor, query_pos: Tensor, key_pos: Tensor,
+) -> dict[int, dict[str, np.ndarray]]:
+    """head -> {Q, K, V: (n, d_head), O: (n, d_model)} float64 at the n edges (rows[i], query_pos[i], key_pos[i]).
 
-    o is the head's write to the residual stream: its attention output times
-    its d_head-column slice of the output projection. as_numpy=False keeps
-    float32 tensors on the capture's device.
+    Q and O at query_pos, K and V at key_pos (CONTRACT section 2): what
+    `ProjectionPoints` gathers in the scan, for one edge at a time (the server).
     """
-    host = (lambda t: t.float().cpu().numpy()) if as_numpy else (lambda t: t.float())
     query, key, value = selection.slice(capture)
     d_head = query.shape[-1]
     group = query.shape[1] // key.shape[1]
     out: dict[int, dict[str, np.ndarray]] = {}
     for slot, head in enumerate(selection.heads):
-        per_head = capture.output[rows, positions, head]  # (n, d_head)
-        o = per_head.float() @ w_o[:, head * d_head : (head + 1) * d_head].float().T  # (n, d_model)
+        z = capture.output[rows, query_pos, head].float()  # (n, d_head)
+        o = z @ w_o[:, head * d_head : (head + 1) * d_head].float().T  # (n, d_model)
+        host = lambda t: t.double().cpu().numpy()  # noqa: E731
         out[head] = {
-            "q": host(query[rows, slot, positions]),
-            "k": host(key[rows, slot // group, positions]),
-            "v": host(value[rows, slot // group, positions]),
-            "o": host(o),
+            "Q": host(query[rows, slot, query_pos]),
+            "K": host(key[rows, slot // group, key_pos]),
+            "V": host(value[rows, slot // group, key_pos]),
+            "O": host(o),
         }
     return out
 
 
-def projection_pass(
+def fit_projections(
+    points: ProjectionPoints,
     lm: LoadedModel,
-    sequences: Tensor,
     selection: HeadSelection,
-    points: tuple[np.ndarray, np.ndarray],
     *,
     with_umap: bool,
     seed: int,
-    on_head: Callable[[int, int, dict, dict], None],
+    on_head: Callable[[int, int, dict, dict, dict], None],
 ) -> None:
-    """Pass 3: fit every head's projections; `on_head(layer, head, fields, rotation)` per head.
-
-    sequences: (n, seq_len) the sampled sequences, one forward batch;
-    points: (row in `sequences`, position) arrays, shared by all heads.
-    """
+    """Pass 3 (no forward pass): fit every head's gathered cloud; `on_head(layer, head, edges, fields, rotation)`."""
     w_o = output_projections(lm.model)
     gpu = gpu_libraries() if lm.device.type == "cuda" else None
     if lm.device.type == "cuda":
         print("headvis: projections on the GPU with cuML" if gpu else
               "headvis: projections on the CPU with scikit-learn (install headvis[gpu] for cuML)", flush=True)
-    rows = torch.as_tensor(points[0], device=lm.device)
-    positions = torch.as_tensor(points[1], device=lm.device)
-    bar = tqdm(total=len(selection.layers) * len(selection.heads), desc="pass 3: projections", unit="head")
-
-    def on_layer(capture: LayerCapture) -> None:
-        if capture.layer not in w_o:
-            raise RuntimeError(f"no output projection found for layer {capture.layer}")
-        vectors_of = head_vectors(capture, selection, w_o[capture.layer], rows, positions, as_numpy=gpu is None)
-        for head, vectors in vectors_of.items():
-            fields, rotation = fit_head(vectors, with_umap=with_umap, seed=seed, gpu=gpu)
-            on_head(capture.layer, head, fields, rotation)
-            bar.update(1)
-
-    with CaptureSession(lm.model, set(selection.layers), on_layer) as session:
-        session.run(sequences.to(lm.device))
-    bar.close()
+    keys = [(layer, head) for layer in selection.layers for head in selection.heads]
+    for layer, head in tqdm(keys, desc="pass 3: projections", unit="head"):
+        if layer not in w_o:
+            raise RuntimeError(f"no output projection found for layer {layer}")
+        edges, vectors = points.cloud(layer, head, w_o[layer])
+        if gpu is not None and vectors:
+            vectors = {name: torch.as_tensor(v, device=lm.device) for name, v in vectors.items()}
+        fields, rotation = fit_head(vectors, n_points=len(edges["seq_idx"]), with_umap=with_umap, seed=seed, gpu=gpu)
+        on_head(layer, head, edges, fields, rotation)
 
 
-assert set(VECTORS) == {"q", "k", "v", "o"}
+assert set(VECTORS) == {"Q", "K", "V", "O"}

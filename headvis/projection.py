@@ -1,15 +1,13 @@
-"""PCA (always) and UMAP (with --umap) of each head's q, k, v and o vectors.
+"""PCA (always) and UMAP (with --umap) of each head's Q, K, V and O vectors, 3 components each.
 
-Points are every position >= 1 of a seeded sample of scanned sequences
-(position 0 is the BOS token, whose vectors are outliers that would dominate
-the first components); the same points serve every head. The PCA rotation
-(`mean`, `components`) is saved as JSON beside the head's file so that new
-prompts can be projected later (`project_pca`).
+The points are the head's strong attention edges gathered in pass 2
+(`headvis.pipeline.ProjectionPoints`). Each vector space is fitted on its
+own. The PCA rotation (`mean`, `components`) is saved as JSON beside the
+head's file so that new edges can be projected later (`project_pca`).
 
 On CUDA, when cupy and cuML are installed (`pip install headvis[gpu]`), the
-fits run on the GPU: the vectors stay on the device and reach cuML through
-DLPack. Otherwise scikit-learn and umap-learn fit them on the CPU. The scan
-says once which it uses.
+fits run on the GPU: the vectors reach cuML through DLPack. Otherwise
+scikit-learn and umap-learn fit them on the CPU. The scan says once which.
 """
 
 from __future__ import annotations
@@ -18,35 +16,43 @@ from types import ModuleType
 
 import numpy as np
 
-__all__ = ["VECTORS", "GpuLibraries", "fit_head", "gpu_libraries", "project_pca"]
+__all__ = ["COMPONENTS", "UMAP_MIN_POINTS", "UMAP_VIEW", "VECTORS", "GpuLibraries", "columns", "fit_head",
+           "gpu_libraries", "project_pca"]
 
 GpuLibraries = tuple[ModuleType, ModuleType]  # (cupy, cuml)
 
-VECTORS: tuple[str, ...] = ("q", "k", "v", "o")
+VECTORS: tuple[str, ...] = ("Q", "K", "V", "O")
+COMPONENTS = 3  # d0, d1, d2
+UMAP_VIEW = {"n_neighbors": 15, "min_dist": 0.1}  # the one UMAP view the scan fits
+UMAP_MIN_POINTS = 5  # fewer points: no UMAP view for that head (PCA only)
+
+
+def columns(coords: np.ndarray) -> dict[str, np.ndarray]:
+    """(n, COMPONENTS) -> {"d0": (n,), "d1": (n,), "d2": (n,)}."""
+    return {f"d{i}": coords[:, i] for i in range(COMPONENTS)}
+
+
+def _pad(coords: np.ndarray) -> np.ndarray:
+    """Degenerate fits (fewer points or dimensions than COMPONENTS) padded with zero columns."""
+    return np.pad(coords, ((0, 0), (0, COMPONENTS - coords.shape[1]))) if coords.shape[1] < COMPONENTS else coords
 
 
 def _pca(x: np.ndarray, seed: int) -> tuple[np.ndarray, dict]:
-    """(coords (n, 2), rotation {mean, components, explained_variance_ratio})."""
+    """(coords (n, 3), {mean, components (c, dim), explained_variance_ratio (3,)})."""
     from sklearn.decomposition import PCA
 
-    n_components = min(2, x.shape[0], x.shape[1])
+    n_components = min(COMPONENTS, x.shape[0], x.shape[1])
     pca = PCA(n_components=n_components, random_state=seed).fit(x)
-    coords = pca.transform(x)
-    if n_components < 2:  # degenerate: pad to 2-D so every consumer sees (n, 2)
-        coords = np.pad(coords, ((0, 0), (0, 2 - n_components)))
-    rotation = {
-        "mean": pca.mean_,
-        "components": pca.components_,
-        "explained_variance_ratio": pca.explained_variance_ratio_,
-    }
-    return coords, rotation
+    ratio = np.pad(np.nan_to_num(pca.explained_variance_ratio_), (0, COMPONENTS - n_components))
+    return _pad(pca.transform(x)), {"mean": pca.mean_, "components": pca.components_, "explained_variance_ratio": ratio}
 
 
 def _umap(x: np.ndarray, seed: int) -> np.ndarray:
     import umap
 
-    n_neighbors = max(2, min(15, x.shape[0] - 1))
-    reducer = umap.UMAP(n_components=2, n_neighbors=n_neighbors, random_state=seed, n_jobs=1)
+    n_neighbors = min(UMAP_VIEW["n_neighbors"], x.shape[0] - 1)
+    reducer = umap.UMAP(n_components=COMPONENTS, n_neighbors=n_neighbors, min_dist=UMAP_VIEW["min_dist"],
+                        random_state=seed, n_jobs=1)
     return reducer.fit_transform(x)
 
 
@@ -64,29 +70,36 @@ def _fit_gpu(x, libs: GpuLibraries, with_umap: bool, seed: int) -> tuple[np.ndar
     """PCA (and UMAP) with cuML on a device tensor handed over by DLPack; results back on the host."""
     cupy, cuml = libs
     data = cupy.from_dlpack(x.contiguous())
-    n_components = min(2, data.shape[0], data.shape[1])
+    n_components = min(COMPONENTS, data.shape[0], data.shape[1])
     pca = cuml.PCA(n_components=n_components, output_type="numpy")
-    coords = np.asarray(pca.fit_transform(data), dtype=np.float64)
-    if n_components < 2:
-        coords = np.pad(coords, ((0, 0), (0, 2 - n_components)))
+    coords = _pad(np.asarray(pca.fit_transform(data), dtype=np.float64))
     rotation = {name: np.asarray(getattr(pca, name + "_"), dtype=np.float64)
                 for name in ("mean", "components", "explained_variance_ratio")}
+    rotation["explained_variance_ratio"] = np.pad(rotation["explained_variance_ratio"], (0, COMPONENTS - n_components))
     umap_coords = None
     if with_umap:
-        n_neighbors = max(2, min(15, data.shape[0] - 1))
-        reducer = cuml.UMAP(n_components=2, n_neighbors=n_neighbors, random_state=seed, output_type="numpy")
+        n_neighbors = min(UMAP_VIEW["n_neighbors"], data.shape[0] - 1)
+        reducer = cuml.UMAP(n_components=COMPONENTS, n_neighbors=n_neighbors, min_dist=UMAP_VIEW["min_dist"],
+                            random_state=seed, output_type="numpy")
         umap_coords = np.asarray(reducer.fit_transform(data), dtype=np.float64)
     return coords, rotation, umap_coords
 
 
-def fit_head(vectors: dict, *, with_umap: bool, seed: int, gpu: GpuLibraries | None = None) -> tuple[dict, dict]:
-    """Fit one head. vectors: name -> (n_points, dim) array, or device tensor with `gpu`.
+def fit_head(vectors: dict, *, n_points: int, with_umap: bool, seed: int,
+             gpu: GpuLibraries | None = None) -> tuple[dict, dict]:
+    """Fit one head. vectors: Q/K/V/O -> (n_points, dim) array (a device tensor with `gpu`); {} when n_points = 0.
 
-    Returns (the file's `pca` and `views` fields, the rotation).
+    Returns (the umap file's `norms`, `pca`, `pca_explained_variance` and,
+    when UMAP was fitted, `views` fields; the rotation Q/K/V/O -> {mean, components}).
+    An empty cloud gives empty columns and an empty rotation. UMAP needs
+    UMAP_MIN_POINTS points; a smaller cloud gets no `views`.
     """
-    pca_part: dict = {}
-    rotation: dict = {}
-    views: dict = {}
+    if n_points == 0:
+        empty = {f"d{i}": [] for i in range(COMPONENTS)}
+        return ({"norms": [], "pca": {name: dict(empty) for name in VECTORS},
+                 "pca_explained_variance": {name: [0.0] * COMPONENTS for name in VECTORS}}, {})
+    with_umap = with_umap and n_points >= UMAP_MIN_POINTS
+    pca_part, ratios, rotation, embeddings = {}, {}, {}, {}
     for name in VECTORS:
         if gpu is not None:
             coords, rot, umap_coords = _fit_gpu(vectors[name], gpu, with_umap, seed)
@@ -94,21 +107,21 @@ def fit_head(vectors: dict, *, with_umap: bool, seed: int, gpu: GpuLibraries | N
             x = np.asarray(vectors[name], dtype=np.float64)
             coords, rot = _pca(x, seed)
             umap_coords = _umap(x, seed) if with_umap else None
-        pca_part[name] = {"coords": coords, "explained_variance_ratio": rot["explained_variance_ratio"]}
+        pca_part[name] = columns(coords)
+        ratios[name] = rot["explained_variance_ratio"]
         rotation[name] = {"mean": rot["mean"], "components": rot["components"]}
         if with_umap:
-            views[name] = umap_coords
-    fields = {"pca": pca_part}
+            embeddings[name] = columns(umap_coords)
+    q = vectors["Q"]
+    norms = np.linalg.norm(np.asarray(q.cpu() if hasattr(q, "cpu") else q, dtype=np.float64), axis=1)
+    fields = {"norms": norms, "pca": pca_part, "pca_explained_variance": ratios}
     if with_umap:
-        fields["views"] = {"umap": views}
+        fields["views"] = [{**UMAP_VIEW, "embeddings": embeddings}]
     return fields, rotation
 
 
 def project_pca(x: np.ndarray, rotation: dict) -> np.ndarray:
-    """(n, dim) new vectors -> (n, 2) coordinates in a saved PCA rotation."""
+    """(n, dim) new vectors -> (n, 3) coordinates in a saved PCA rotation."""
     mean = np.asarray(rotation["mean"], dtype=np.float64)
     components = np.asarray(rotation["components"], dtype=np.float64)
-    coords = (np.asarray(x, dtype=np.float64) - mean) @ components.T
-    if coords.shape[1] < 2:
-        coords = np.pad(coords, ((0, 0), (0, 2 - coords.shape[1])))
-    return coords
+    return _pad((np.asarray(x, dtype=np.float64) - mean) @ components.T)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import math
 import os
 import shutil
 import sys
@@ -31,30 +32,52 @@ from headvis.errors import HeadvisError, run_cli
 from headvis.io import DIR_MODE, write_json
 from headvis.metrics import distance_bin_edges
 from headvis.models import DEFAULT_MODEL, LoadedModel, load_model
-from headvis.pipeline import HeadSelection, Tokens, metric_pass, projection_pass, sequence_records
-from headvis.projection import VECTORS
+from headvis.pipeline import HeadSelection, ProjectionPoints, Tokens, fit_projections, metric_pass, sequence_records
+from headvis.projection import COMPONENTS, UMAP_VIEW, VECTORS
 from headvis.sampling import choose_samples, interval_edges, assign_intervals
 
 __all__ = ["FORMAT_VERSION", "METRIC_INFO", "ScanOptions", "main", "parse_selection", "run_scan"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 INTERVALS = 10
 TOP_TOKENS = 20
 _MIN_QUERY_COUNT = 2  # a query token must occur this often to be ranked by its mean
 
+# name -> (label, description) of every metric of CONTRACT section 1, in HEAD_METRICS order.
 METRIC_INFO: dict[str, tuple[str, str]] = {
-    "entropy": ("Entropy", "Mean entropy of the attention row, in nats."),
-    "prev_token": ("Previous token", "Mean attention to the previous token, p[q, q-1]."),
-    "induction": ("Induction", "Mean attention to keys whose previous token equals the query token (rows with such keys)."),
-    "duplicate": ("Duplicate token", "Mean attention to earlier copies of the query token (rows with such keys)."),
-    "bos": ("BOS", "Mean attention to position 0, p[q, 0]."),
-    "self": ("Self", "Mean attention to the query's own position, p[q, q]."),
-    "distance": ("Distance", "Mean attention-weighted |q - k|, in tokens."),
+    "pattern_entropy": ("Pattern entropy", "Mean entropy of the attention row, -sum p ln p, in nats (rows q >= 1)."),
+    "previous_token_score": ("Previous token", "Mean attention to the previous token, p[q, q-1]."),
+    "self_attention_score": ("Self attention", "Mean attention to the query's own position, p[q, q]."),
+    "bos_score": ("BOS", "Mean attention to position 0, p[q, 0]."),
+    "induction_score": ("Induction", "Mean attention to keys k whose previous token equals the query token, "
+                        "over rows that have such a key."),
+    "duplicate_token_score": ("Duplicate token", "Mean attention to earlier copies of the query token, "
+                              "over rows that have one."),
+    "qk_distance": ("Q-K distance", "Mean attention-weighted |q - k|, in tokens."),
     "logit_mean": ("Logit mean", "Mean over allowed keys of the pre-softmax score."),
     "logit_std": ("Logit std", "Population std over allowed keys of the pre-softmax score."),
     "logit_max": ("Logit max", "Max over allowed keys of the pre-softmax score."),
-    "max_activation": ("Max activation", "Mean over sequences of max p[q, k] with q, k >= 1."),
+    "top_logit_margin": ("Top logit margin", "Largest minus second-largest pre-softmax score of the row "
+                         "(rows with at least 2 allowed keys)."),
+    "logit_z_score": ("Logit z-score", "(logit max - logit mean) / logit std of the row, over rows with std > 0."),
+    "qk_distance_variance": ("Q-K distance variance", "Variance of |q - k| under the head's pooled attention mass, "
+                             "E[d^2] - E[d]^2."),
+    "key_token_entropy": ("Key token entropy", "Entropy (nats) over token ids of the attention mass keys k >= 1 "
+                          "receive; low: the head reads one kind of token."),
+    "query_token_entropy": ("Query token entropy", "Entropy (nats) over token ids of the queries, each row weighted "
+                            "by its largest weight outside column 0."),
+    "mean_max_activation": ("Mean max activation", "Mean over sequences of max p[q, k] with q, k >= 1."),
 }
+ACTIVATION_BINS = 50  # the `histogram` of per-sequence max_activation: equal bins over [0, 1]
+STATISTICS_DISPLAY = {
+    "mean_max_activation": {"label": "Mean max activation", "format": "default"},
+    "n_sequences": {"label": "Sequences scanned", "format": "integer"},
+    "n_samples": {"label": "Sequences shown", "format": "integer"},
+}
+CUSTOM_PLOTS = [{"key": "qk_distance_histogram", "label": "Q-K distance"},
+                {"key": "histogram", "label": "Max activation distribution"}]
+CUSTOM_TABLES = [{"key": "top_query_tokens", "label": "Top query tokens"},
+                 {"key": "top_key_tokens", "label": "Top key tokens"}]
 
 
 @dataclass
@@ -78,8 +101,7 @@ class ScanOptions:
     per_interval: int = 5  # sequences shown per decile
     umap: bool = False  # UMAP in addition to PCA
     seed: int = 0
-    proj_seqs: int = 8  # sequences whose positions are projected
-    max_points: int = 2000  # projected positions per head at most
+    max_points: int = 2000  # projection-cloud edges per head at most
     resume: bool = True  # continue a killed scan of the same settings from its checkpoint
 
 
@@ -109,8 +131,7 @@ def parse_selection(text: str, upper: int, what: str) -> list[int]:
 
 def _validate(opts: ScanOptions) -> None:
     positive = {"--seq-len": opts.seq_len, "--num-seqs": opts.num_seqs, "--batch-size": opts.batch_size,
-                "--per-interval": opts.per_interval, "--top-k": opts.top_k, "--proj-seqs": opts.proj_seqs,
-                "--max-points": opts.max_points}
+                "--per-interval": opts.per_interval, "--top-k": opts.top_k, "--max-points": opts.max_points}
     for flag, value in positive.items():
         if value < 1:
             raise HeadvisError(f"{flag} must be at least 1, not {value}")
@@ -148,7 +169,8 @@ def _publish(staging: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _top_tokens(result, tokens: Tokens) -> dict:
+def _top_tokens(result, tokens: Tokens) -> tuple[list[dict], list[dict]]:
+    """(top_query_tokens, top_key_tokens) of CONTRACT section 2, over all scanned sequences."""
     key_total = float(result.key_weight.sum())
     key_order = np.argsort(-result.key_weight, kind="stable")[:TOP_TOKENS]
     key = [
@@ -156,7 +178,7 @@ def _top_tokens(result, tokens: Tokens) -> dict:
         for i in key_order if result.key_weight[i] > 0
     ]
     counts = result.query_count
-    eligible = counts >= min(_MIN_QUERY_COUNT, max(1, int(counts.max(initial=0))))
+    eligible = counts >= _MIN_QUERY_COUNT
     mean = np.where(eligible, result.query_max_sum / np.maximum(counts, 1), -1.0)
     query_order = np.argsort(-mean, kind="stable")[:TOP_TOKENS]
     query = [
@@ -165,7 +187,34 @@ def _top_tokens(result, tokens: Tokens) -> dict:
     ]
     for row in key + query:
         row["token"] = tokens([row["id"]])[0]
-    return {"query": query, "key": key}
+    return query, key
+
+
+def _activation_histogram(seq_max: np.ndarray) -> dict:
+    """Every scanned sequence's max_activation counted into ACTIVATION_BINS equal bins over [0, 1]."""
+    edges = np.linspace(0.0, 1.0, ACTIVATION_BINS + 1)
+    values, _ = np.histogram(np.clip(seq_max, 0.0, 1.0), bins=edges)
+    return {"bin_edges": edges, "bin_values": values}
+
+
+def _head_file(layer: int, head: int, result, edges: np.ndarray, records: list[dict], bin_edges: list[int],
+               tokens: Tokens) -> dict:
+    """heads/L{l}H{h}.json (CONTRACT section 2): the reference fields, then ours."""
+    counts = np.bincount(assign_intervals(result.seq_max, INTERVALS), minlength=INTERVALS + 1)[1:]
+    top_query, top_key = _top_tokens(result, tokens)
+    return {
+        "sequences": records,
+        "qk_distance_histogram": {"bin_edges": bin_edges, "bin_values": result.dist_hist},
+        "top_query_tokens": top_query,
+        "top_key_tokens": top_key,
+        "histogram": _activation_histogram(result.seq_max),
+        "statistics": {"mean_max_activation": result.metrics["mean_max_activation"],
+                       "n_sequences": len(result.seq_max), "n_samples": len(records)},
+        "layer": layer, "head": head,
+        "metrics": result.metrics,
+        "interval_edges": edges,
+        "interval_counts": counts,
+    }
 
 
 def _print_summary(n_seqs: int, n_tokens: int, n_heads: int, seconds: float, out: Path, backend: str) -> None:
@@ -201,7 +250,8 @@ def run_scan(opts: ScanOptions, lm: LoadedModel | None = None) -> Path:
         acc = ScanAccumulator(layers, len(heads), n_seqs, vocab, len(bin_edges) - 1)
         settings = {"headvis": headvis.__version__, "model": opts.model, "dataset": opts.dataset,
                     "split": opts.split, "text_column": opts.text_column, "layers": layers, "heads": heads,
-                    "backend": backend, "device": str(lm.device)}
+                    "backend": backend, "device": str(lm.device),
+                    "format_version": FORMAT_VERSION}
         checkpoint = Checkpoint(out.parent / f".{out.name}.resume", scan_key(settings, sequences))
         done = checkpoint.load(acc) if opts.resume else 0
         if done:
@@ -222,52 +272,57 @@ def run_scan(opts: ScanOptions, lm: LoadedModel | None = None) -> Path:
                 edges_of[(layer, head)] = edges
                 wanted[(layer, head)] = {sid: interval for sid, interval in chosen}
         ids = list(range(n_seqs))
+        points = ProjectionPoints({key: math.ceil(opts.max_points / max(1, len(per_head)))
+                                   for key, per_head in wanted.items()}, opts.min_weight)
         records = sequence_records(lm, sequences, ids, wanted, selection, fn, top_k=opts.top_k,
                                    min_weight=opts.min_weight, bin_edges=bin_edges,
-                                   batch_size=opts.batch_size, tokens=tokens)
+                                   batch_size=opts.batch_size, tokens=tokens, points=points)
 
         scatter = []
         for (layer, head), result in results.items():
-            edges = edges_of[(layer, head)]
-            counts = np.bincount(assign_intervals(result.seq_max, INTERVALS), minlength=INTERVALS + 1)[1:]
             order = list(wanted[(layer, head)])  # interval 10 first, by activation within each
-            write_json(staging / "heads" / f"L{layer}H{head}.json", {
-                "layer": layer, "head": head,
-                "metrics": result.metrics,
-                "interval_edges": edges,
-                "interval_counts": counts,
-                "qk_distance_histogram": {"bin_edges": bin_edges, "weights": result.dist_hist},
-                "top_tokens": _top_tokens(result, tokens),
-                "top_tokens_scope": "all_sequences",
-                "sequences": [records[(layer, head)][sid] for sid in order],
-            })
-            scatter.append({"layer": layer, "head": head, "metrics": result.metrics})
-        write_json(staging / "scatter_data.json", {"metrics": list(HEAD_METRICS), "heads": scatter})
+            write_json(staging / "heads" / f"L{layer}H{head}.json", _head_file(
+                layer, head, result, edges_of[(layer, head)], [records[(layer, head)][sid] for sid in order],
+                bin_edges, tokens))
+            scatter.append({"layer": layer, "head": head, **result.metrics})
+        write_json(staging / "scatter_data.json", scatter)
 
-        # Pass 3: projections over a seeded sample of sequences, positions >= 1.
-        proj_ids = sorted(rng.choice(n_seqs, size=min(opts.proj_seqs, n_seqs), replace=False).tolist())
-        rows, positions = np.meshgrid(np.arange(len(proj_ids)), np.arange(1, opts.seq_len), indexing="ij")
-        rows, positions = rows.ravel(), positions.ravel()
-        if len(rows) > opts.max_points:
-            keep = np.sort(rng.choice(len(rows), size=opts.max_points, replace=False))
-            rows, positions = rows[keep], positions[keep]
-        point_ids = [proj_ids[r] for r in rows]
+        # Pass 3: projections of the clouds gathered in pass 2 (no forward pass).
+        cloud_ids: set[int] = set()
 
-        def on_head(layer: int, head: int, fields: dict, rotation: dict) -> None:
-            body = {"layer": layer, "head": head, "points": {"seq": point_ids, "pos": positions}, **fields}
-            write_json(staging / "umap" / f"L{layer}H{head}.json", body)
+        def on_head(layer: int, head: int, edges: dict, fields: dict, rotation: dict) -> None:
+            cloud_ids.update(int(i) for i in edges["seq_idx"])
+            write_json(staging / "umap" / f"L{layer}H{head}.json",
+                       {**edges, **fields, "clusters": [], "projected_points": [], "layer": layer, "head": head})
             write_json(staging / "umap" / f"L{layer}H{head}.rotation.json",
-                       {"layer": layer, "head": head, "points": len(point_ids), **rotation})
+                       {"layer": layer, "head": head, "points": len(edges["seq_idx"]), **rotation})
 
-        projection_pass(lm, sequences[proj_ids], selection, (rows, positions), with_umap=opts.umap,
-                        seed=opts.seed, on_head=on_head)
-        write_json(staging / "umap" / "sequences.json", {"sequences": [
-            {"id": sid, "tokens": tokens(sequences[sid].tolist()), "token_ids": sequences[sid].tolist()}
-            for sid in proj_ids
-        ]})
+        fit_projections(points, lm, selection, with_umap=opts.umap, seed=opts.seed, on_head=on_head)
+        write_json(staging / "umap" / "sequences.json",
+                   {str(sid): tokens(sequences[sid].tolist()) for sid in sorted(cloud_ids)})
+        write_json(staging / "custom_sequences" / "index.json", {"sequences": []})
+        write_json(staging / "attributions" / "manifest.json", {})
+        for kind in ("qk", "ov"):
+            (staging / "attributions" / kind).mkdir(parents=True, exist_ok=True)
+        write_json(staging / "server_config.json", {})
 
         n_tokens = n_seqs * opts.seq_len
+        scanned = [[layer, head] for layer in layers for head in heads]
         write_json(staging / "config.json", {
+            "model_name": opts.model,
+            "heads": scanned,
+            "n_layers": info.n_layers,
+            "n_heads": info.n_heads,
+            "n_intervals": INTERVALS,
+            "metrics": list(HEAD_METRICS),
+            "metric_descriptions": {m: METRIC_INFO[m][1] for m in HEAD_METRICS},
+            "head_data_pattern": "L{layer}H{head}.json",
+            "has_umap": True,
+            "umap_heads": scanned,  # every head has a umap/ file (PCA counts)
+            "custom_plots": CUSTOM_PLOTS,
+            "custom_tables": CUSTOM_TABLES,
+            "statistics_display": STATISTICS_DISPLAY,
+            # headvis' additions (CONTRACT section 2)
             "format_version": FORMAT_VERSION,
             "headvis_version": headvis.__version__,
             "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -275,15 +330,13 @@ def run_scan(opts: ScanOptions, lm: LoadedModel | None = None) -> Path:
             "dataset": {"name": opts.dataset, "split": opts.split, "text_column": opts.text_column,
                         "n_sequences": n_seqs, "seq_len": opts.seq_len, "n_tokens": n_tokens},
             "layers": layers,
-            "heads": heads,
-            "metrics": [{"name": m, "label": METRIC_INFO[m][0], "description": METRIC_INFO[m][1]}
-                        for m in HEAD_METRICS],
-            "intervals": INTERVALS,
+            "metric_labels": {m: METRIC_INFO[m][0] for m in HEAD_METRICS},
             "sequences_per_interval": opts.per_interval,
             "top_k": opts.top_k,
             "min_weight": opts.min_weight,
-            "projection": {"vectors": list(VECTORS), "methods": ["pca", "umap"] if opts.umap else ["pca"],
-                           "points_per_head": len(point_ids)},
+            "projection": {"vectors": list(VECTORS), "components": COMPONENTS,
+                           "methods": ["pca", "umap"] if opts.umap else ["pca"],
+                           "max_points": opts.max_points, "umap_view": UMAP_VIEW if opts.umap else None},
             "backend": backend,
             "seed": opts.seed,
         })
@@ -319,8 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--umap", action=argparse.BooleanOptionalAction, default=d.umap,
                    help="fit UMAP in addition to PCA (--no-umap, the default, fits PCA only)")
     p.add_argument("--seed", type=int, default=d.seed, help="seeds the decile samples and the projected points")
-    p.add_argument("--proj-seqs", type=int, default=d.proj_seqs, help="sequences whose positions are projected")
-    p.add_argument("--max-points", type=int, default=d.max_points, help="projected positions per head at most")
+    p.add_argument("--max-points", type=int, default=d.max_points,
+                   help="projection-cloud edges per head at most (an equal share from each sampled sequence)")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=d.resume,
                    help="continue a killed scan with the same settings from its checkpoint beside --out")
     return p

@@ -13,7 +13,7 @@ from headvis.scan import build_parser, main, parse_selection
 FLAGS = {
     "--model", "--dataset", "--split", "--text-column", "--seq-len", "--num-seqs", "--batch-size", "--layers",
     "--heads", "--out", "--device", "--backend", "--top-k", "--min-weight", "--per-interval", "--umap",
-    "--no-umap", "--seed", "--proj-seqs", "--max-points", "--resume", "--no-resume",
+    "--no-umap", "--seed", "--max-points", "--resume", "--no-resume",
 }
 
 
@@ -176,7 +176,7 @@ def test_small_scan_of_other_architecture_and_folder_corpus(capsys, tmp_path, ti
 
 
 def test_umap_view_and_rotation_reproduce_the_saved_coordinates(capsys, tmp_path, tiny_model_dir, corpus):
-    """--umap adds views.umap; the saved PCA rotation maps the points' vectors onto their coordinates."""
+    """--umap adds a 3-D UMAP view; the saved PCA rotation maps the edges' vectors onto their coordinates."""
     import numpy as np
     import torch
 
@@ -188,27 +188,34 @@ def test_umap_view_and_rotation_reproduce_the_saved_coordinates(capsys, tmp_path
     model_dir = str(tiny_model_dir("gpt2"))
     out = tmp_path / "u"
     code, err = run_main(capsys, "--model", model_dir, "--dataset", corpus, "--seq-len", "24", "--num-seqs", "12",
-                         "--layers", "1", "--heads", "2", "--umap", "--proj-seqs", "3", "--out", str(out))
+                         "--layers", "1", "--heads", "2", "--umap", "--max-points", "40", "--out", str(out))
     assert code == 0, err
     body = json.loads((out / "umap" / "L1H2.json").read_text())
-    assert set(body["views"]["umap"]) == {"q", "k", "v", "o"}
-    assert len(body["views"]["umap"]["o"]) == len(body["points"]["pos"]) == 3 * 23
+    n = len(body["seq_idx"])
+    assert 0 < n <= 40 + 12 and len(body["top_q"]) == len(body["top_k"]) == len(body["norms"]) == n
+    (view,) = body["views"]
+    assert (view["n_neighbors"], view["min_dist"]) == (15, 0.1)
+    assert set(view["embeddings"]) == {"Q", "K", "V", "O"}
+    assert all(len(view["embeddings"]["O"][d]) == n for d in ("d0", "d1", "d2"))
     assert json.loads((out / "config.json").read_text())["projection"]["methods"] == ["pca", "umap"]
 
     rotation = json.loads((out / "umap" / "L1H2.rotation.json").read_text())
-    seqs = json.loads((out / "umap" / "sequences.json").read_text())["sequences"]
-    ids = torch.tensor([s["token_ids"] for s in seqs])
+    head = json.loads((out / "heads" / "L1H2.json").read_text())
+    token_ids = {s["sequence_id"]: s["token_ids"] for s in head["sequences"]}
+    seq_order = sorted(set(body["seq_idx"]))
+    ids = torch.tensor([token_ids[s] for s in seq_order])
     lm = load_model(model_dir)
-    row_of = {s["id"]: i for i, s in enumerate(seqs)}
-    rows = torch.tensor([row_of[i] for i in body["points"]["seq"]])
-    positions = torch.tensor(body["points"]["pos"])
+    rows = torch.tensor([seq_order.index(s) for s in body["seq_idx"]])
     got = {}
     selection = HeadSelection([1], [2], lm.info.n_heads, lm.info.n_kv_heads)
-    with CaptureSession(lm.model, {1}, lambda c: got.update(head_vectors(c, selection, output_projections(lm.model)[1], rows, positions))) as s:
+    with CaptureSession(lm.model, {1}, lambda c: got.update(head_vectors(
+            c, selection, output_projections(lm.model)[1], rows, torch.tensor(body["top_q"]), torch.tensor(body["top_k"])))) as s:
         s.run(ids)
-    for vector in ("q", "k", "v", "o"):
+    assert np.allclose(np.linalg.norm(got[2]["Q"], axis=1), body["norms"], rtol=1e-4)
+    for vector in ("Q", "K", "V", "O"):
         coords = project_pca(got[2][vector], rotation[vector])
-        assert np.allclose(coords, body["pca"][vector]["coords"], atol=2e-3 * (1 + np.abs(coords).max())), vector
+        saved = np.stack([body["pca"][vector][d] for d in ("d0", "d1", "d2")], axis=1)
+        assert np.allclose(coords, saved, atol=2e-3 * (1 + np.abs(coords).max())), vector
 
 
 def test_killed_scan_resumes_where_it_stopped(capsys, tmp_path, gpt2_dir, corpus, monkeypatch):
@@ -217,7 +224,7 @@ def test_killed_scan_resumes_where_it_stopped(capsys, tmp_path, gpt2_dir, corpus
     import headvis.pipeline as pipeline
 
     args = ["--model", gpt2_dir, "--dataset", corpus, "--seq-len", "16", "--num-seqs", "24", "--batch-size", "4",
-            "--per-interval", "1", "--proj-seqs", "2"]
+            "--per-interval", "1", "--max-points", "20"]
     clean = tmp_path / "clean"
     assert run_main(capsys, *args, "--out", str(clean))[0] == 0
 

@@ -21,6 +21,7 @@ def brute_force(query, key, tokens, spec: AttentionSpec, top_k: int, edges: list
     out = {name: np.zeros((batch, n_heads, seq_len)) for name in ROW_METRICS}
     out["induction_counted"] = np.zeros((batch, n_heads, seq_len), bool)
     out["duplicate_counted"] = np.zeros((batch, n_heads, seq_len), bool)
+    out["margin_counted"] = np.zeros((batch, n_heads, seq_len), bool)
     out["max_nobos"] = np.zeros((batch, n_heads, seq_len))
     out["dist_hist"] = np.zeros((batch, n_heads, seq_len, len(edges) - 1))
     out["key_weight"] = np.zeros((batch, n_heads, seq_len))
@@ -45,20 +46,25 @@ def brute_force(query, key, tokens, spec: AttentionSpec, top_k: int, edges: list
                 e = np.exp(s - s.max())
                 p = e / e.sum()
                 pj = dict(zip(allowed, p))
-                out["entropy"][b, h, i] = -sum(x * math.log(x) for x in p if x > 0)
-                out["prev_token"][b, h, i] = pj.get(i - 1, 0.0) if i >= 1 else 0.0
+                out["pattern_entropy"][b, h, i] = -sum(x * math.log(x) for x in p if x > 0)
+                out["previous_token_score"][b, h, i] = pj.get(i - 1, 0.0) if i >= 1 else 0.0
                 ind = [j for j in allowed if 1 <= j < i and tok[b, j - 1] == tok[b, i]]
                 dup = [j for j in allowed if j < i and tok[b, j] == tok[b, i]]
-                out["induction"][b, h, i] = sum(pj[j] for j in ind)
-                out["duplicate"][b, h, i] = sum(pj[j] for j in dup)
+                out["induction_score"][b, h, i] = sum(pj[j] for j in ind)
+                out["duplicate_token_score"][b, h, i] = sum(pj[j] for j in dup)
                 out["induction_counted"][b, h, i] = bool(ind)
                 out["duplicate_counted"][b, h, i] = bool(dup)
-                out["bos"][b, h, i] = pj.get(0, 0.0)
-                out["self"][b, h, i] = pj.get(i, 0.0)
-                out["distance"][b, h, i] = sum(pj[j] * abs(i - j) for j in allowed)
+                out["bos_score"][b, h, i] = pj.get(0, 0.0)
+                out["self_attention_score"][b, h, i] = pj.get(i, 0.0)
+                out["qk_distance"][b, h, i] = sum(pj[j] * abs(i - j) for j in allowed)
                 out["logit_mean"][b, h, i] = s.mean()
                 out["logit_std"][b, h, i] = s.std()
                 out["logit_max"][b, h, i] = s.max()
+                if len(s) >= 2:
+                    top2 = np.sort(s)[::-1][:2]
+                    out["top_logit_margin"][b, h, i] = top2[0] - top2[1]
+                    out["margin_counted"][b, h, i] = True
+                out["qk_distance_sq"][b, h, i] = sum(pj[j] * (i - j) ** 2 for j in allowed)
                 out["max_nobos"][b, h, i] = max([pj[j] for j in allowed if j >= 1], default=0.0)
                 for j in allowed:
                     d = i - j
@@ -112,6 +118,7 @@ def test_ref_row_stats_matches_float64_brute_force(case, q_chunk):
         assert_close(name, expected[name], stats.metrics[name], 2e-5 * (1 + np.abs(expected[name]).max()))
     assert np.array_equal(expected["induction_counted"], stats.induction_counted.numpy())
     assert np.array_equal(expected["duplicate_counted"], stats.duplicate_counted.numpy())
+    assert np.array_equal(expected["margin_counted"], stats.margin_counted.numpy())
     assert_close("max_nobos", expected["max_nobos"], stats.max_nobos, 1e-5)
     assert_close("dist_hist", expected["dist_hist"], stats.dist_hist, 1e-5)
     assert_close("key_weight", expected["key_weight"], stats.key_weight, 1e-4)
@@ -136,9 +143,9 @@ def test_pure_previous_token_head():
     tokens = torch.randint(0, 1000, (1, seq_len))
     stats = ref_row_stats(query, key, tokens, AttentionSpec(causal=True, scaling=1.0), top_k=2,
                           bin_edges=distance_bin_edges(seq_len, True))
-    rows = stats.metrics["prev_token"][0, 0, 1:]
+    rows = stats.metrics["previous_token_score"][0, 0, 1:]
     assert torch.allclose(rows, torch.ones_like(rows), atol=1e-6)
-    assert torch.allclose(stats.metrics["distance"][0, 0, 1:], torch.ones(seq_len - 1), atol=1e-5)
+    assert torch.allclose(stats.metrics["qk_distance"][0, 0, 1:], torch.ones(seq_len - 1), atol=1e-5)
     assert stats.argmax_nobos[0, 0, 2:].tolist() == list(range(1, seq_len - 1))
     assert stats.top_indices[0, 0, 5, 0] == 4
 
@@ -157,8 +164,8 @@ def test_induction_on_repeated_random_tokens():
                           bin_edges=distance_bin_edges(seq_len, True))
     counted = stats.induction_counted[0, 0]
     assert counted[: half + 1].sum() == 0 and counted[half + 1 :].all()  # only the repeat has induction keys
-    assert torch.allclose(stats.metrics["induction"][0, 0, half + 1 :], torch.ones(half), atol=1e-6)
-    assert torch.allclose(stats.metrics["duplicate"][0, 0, half + 1 :], torch.zeros(half), atol=1e-6)
+    assert torch.allclose(stats.metrics["induction_score"][0, 0, half + 1 :], torch.ones(half), atol=1e-6)
+    assert torch.allclose(stats.metrics["duplicate_token_score"][0, 0, half + 1 :], torch.zeros(half), atol=1e-6)
 
 
 def test_uniform_attention_entropy_is_log_of_row_length():
@@ -169,8 +176,8 @@ def test_uniform_attention_entropy_is_log_of_row_length():
     stats = ref_row_stats(query, key, tokens, AttentionSpec(causal=True, scaling=0.125), top_k=3,
                           bin_edges=distance_bin_edges(seq_len, True))
     expected = torch.log(torch.arange(1, seq_len + 1).float())
-    assert torch.allclose(stats.metrics["entropy"][0, 1], expected, atol=1e-5)
-    assert torch.allclose(stats.metrics["bos"][0, 0], 1 / torch.arange(1, seq_len + 1).float(), atol=1e-6)
+    assert torch.allclose(stats.metrics["pattern_entropy"][0, 1], expected, atol=1e-5)
+    assert torch.allclose(stats.metrics["bos_score"][0, 0], 1 / torch.arange(1, seq_len + 1).float(), atol=1e-6)
     assert torch.allclose(stats.metrics["logit_std"][0, 0], torch.zeros(seq_len))
     # ties: the lowest key indices win
     assert stats.top_indices[0, 0, 10].tolist() == [0, 1, 2]
@@ -183,7 +190,7 @@ def test_bidirectional_uniform_rows_see_every_key():
     key = torch.randn(1, 1, seq_len, 4)
     stats = ref_row_stats(query, key, torch.arange(seq_len)[None], AttentionSpec(causal=False, scaling=0.5),
                           top_k=2, bin_edges=distance_bin_edges(seq_len, False))
-    assert torch.allclose(stats.metrics["entropy"][0, 0], torch.full((seq_len,), math.log(seq_len)), atol=1e-6)
+    assert torch.allclose(stats.metrics["pattern_entropy"][0, 0], torch.full((seq_len,), math.log(seq_len)), atol=1e-6)
     assert torch.allclose(stats.dist_hist[0, 0].sum(-1), torch.ones(seq_len), atol=1e-6)
     # later keys land in the negative bins
     edges = distance_bin_edges(seq_len, False)
@@ -194,7 +201,7 @@ def test_bidirectional_uniform_rows_see_every_key():
 def test_single_token_sequence_has_no_counted_rows():
     stats = ref_row_stats(torch.randn(1, 2, 1, 4), torch.randn(1, 1, 1, 4), torch.tensor([[3]]),
                           AttentionSpec(causal=True, scaling=0.5), top_k=4, bin_edges=distance_bin_edges(1, True))
-    assert stats.metrics["self"][0, 0, 0] == pytest.approx(1.0)
+    assert stats.metrics["self_attention_score"][0, 0, 0] == pytest.approx(1.0)
     assert stats.max_nobos.abs().sum() == 0 and (stats.argmax_nobos == -1).all()
     assert stats.top_indices[0, 0, 0].tolist() == [0, -1, -1, -1]
     assert stats.key_weight.abs().sum() == 0
@@ -207,7 +214,7 @@ def test_large_logits_stay_finite():
                           top_k=2, bin_edges=distance_bin_edges(20, True))
     for name in ROW_METRICS:
         assert torch.isfinite(stats.metrics[name]).all(), name
-    assert (stats.metrics["entropy"] >= -1e-6).all()
+    assert (stats.metrics["pattern_entropy"] >= -1e-6).all()
 
 
 def test_fully_padded_rows_are_zero_not_nan():

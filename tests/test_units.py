@@ -15,9 +15,13 @@ from headvis.sampling import assign_intervals, choose_samples, interval_edges, s
 
 
 def test_public_metric_names_are_frozen():
-    assert ROW_METRICS == ("entropy", "prev_token", "induction", "duplicate", "bos", "self", "distance",
-                           "logit_mean", "logit_std", "logit_max")
-    assert HEAD_METRICS == ROW_METRICS + ("max_activation",)
+    assert ROW_METRICS == ("pattern_entropy", "previous_token_score", "induction_score", "duplicate_token_score",
+                           "bos_score", "self_attention_score", "qk_distance", "logit_mean", "logit_std", "logit_max",
+                           "top_logit_margin", "qk_distance_sq")
+    assert HEAD_METRICS == ("pattern_entropy", "previous_token_score", "self_attention_score", "bos_score",
+                            "induction_score", "duplicate_token_score", "qk_distance", "logit_mean", "logit_std",
+                            "logit_max", "top_logit_margin", "logit_z_score", "qk_distance_variance",
+                            "key_token_entropy", "query_token_entropy", "mean_max_activation")
 
 
 def test_deciles_and_samples():
@@ -97,7 +101,7 @@ def test_accumulators_merge_to_the_single_pass_result():
     for slot in range(heads):
         a, b = whole.result(0, slot), parts.result(0, slot)
         for name in HEAD_METRICS:
-            assert a.metrics[name] == pytest.approx(b.metrics[name], rel=1e-6)  # float32 rows
+            assert a.metrics[name] is not None and a.metrics[name] == pytest.approx(b.metrics[name], rel=1e-6)
         assert np.allclose(a.seq_max, b.seq_max) and np.array_equal(a.seq_argmax, b.seq_argmax)
         assert np.allclose(a.key_weight, b.key_weight) and np.allclose(a.dist_hist, b.dist_hist)
     assert set(whole.state_dict()) >= {"metric_sum", "metric_count", "seq_max", "key_weight"}
@@ -131,12 +135,13 @@ def test_gpu_projection_path_hands_tensors_over_by_dlpack(monkeypatch):
     cupy = types.SimpleNamespace(from_dlpack=from_dlpack)
     cuml = types.SimpleNamespace(PCA=FakePCA)
     g = torch.Generator().manual_seed(0)
-    vectors = {name: torch.randn(40, 6, generator=g) for name in ("q", "k", "v", "o")}
-    fields, rotation = fit_head(vectors, with_umap=False, seed=0, gpu=(cupy, cuml))
-    ref_fields, ref_rotation = fit_head({k: v.numpy() for k, v in vectors.items()}, with_umap=False, seed=0)
+    vectors = {name: torch.randn(40, 6, generator=g) for name in ("Q", "K", "V", "O")}
+    fields, rotation = fit_head(vectors, n_points=40, with_umap=False, seed=0, gpu=(cupy, cuml))
+    ref_fields, ref_rotation = fit_head({k: v.numpy() for k, v in vectors.items()}, n_points=40, with_umap=False, seed=0)
     assert handed == ["Tensor"] * 4
-    for name in ("q", "k", "v", "o"):
-        assert np.allclose(np.abs(fields["pca"][name]["coords"]), np.abs(ref_fields["pca"][name]["coords"]), atol=1e-5)
+    for name in ("Q", "K", "V", "O"):
+        for d in ("d0", "d1", "d2"):
+            assert np.allclose(np.abs(fields["pca"][name][d]), np.abs(ref_fields["pca"][name][d]), atol=1e-5)
         assert np.allclose(rotation[name]["mean"], ref_rotation[name]["mean"], atol=1e-6)
     assert "views" not in fields
 

@@ -14,18 +14,22 @@ from pathlib import Path
 
 __all__ = ["load_schema", "validate_file", "validate_tree"]
 
-# data-tree glob -> schema file
+# data-tree glob -> schema file (format 2, CONTRACT section 2)
 TREE_SCHEMAS: dict[str, str] = {
     "config.json": "config.schema.json",
     "scatter_data.json": "scatter_data.schema.json",
     "heads/L*H*.json": "head.schema.json",
-    "umap/sequences.json": "umap_sequences.schema.json",
+    "umap/L*H*.json": "umap_head.schema.json",
     "umap/L*H*.rotation.json": "umap_rotation.schema.json",
-    "custom/sequences.json": "custom_sequences.schema.json",
-    "custom/L*H*.json": "custom_head.schema.json",
-    "umap/clusters/L*H*.json": "clusters.schema.json",
+    "umap/sequences.json": "umap_sequences.schema.json",
+    "custom_sequences/index.json": "custom_sequences.schema.json",
+    "custom_sequences/L*H*.json": "custom_head.schema.json",
+    "attributions/manifest.json": "attributions_manifest.schema.json",
     "server_config.json": "server_config.schema.json",
 }
+# files every scan writes
+REQUIRED = ("config.json", "scatter_data.json", "umap/sequences.json", "custom_sequences/index.json",
+            "attributions/manifest.json", "server_config.json")
 
 
 @cache
@@ -33,27 +37,72 @@ def load_schema(name: str) -> dict:
     return json.loads(resources.files(__name__).joinpath(name).read_text(encoding="utf-8"))
 
 
+def _read(path: Path):
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
 def validate_file(path: Path, schema_name: str) -> None:
     """Raise jsonschema.ValidationError if `path` does not match."""
     import jsonschema
 
-    jsonschema.validate(json.loads(Path(path).read_text(encoding="utf-8")), load_schema(schema_name))
+    jsonschema.validate(_read(path), load_schema(schema_name))
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _cross_file(root: Path) -> None:
+    """The rules between files that the schemas cannot express; ValueError on the first broken one."""
+    config = _read(root / "config.json")
+    heads = [tuple(pair) for pair in config["heads"]]
+    names = {f"L{layer}H{head}.json" for layer, head in heads}
+    _check({p.name for p in (root / "heads").glob("L*H*.json")} == names, "heads/ does not hold exactly config.heads")
+    scatter = _read(root / "scatter_data.json")
+    _check([(r["layer"], r["head"]) for r in scatter] == heads, "scatter_data.json rows differ from config.heads")
+    _check(sorted(map(tuple, config["umap_heads"])) == sorted(
+        (int(p.stem.split("H")[0][1:]), int(p.stem.split("H")[1])) for p in (root / "umap").glob("L*H*.json")
+        if not p.name.endswith(".rotation.json")), "config.umap_heads differs from the umap/ files")
+    sequences = _read(root / "umap" / "sequences.json")
+    for layer, head in heads:
+        body = _read(root / "heads" / f"L{layer}H{head}.json")
+        _check((body["layer"], body["head"]) == (layer, head), f"heads/L{layer}H{head}.json names another head")
+        ids = [s["sequence_id"] for s in body["sequences"]]
+        _check(len(ids) == len(set(ids)), f"heads/L{layer}H{head}.json lists a sequence twice")
+        for s in body["sequences"]:
+            _check(len(s["tokens"]) == len(s["token_ids"]) == s["seq_len"], f"L{layer}H{head} {s['sequence_id']}: lengths differ")
+            _check(len(s["attention_indices"]) == len(s["attention_values"]), f"L{layer}H{head}: COO lengths differ")
+        _check(len(body["qk_distance_histogram"]["bin_values"]) == len(body["qk_distance_histogram"]["bin_edges"]) - 1,
+               f"L{layer}H{head}: qk_distance_histogram bins")
+        umap_path = root / "umap" / f"L{layer}H{head}.json"
+        if not umap_path.exists():
+            continue
+        cloud = _read(umap_path)
+        n = len(cloud["seq_idx"])
+        columns = [cloud["top_q"], cloud["top_k"], cloud["norms"]]
+        columns += [cloud["pca"][v][d] for v in "QKVO" for d in ("d0", "d1", "d2")]
+        columns += [view["embeddings"][v][d] for view in cloud.get("views", []) for v in "QKVO" for d in ("d0", "d1", "d2")]
+        _check(all(len(c) == n for c in columns), f"umap/L{layer}H{head}.json: columns of different lengths")
+        _check(all(str(i) in sequences for i in cloud["seq_idx"]), f"umap/L{layer}H{head}.json names a sequence absent from umap/sequences.json")
+        _check(all(k <= q for q, k in zip(cloud["top_q"], cloud["top_k"])) or not config["model"]["causal"],
+               f"umap/L{layer}H{head}.json: a causal edge with top_k > top_q")
 
 
 def validate_tree(root: Path) -> int:
-    """Validate every known file under `root`; returns how many were checked."""
+    """Validate every known file under `root` and the rules between them; returns how many files were checked."""
     root = Path(root)
+    for name in REQUIRED:
+        if not (root / name).is_file():
+            raise FileNotFoundError(f"the tree has no {name}")
     checked = 0
     for pattern, schema in TREE_SCHEMAS.items():
         for path in sorted(root.glob(pattern)):
-            if pattern == "umap/L*H*.json" or (pattern == "heads/L*H*.json" and path.name.endswith(".rotation.json")):
+            if pattern == "umap/L*H*.json" and path.name.endswith(".rotation.json"):
                 continue
-            if not resources.files(__name__).joinpath(schema).is_file():
-                raise FileNotFoundError(f"no schema {schema} for {path}")
+            if pattern == "custom_sequences/L*H*.json" and path.name == "index.json":
+                continue
             validate_file(path, schema)
             checked += 1
-    for path in sorted(root.glob("umap/L*H*.json")):
-        if not path.name.endswith(".rotation.json"):
-            validate_file(path, "umap_head.schema.json")
-            checked += 1
+    _cross_file(root)
     return checked
