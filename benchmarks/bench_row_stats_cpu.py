@@ -33,4 +33,4 @@ def test_row_stats_cpu(benchmark, impl, shape, top_k):
     fn = ref_row_stats if impl == "ref" else cpu_row_stats
     fn(query, key, tokens, spec, top_k=top_k, bin_edges=edges)  # numba compiles once
     stats = benchmark.pedantic(lambda: fn(query, key, tokens, spec, top_k=top_k, bin_edges=edges), rounds=3)
-    assert stats.metrics["entropy"].shape == (shape[0], shape[1], shape[3])
+    assert stats.metrics["pattern_entropy"].shape == (shape[0], shape[1], shape[3])

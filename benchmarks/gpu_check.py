@@ -227,7 +227,7 @@ def compare_stats(metrics, ref, tri, pattern, atol: float) -> dict[str, float]:
         errors[name] = excess(ref.metrics[name], tri.metrics[name])
     for name in ("max_nobos", "dist_hist", "key_weight", "top_values"):
         errors[name] = excess(getattr(ref, name), getattr(tri, name))
-    for name in ("induction_counted", "duplicate_counted"):
+    for name in ("induction_counted", "duplicate_counted", "margin_counted"):
         errors[name] = float((getattr(ref, name) != getattr(tri, name)).sum().item())
     for name, ref_i, tri_i in (("argmax_nobos", ref.argmax_nobos[..., None], tri.argmax_nobos[..., None]),
                                ("top_indices", ref.top_indices, tri.top_indices)):

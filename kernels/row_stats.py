@@ -101,11 +101,14 @@ def _key_block(state, q, q0, q_pos, tok_q, k0, k_base, tok_base, valid_base, off
 
     With MASKED False the caller guarantees that every key of the block is allowed for every row (no window,
     no padding, inside T) and, when causal, earlier than every row: the block then skips every mask, counts
-    BLOCK_N keys without summing a mask, and forms sum e |q - k| as (q - k0) sum e - sum e (k - k0) (causal,
-    where q - k > 0; both terms are block-local, so no cancellation beyond BLOCK_N ulps). That is the cost
-    of almost every block of a long causal row.
+    BLOCK_N keys without summing a mask, and forms the distance sums from block-local terms (causal): with
+    b = q - (k0 + BLOCK_N - 1) >= 1 and r = BLOCK_N - 1 - j >= 0, q - k = b + r, so
+    sum e |q - k| = b E0 + E1 and sum e (q - k)^2 = b (b E0 + 2 E1) + E2, E_n = sum e r^n: every term is
+    >= 0, nothing cancels, and the only per-pair work is E1 and E2. That is the cost of almost every block
+    of a long causal row.
     """
-    m_i, l_i, t_i, dist_acc, ind_acc, dup_acc, ind_any, dup_any, n_i, mean_i, m2_i, hist, top_s, top_i, theta = state
+    (m_i, l_i, t_i, dist_acc, dist_sq_acc, ind_acc, dup_acc, ind_any, dup_any, n_i, mean_i, m2_i, hist, top_s, top_i,
+     theta) = state
     j = tl.arange(0, BLOCK_N)
     k_pos = k0 + j
     k_in = k_pos < seq_len
@@ -146,9 +149,15 @@ def _key_block(state, q, q0, q_pos, tok_q, k0, k_base, tok_base, valid_base, off
     t_i = alpha * (t_i + tl.where(l_i > 0, m_i - m_safe, 0.0) * l_i) + tl.sum(e * shift, 1)
     l_i = l_i * alpha + e_sum
     if MASKED or not CAUSAL:
-        dist_acc = dist_acc * alpha + tl.sum(e * tl.abs(dist.to(tl.float32)), 1)
+        d = dist.to(tl.float32)
+        dist_acc = dist_acc * alpha + tl.sum(e * tl.abs(d), 1)
+        dist_sq_acc = dist_sq_acc * alpha + tl.sum(e * (d * d), 1)
     else:
-        dist_acc = dist_acc * alpha + (q_pos - k0).to(tl.float32) * e_sum - tl.sum(e * j.to(tl.float32)[None, :], 1)
+        r = (BLOCK_N - 1 - j).to(tl.float32)  # distance from the block's last key
+        b = (q_pos - (k0 + BLOCK_N - 1)).to(tl.float32)  # >= 1: the block ends before the row
+        e1 = tl.sum(e * r[None, :], 1)
+        dist_acc = dist_acc * alpha + (b * e_sum + e1)
+        dist_sq_acc = dist_sq_acc * alpha + (b * (b * e_sum + 2.0 * e1) + tl.sum(e * (r * r)[None, :], 1))
 
     # Induction (1 <= k < q, tok[k-1] == tok[q]) and duplicate (k < q, tok[k] == tok[q]) keys. Key 0 needs no
     # test of its own: its "previous token" loads as -1, which no token id of a real row equals.
@@ -220,7 +229,8 @@ def _key_block(state, q, q0, q_pos, tok_q, k0, k_base, tok_base, valid_base, off
             s_cand = tl.where(k_pos[None, :] == best_pos[:, None], float("-inf"), s_cand)
             best = tl.max(s_cand, 1)
     m_i = m_new
-    return m_i, l_i, t_i, dist_acc, ind_acc, dup_acc, ind_any, dup_any, n_i, mean_i, m2_i, hist, top_s, top_i, theta
+    return (m_i, l_i, t_i, dist_acc, dist_sq_acc, ind_acc, dup_acc, ind_any, dup_any, n_i, mean_i, m2_i, hist, top_s,
+            top_i, theta)
 
 
 @triton.jit
@@ -266,7 +276,9 @@ def _row_stats_fwd_kernel(
     of raw scores is kept (ties: lowest key index) and turned into
     probabilities at the end. A key enters only when it beats the
     set's minimum; blocks where no row's max beats its minimum are skipped.
-    KEEP >= 2 so the best key other than 0 (max_nobos) is always in the set.
+    KEEP >= 2 so the best key other than 0 (max_nobos) and the second-largest
+    score (top_logit_margin, the max minus it) are always in the set: the
+    margin costs the key loop nothing.
     """
     pid_m = tl.program_id(0)
     if CAUSAL:  # the last query blocks read the most keys: start them first
@@ -310,6 +322,7 @@ def _row_stats_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)  # sum e
     t_i = tl.zeros([BLOCK_M], tl.float32)  # sum e * (s - m)
     dist_acc = tl.zeros([BLOCK_M], tl.float32)  # sum e * |q - k|
+    dist_sq_acc = tl.zeros([BLOCK_M], tl.float32)  # sum e * (q - k)^2
     ind_acc = tl.zeros([BLOCK_M], tl.float32)  # sum e over induction keys
     dup_acc = tl.zeros([BLOCK_M], tl.float32)  # sum e over duplicate keys
     ind_any = tl.zeros([BLOCK_M], tl.int32)
@@ -347,8 +360,8 @@ def _row_stats_fwd_kernel(
         else:
             k_split = seq_len // BLOCK_N * BLOCK_N
 
-    state = (m_i, l_i, t_i, dist_acc, ind_acc, dup_acc, ind_any, dup_any, n_i, mean_i, m2_i, hist, top_s, top_i,
-             theta)
+    state = (m_i, l_i, t_i, dist_acc, dist_sq_acc, ind_acc, dup_acc, ind_any, dup_any, n_i, mean_i, m2_i, hist, top_s,
+             top_i, theta)
     for k0 in range(k_lo, k_split, BLOCK_N):
         state = _key_block(state, q, q0, q_pos, tok_q, k0, k_base, tok_base, valid_base, offs_d, d_in,
                            stride_kt, stride_kd, seq_len, window, scaling, softcap, EDGES, BIN_OF, bin_reach,
@@ -359,7 +372,8 @@ def _row_stats_fwd_kernel(
                            stride_kt, stride_kd, seq_len, window, scaling, softcap, EDGES, BIN_OF, bin_reach,
                            n_bins, edge_first, edge_last, bin_col, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
                            HAS_KEY_VALID, DOT_PRECISION, TOKEN_COUNTED, True)
-    m_i, l_i, t_i, dist_acc, ind_acc, dup_acc, ind_any, dup_any, n_i, mean_i, m2_i, hist, top_s, top_i, theta = state
+    (m_i, l_i, t_i, dist_acc, dist_sq_acc, ind_acc, dup_acc, ind_any, dup_any, n_i, mean_i, m2_i, hist, top_s, top_i,
+     theta) = state
 
     # Normalize: p = exp((s - c) - log L); each e-weighted sum times f / L is a sum of probabilities.
     has_key = m_i > float("-inf")
@@ -384,21 +398,30 @@ def _row_stats_fwd_kernel(
     logit_mean = tl.where(has_key, mean_i, 0.0)
     logit_std = tl.where(has_key, tl.sqrt(tl.maximum(m2_i / tl.maximum(n_i, 1.0), 0.0)), 0.0)
     logit_max = m_fin
+    # top_logit_margin: the top-KEEP set (KEEP >= 2) holds the row's largest allowed scores, equal ones in
+    # separate slots, so the second largest is the best slot other than one slot holding the max m.
+    max_slot = tl.min(tl.where(real_slot[None, :] & (top_s == m_fin[:, None]), keep_col[None, :], KEEP_PAD), 1)
+    second = tl.max(tl.where(real_slot[None, :] & (keep_col[None, :] != max_slot[:, None]), top_s, float("-inf")), 1)
+    two_keys = n_i >= 2.0  # has_key too
+    margin = tl.where(two_keys, m_fin - second, 0.0)
 
     out = METRICS + row_base + q_pos  # METRICS: (metric, batch, head, query_pos); order = ROW_METRICS
-    tl.store(out + 0 * plane, entropy, mask=q_in)
-    tl.store(out + 1 * plane, prev_token, mask=q_in)
-    tl.store(out + 2 * plane, ind_acc * to_prob, mask=q_in)
-    tl.store(out + 3 * plane, dup_acc * to_prob, mask=q_in)
-    tl.store(out + 4 * plane, bos, mask=q_in)
-    tl.store(out + 5 * plane, self_p, mask=q_in)
-    tl.store(out + 6 * plane, dist_acc * to_prob, mask=q_in)
+    tl.store(out + 0 * plane, entropy, mask=q_in)  # pattern_entropy
+    tl.store(out + 1 * plane, prev_token, mask=q_in)  # previous_token_score
+    tl.store(out + 2 * plane, ind_acc * to_prob, mask=q_in)  # induction_score
+    tl.store(out + 3 * plane, dup_acc * to_prob, mask=q_in)  # duplicate_token_score
+    tl.store(out + 4 * plane, bos, mask=q_in)  # bos_score
+    tl.store(out + 5 * plane, self_p, mask=q_in)  # self_attention_score
+    tl.store(out + 6 * plane, dist_acc * to_prob, mask=q_in)  # qk_distance
     tl.store(out + 7 * plane, logit_mean, mask=q_in)
     tl.store(out + 8 * plane, logit_std, mask=q_in)
     tl.store(out + 9 * plane, logit_max, mask=q_in)
+    tl.store(out + 10 * plane, margin, mask=q_in)  # top_logit_margin
+    tl.store(out + 11 * plane, dist_sq_acc * to_prob, mask=q_in)  # qk_distance_sq
     if not TOKEN_COUNTED:
         tl.store(COUNTED + row_base + q_pos, ind_any.to(tl.int8), mask=q_in)
         tl.store(COUNTED + plane + row_base + q_pos, dup_any.to(tl.int8), mask=q_in)
+    tl.store(COUNTED + 2 * plane + row_base + q_pos, two_keys.to(tl.int8), mask=q_in)
     tl.store(ROW_NORM + row_base + q_pos, tl.where(has_key, c, float("-inf")), mask=q_in)
     tl.store(ROW_NORM + plane + row_base + q_pos, log_norm, mask=q_in)
 
@@ -635,7 +658,7 @@ def tri_row_stats(
     f32 = dict(dtype=torch.float32, device=device)
     plane = batch * n_heads * seq_len
     metrics = torch.zeros(len(ROW_METRICS), batch, n_heads, seq_len, **f32)
-    counted = torch.zeros(2, batch, n_heads, seq_len, dtype=torch.int8, device=device)
+    counted = torch.zeros(3, batch, n_heads, seq_len, dtype=torch.int8, device=device)  # induction, duplicate, margin
     max_nobos = torch.zeros(batch, n_heads, seq_len, **f32)
     argmax_nobos = torch.full((batch, n_heads, seq_len), -1, dtype=torch.int64, device=device)
     n_bins = len(bin_edges) - 1
@@ -702,6 +725,7 @@ def tri_row_stats(
         metrics={name: metrics[i] for i, name in enumerate(ROW_METRICS)},
         induction_counted=counted[0].bool(),
         duplicate_counted=counted[1].bool(),
+        margin_counted=counted[2].bool(),
         max_nobos=max_nobos,
         argmax_nobos=argmax_nobos,
         dist_hist=dist_hist,

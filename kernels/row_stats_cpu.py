@@ -4,15 +4,16 @@ The torch reference (`headvis.metrics.ref_row_stats`) makes ~25 passes over
 each (batch, head, rows, keys) block of scores. Here BLAS computes the scores
 of `q_chunk` query rows (`headvis.metrics.chunk_scores`), torch's vectorized
 exp their exponentials, and one compiled loop per (batch, head) reads each row
-three times: for the count and sum of the allowed scores, for everything
-else, and for the column sums, accumulating in float64. Same
+three times: for the count, sum and two largest of the allowed scores, for
+everything else, and for the column sums, accumulating in float64. Same
 inputs, outputs and conventions as the reference (ties: lowest key index).
 
 Row formulas, with m = max(row max, sink), d_k = s_k - m, e_k = exp(d_k),
 Z = sum e_k (+ exp(sink - m)), p_k = e_k / Z (a third pass adds the column sums):
-  entropy    = ln(Z) * sum p_k - (sum e_k d_k) / Z   (both terms >= 0: no cancellation)
-  logit_std  = sqrt(sum (s_k - mean)^2 / n)          (two passes: no E[s^2] - E[s]^2)
-Everything else is a sum of p_k over a set of keys, or a max.
+  pattern_entropy  = ln(Z) * sum p_k - (sum e_k d_k) / Z   (both terms >= 0: no cancellation)
+  logit_std        = sqrt(sum (s_k - mean)^2 / n)          (two passes: no E[s^2] - E[s]^2)
+  top_logit_margin = s_(1) - s_(2), the two largest allowed scores, a tie counted twice (0 when n < 2)
+Everything else is a sum of p_k over a set of keys (times |q-k| or (q-k)^2 for the distances), or a max.
 """
 
 from __future__ import annotations
@@ -40,13 +41,16 @@ if "NUMBA_THREADING_LAYER" not in os.environ:
 
 # Metric slots of the kernel's output array, in ROW_METRICS order.
 _SLOT = {name: i for i, name in enumerate(ROW_METRICS)}
-(_ENT, _PREV, _IND, _DUP, _BOS, _SELF, _DIST, _MEAN, _STD, _MAX) = (_SLOT[n] for n in ROW_METRICS)
+(_ENT, _PREV, _IND, _DUP, _BOS, _SELF, _DIST, _MEAN, _STD, _MAX, _MARGIN, _DIST_SQ) = (_SLOT[n] for n in (
+    "pattern_entropy", "previous_token_score", "induction_score", "duplicate_token_score", "bos_score",
+    "self_attention_score", "qk_distance", "logit_mean", "logit_std", "logit_max", "top_logit_margin",
+    "qk_distance_sq"))
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
 def _rows_kernel(scores, exps, shifts, q_start, causal, window, key_valid, tokens, prev_tokens, sinks, edges, top_k,
-                 metrics, ind_counted, dup_counted, max_nobos, argmax_nobos, hist, key_weight, top_values,
-                 top_indices):  # pragma: no cover - compiled
+                 metrics, ind_counted, dup_counted, margin_counted, max_nobos, argmax_nobos, hist, key_weight,
+                 top_values, top_indices):  # pragma: no cover - compiled
     batch, heads, rows, keys = scores.shape
     n_bins = edges.shape[0] - 1
     has_valid = key_valid.shape[1] > 0
@@ -66,10 +70,11 @@ def _rows_kernel(scores, exps, shifts, q_start, causal, window, key_valid, token
                 k_lo = max(0, q - window + 1)
                 if not causal:
                     k_hi = min(keys, q + window)
-            # pass 1: count, sum and max of the allowed scores
+            # pass 1: count, sum and the two largest of the allowed scores (m2 = m on a tie for the max)
             n = 0
             total_s = 0.0
             m = -np.inf
+            m2 = -np.inf
             for k in range(k_lo, k_hi):
                 if has_valid and not key_valid[b, k]:
                     continue
@@ -77,7 +82,10 @@ def _rows_kernel(scores, exps, shifts, q_start, causal, window, key_valid, token
                 n += 1
                 total_s += s
                 if s > m:
+                    m2 = m
                     m = s
+                elif s > m2:
+                    m2 = s
             if n == 0:
                 continue  # a fully padded row: every output stays 0 / -1
             mean = total_s / n
@@ -87,6 +95,7 @@ def _rows_kernel(scores, exps, shifts, q_start, causal, window, key_valid, token
             ed = 0.0
             var = 0.0
             dist = 0.0
+            dist_sq = 0.0
             ind = 0.0
             dup = 0.0
             has_ind = False
@@ -115,6 +124,7 @@ def _rows_kernel(scores, exps, shifts, q_start, causal, window, key_valid, token
                 ed += e * d
                 var += (s - mean) * (s - mean)
                 dist += e * abs(q - k)
+                dist_sq += e * ((q - k) * (q - k))
                 if k < q and tokens[b, k] == tok_q:
                     dup += e
                     has_dup = True
@@ -147,6 +157,10 @@ def _rows_kernel(scores, exps, shifts, q_start, causal, window, key_valid, token
             metrics[_STD, b, h, q] = math.sqrt(var / n)
             metrics[_MAX, b, h, q] = m
             metrics[_DIST, b, h, q] = dist * inv
+            metrics[_DIST_SQ, b, h, q] = dist_sq * inv
+            if n >= 2:
+                metrics[_MARGIN, b, h, q] = m - m2
+                margin_counted[b, h, q] = True
             metrics[_IND, b, h, q] = ind * inv
             metrics[_DUP, b, h, q] = dup * inv
             ind_counted[b, h, q] = has_ind
@@ -188,6 +202,7 @@ def cpu_row_stats(
     metrics = np.zeros((len(ROW_METRICS), batch, n_heads, seq_len), f64)
     ind_counted = np.zeros((batch, n_heads, seq_len), np.bool_)
     dup_counted = np.zeros_like(ind_counted)
+    margin_counted = np.zeros_like(ind_counted)
     max_nobos = np.zeros((batch, n_heads, seq_len), f64)
     argmax_nobos = np.full((batch, n_heads, seq_len), -1, np.int64)
     hist = np.zeros((batch, n_heads, seq_len, len(bin_edges) - 1), f64)
@@ -212,13 +227,14 @@ def cpu_row_stats(
             shift = torch.maximum(shift, spec.sinks.float().to(shift.device)[None, :, None, None])
         exps = torch.exp(masked - shift)
         _rows_kernel(scores.contiguous().numpy(), exps.numpy(), shift[..., 0].contiguous().numpy(), q_start, spec.causal, window, key_valid, tokens, prev_tokens,
-                     sinks, edges, top_k, metrics, ind_counted, dup_counted, max_nobos, argmax_nobos, hist,
+                     sinks, edges, top_k, metrics, ind_counted, dup_counted, margin_counted, max_nobos, argmax_nobos, hist,
                      key_weight, top_values, top_indices)
     as_f32 = lambda a: torch.from_numpy(a.astype(np.float32))  # noqa: E731 - one conversion, used 6 times
     return RowStats(
         metrics={name: as_f32(metrics[i]) for i, name in enumerate(ROW_METRICS)},
         induction_counted=torch.from_numpy(ind_counted),
         duplicate_counted=torch.from_numpy(dup_counted),
+        margin_counted=torch.from_numpy(margin_counted),
         max_nobos=as_f32(max_nobos),
         argmax_nobos=torch.from_numpy(argmax_nobos),
         dist_hist=as_f32(hist),

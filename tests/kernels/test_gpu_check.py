@@ -37,7 +37,7 @@ def fake_results(gpu_check, tri_pairs_per_s: float, speedup: float, slowdown: fl
         "dry_run": False, "launch_defaults": gpu_check.launch_defaults(type("rs", (), {"tri_row_stats": _launcher})),
         "correctness": [{"case": "B1-H1-KV1-T1-D64-causal-float16-top8", "ok": True, "atol": 2e-5, "errors": {}},
                         {"case": "B2-H9-KV3-T500-D64-causal-bfloat16-top8", "ok": False, "atol": 2e-5,
-                         "errors": {"entropy": float("inf"), "top_indices": 3.0}}],
+                         "errors": {"pattern_entropy": float("inf"), "top_indices": 3.0}}],
         "throughput": [row, skipped],
         "sweep_shape": {"seq_len": 2048, "d_head": 64, "dtype": "float16", "batch": 4, "heads": 9, "kv_heads": 3},
         "sweep": [{"block_m": 64, "block_n": 64, "num_warps": 8, "num_stages": 2, "tri_s": 1e-3, "pairs_per_s": 7e11,
@@ -76,14 +76,14 @@ def test_write_results(gpu_check, tmp_path: Path) -> None:
     assert json_path.name == "gpu_check_NVIDIA_H200_2026-01-02.json"
     assert md_path.name == "gpu_check_NVIDIA_H200_2026-01-02.md"
     saved = json.loads(json_path.read_text())  # strict JSON: the infinity became a string
-    assert saved["correctness"][1]["errors"]["entropy"] == "inf"
+    assert saved["correctness"][1]["errors"]["pattern_entropy"] == "inf"
     assert saved["launch_defaults"] == {"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 3}
     markdown = md_path.read_text()
     assert "| 2048 | 64 | float16 | 1 | 1.2e+12 |" in markdown
     assert "skipped: needs ~154 GiB" in markdown
     assert "**met (1.2e+12 pairs/s vs 1e+12 pairs/s)**" in markdown
     assert "**missed by 2.00x (10x vs 20x)**" in markdown
-    assert "| B2-H9-KV3-T500-D64-causal-bfloat16-top8 | **NO** | entropy=inf, top_indices=3 |" in markdown
+    assert "| B2-H9-KV3-T500-D64-causal-bfloat16-top8 | **NO** | pattern_entropy=inf, top_indices=3 |" in markdown
     assert "OutOfResources: smem" in markdown
     assert "Not run: transformers is not installed." in markdown
 

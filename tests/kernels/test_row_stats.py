@@ -17,6 +17,7 @@ import torch
 
 from headvis.kernels.row_stats import is_available, tri_row_stats
 from headvis.metrics import ROW_METRICS, AttentionSpec, RowStats, distance_bin_edges, ref_pattern, ref_row_stats
+from known_row_stats import KNOWN_CASES, KnownCase, assert_known_answers
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -155,6 +156,7 @@ def compare(ref: RowStats, tri: RowStats, pattern: torch.Tensor, atol: float) ->
     assert sorted(tri.metrics) == sorted(ROW_METRICS)
     assert_equal("induction_counted", ref.induction_counted, tri.induction_counted)
     assert_equal("duplicate_counted", ref.duplicate_counted, tri.duplicate_counted)
+    assert_equal("margin_counted", ref.margin_counted, tri.margin_counted)
     assert_close("max_nobos", ref.max_nobos, tri.max_nobos, atol)
     assert_same_keys("argmax_nobos", ref.argmax_nobos[..., None], tri.argmax_nobos[..., None], pattern, atol)
     assert_close("dist_hist", ref.dist_hist, tri.dist_hist, atol)
@@ -215,7 +217,7 @@ def test_large_logits_entropy_and_std_are_stable() -> None:
     args = (query.to(DEVICE), key.to(DEVICE), tokens.to(DEVICE), spec)
     tri = tri_row_stats(*args, top_k=2, bin_edges=edges, block_m=32, block_n=32)
     ref = ref_row_stats(*args, top_k=2, bin_edges=edges)
-    assert_close("entropy", entropy.float(), tri.metrics["entropy"], atol=2e-6, rtol=1e-5)
+    assert_close("pattern_entropy", entropy.float(), tri.metrics["pattern_entropy"], atol=2e-6, rtol=1e-5)
     assert_close("logit_mean", mean.float(), tri.metrics["logit_mean"], atol=0.0, rtol=1e-6)
     assert_close("logit_std", std.float(), tri.metrics["logit_std"], atol=1e-4, rtol=1e-4)
     # The reference forms log p = s - lse with lse rounded to float32 (~3e-5 at 1e3): looser.
@@ -240,7 +242,8 @@ def test_ties_pick_the_lowest_key_index() -> None:
     expected_argmax = torch.where(rows >= 1, 1, -1).expand(b, h, t)
     assert_equal("argmax_nobos", expected_argmax, tri.argmax_nobos)
     assert_close("top_values", ref.top_values, tri.top_values, ATOL[torch.float32])
-    assert_close("entropy", torch.log(rows + 1.0).expand(b, h, t), tri.metrics["entropy"], ATOL[torch.float32])
+    assert_close("pattern_entropy", torch.log(rows + 1.0).expand(b, h, t), tri.metrics["pattern_entropy"],
+                 ATOL[torch.float32])
 
 
 def test_ties_in_groups() -> None:
@@ -274,7 +277,21 @@ def test_rows_without_keys_are_zero() -> None:
             assert_equal(name, torch.zeros_like(getattr(tri, name)), getattr(tri, name))
         assert_equal("argmax_nobos", torch.full_like(tri.argmax_nobos, -1), tri.argmax_nobos)
         assert_equal("top_indices", torch.full_like(tri.top_indices, -1), tri.top_indices)
-        assert not tri.induction_counted.any() and not tri.duplicate_counted.any()
+        assert not tri.induction_counted.any() and not tri.duplicate_counted.any() and not tri.margin_counted.any()
+
+
+@pytest.mark.parametrize("top_k", [0, 3], ids=lambda k: f"top{k}")
+@pytest.mark.parametrize("case", KNOWN_CASES, ids=lambda c: c.id)
+def test_known_answers(case: KnownCase, top_k: int) -> None:
+    """Hand-made rows (known_row_stats.py): margins, margin_counted and uniform distances as the contract
+    says, with 16-key blocks (the largest and second-largest score often in different blocks); then every
+    field against the reference."""
+    query, key, tokens, spec = case.inputs(DEVICE)
+    edges = distance_bin_edges(case.seq_len, case.causal)
+    tri = tri_row_stats(query, key, tokens, spec, top_k=top_k, bin_edges=edges, block_m=16, block_n=16)
+    assert_known_answers(case, tri)
+    ref = ref_row_stats(query, key, tokens, spec, top_k=top_k, bin_edges=edges)
+    compare(ref, tri, ref_pattern(query, key, spec), ATOL[torch.float32])
 
 
 def test_top_k_zero() -> None:

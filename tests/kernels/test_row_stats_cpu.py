@@ -7,9 +7,10 @@ import torch
 
 from headvis.kernels.row_stats_cpu import cpu_row_stats
 from headvis.metrics import ROW_METRICS, AttentionSpec, distance_bin_edges, ref_row_stats
+from known_row_stats import KNOWN_CASES, KnownCase, assert_known_answers
 
 FLOAT_FIELDS = ("max_nobos", "dist_hist", "key_weight", "top_values")
-EXACT_FIELDS = ("induction_counted", "duplicate_counted", "argmax_nobos", "top_indices")
+EXACT_FIELDS = ("induction_counted", "duplicate_counted", "margin_counted", "argmax_nobos", "top_indices")
 
 
 def assert_close(name: str, ref: torch.Tensor, got: torch.Tensor, atol: float) -> None:
@@ -82,3 +83,13 @@ def test_chunking_does_not_matter(q_chunk):
     g = torch.Generator().manual_seed(5)
     compare(torch.randn(1, 3, 50, 16, generator=g), torch.randn(1, 1, 50, 16, generator=g),
             torch.randint(0, 3, (1, 50), generator=g), AttentionSpec(causal=True, scaling=0.25), 2, q_chunk=q_chunk)
+
+
+@pytest.mark.parametrize("case", KNOWN_CASES, ids=lambda c: c.id)
+def test_known_answers(case: KnownCase):
+    """Hand-made rows (known_row_stats.py): margins, margin_counted and uniform distances as the contract
+    says (q_chunk 16: several chunks); then every field against the reference."""
+    query, key, tokens, spec = case.inputs(torch.device("cpu"))
+    edges = distance_bin_edges(case.seq_len, case.causal)
+    assert_known_answers(case, cpu_row_stats(query, key, tokens, spec, top_k=2, bin_edges=edges, q_chunk=16))
+    compare(query, key, tokens, spec, 2, q_chunk=16)
