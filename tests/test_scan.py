@@ -276,3 +276,47 @@ def test_rerun_replaces_tree_atomically(scan_tree, tmp_path):
     assert "Traceback" not in bad.stderr
     after = {p.relative_to(scan_tree): p.read_bytes() for p in scan_tree.rglob("*") if p.is_file()}
     assert before == after
+
+
+# Public keys of every file the scan writes, listed literally (CONTRACT section 2): a change here is a format change.
+CONFIG_KEYS = ["model_name", "heads", "n_layers", "n_heads", "n_intervals", "metrics", "metric_descriptions",
+               "head_data_pattern", "has_umap", "umap_heads", "custom_plots", "custom_tables", "statistics_display",
+               "format_version", "headvis_version", "created", "model", "dataset", "layers", "metric_labels",
+               "sequences_per_interval", "top_k", "min_weight", "projection", "backend", "seed"]
+METRIC_NAMES = ["pattern_entropy", "previous_token_score", "self_attention_score", "bos_score", "induction_score",
+                "duplicate_token_score", "qk_distance", "logit_mean", "logit_std", "logit_max", "top_logit_margin",
+                "logit_z_score", "qk_distance_variance", "key_token_entropy", "query_token_entropy",
+                "mean_max_activation"]
+HEAD_KEYS = ["sequences", "qk_distance_histogram", "top_query_tokens", "top_key_tokens", "histogram", "statistics",
+             "layer", "head", "metrics", "interval_edges", "interval_counts"]
+SEQUENCE_KEYS = ["sequence_id", "interval", "max_activation", "tokens", "seq_len", "attention_indices",
+                 "attention_values", "argmax", "token_ids"]
+TOKEN_KEYS = ["id", "weight", "count", "token"]
+UMAP_KEYS = ["seq_idx", "top_q", "top_k", "norms", "pca", "pca_explained_variance", "clusters", "projected_points",
+             "layer", "head"]
+
+
+def test_public_keys_are_frozen(scan_tree):
+    config = load(scan_tree / "config.json")
+    assert list(config) == CONFIG_KEYS and config["metrics"] == METRIC_NAMES
+    assert list(config["metric_descriptions"]) == list(config["metric_labels"]) == METRIC_NAMES
+    assert config["custom_plots"] == [{"key": "qk_distance_histogram", "label": "Q-K distance"},
+                                      {"key": "histogram", "label": "Max activation distribution"}]
+    assert config["custom_tables"] == [{"key": "top_query_tokens", "label": "Top query tokens"},
+                                       {"key": "top_key_tokens", "label": "Top key tokens"}]
+    assert list(config["statistics_display"]) == ["mean_max_activation", "n_sequences", "n_samples"]
+    assert list(config["model"]) == ["name", "architecture", "n_layers", "n_heads", "n_kv_heads", "d_head", "d_model",
+                                     "causal"]
+    assert list(config["dataset"]) == ["name", "split", "text_column", "n_sequences", "seq_len", "n_tokens"]
+    assert list(load(scan_tree / "scatter_data.json")[0]) == ["layer", "head", *METRIC_NAMES]
+    head = load(scan_tree / "heads" / "L5H4.json")
+    assert list(head) == HEAD_KEYS and list(head["metrics"]) == METRIC_NAMES
+    assert list(head["sequences"][0]) == SEQUENCE_KEYS
+    assert list(head["top_query_tokens"][0]) == list(head["top_key_tokens"][0]) == TOKEN_KEYS
+    assert list(head["qk_distance_histogram"]) == list(head["histogram"]) == ["bin_edges", "bin_values"]
+    umap = load(scan_tree / "umap" / "L5H4.json")
+    assert list(umap) == UMAP_KEYS and list(umap["pca"]) == ["Q", "K", "V", "O"]
+    assert list(umap["pca"]["Q"]) == ["d0", "d1", "d2"]
+    rotation = load(scan_tree / "umap" / "L5H4.rotation.json")
+    assert list(rotation) == ["layer", "head", "points", "Q", "K", "V", "O"]
+    assert list(rotation["Q"]) == ["mean", "components"] and len(rotation["Q"]["components"]) == 3
