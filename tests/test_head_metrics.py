@@ -18,6 +18,7 @@ import torch
 from headvis.accumulate import HEAD_METRICS, ScanAccumulator
 from headvis.backends import resolve_backend
 from headvis.metrics import AttentionSpec, distance_bin_edges
+from random_heads import CASES, make_inputs
 
 BACKENDS = ["torch", "numba", "triton"]
 
@@ -121,41 +122,16 @@ def assert_metrics(expected: list[dict], actual: list[dict], rel: float = 2e-4, 
             assert got[name] == pytest.approx(want[name], rel=rel, abs=atol), f"head {h} {name}"
 
 
-CASES = [
-    # id, batch, heads, kv heads, T, d_head, causal, window, softcap, padding
-    ("B3-H3-KV3-T9-D8-causal", 3, 3, 3, 9, 8, True, None, None, False),
-    ("B2-H6-KV2-T17-D8-gqa", 2, 6, 2, 17, 8, True, None, None, False),
-    ("B3-H2-KV1-T11-D4-bidir-pad", 3, 2, 1, 11, 4, False, None, None, True),
-    ("B2-H2-KV2-T13-D8-window4", 2, 2, 2, 13, 8, True, 4, None, False),
-    ("B2-H2-KV1-T10-D8-softcap", 2, 2, 1, 10, 8, True, None, 5.0, False),
-    ("B2-H1-KV1-T2-D4-causal", 2, 1, 1, 2, 4, True, None, None, False),
-    ("B2-H2-KV1-T7-D4-window1", 2, 2, 1, 7, 4, True, 1, None, False),
-]
-
-
-def _random_case(case):
-    _, batch, heads, kv, seq_len, d_head, causal, window, softcap, padded = case
-    g = torch.Generator().manual_seed(seq_len * 31 + heads)
-    query = torch.randn(batch, heads, seq_len, d_head, generator=g) * 2
-    key = torch.randn(batch, kv, seq_len, d_head, generator=g) * 2
-    tokens = torch.randint(0, 5, (batch, seq_len), generator=g)  # small vocab: induction and duplicate rows
-    key_valid = None
-    if padded:
-        key_valid = torch.ones(batch, seq_len, dtype=torch.bool)
-        key_valid[0, -3:] = False
-    return query, key, tokens, AttentionSpec(causal=causal, scaling=d_head**-0.5, window=window, softcap=softcap,
-                                             key_valid=key_valid)
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_every_head_metric_matches_float64_brute_force(backend, case):
-    query, key, tokens, spec = _random_case(case)
+    query, key, tokens, spec = make_inputs(case)
     assert_metrics(head_brute_force(query, key, tokens, spec), scanned_metrics(backend, query, key, tokens, spec))
 
 
 def test_window_of_one_counts_no_margin_and_no_z_score():
-    query, key, tokens, spec = _random_case(CASES[-1])
+    (case,) = [c for c in CASES if c.window == 1]
+    query, key, tokens, spec = make_inputs(case)
     metrics = scanned_metrics("torch", query, key, tokens, spec)
     for m in metrics:
         assert m["top_logit_margin"] is None and m["logit_z_score"] is None

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from headvis.metrics import ROW_METRICS, AttentionSpec, distance_bin_edges, ref_pattern, ref_row_stats
+from random_heads import CASES, make_inputs
 
 
 def brute_force(query, key, tokens, spec: AttentionSpec, top_k: int, edges: list[int]) -> dict:
@@ -86,31 +87,11 @@ def assert_close(name: str, expected, actual, atol: float) -> None:
     assert err <= atol, f"{name}: max abs error {err:.3g} > {atol}"
 
 
-CASES = [
-    # id, batch, heads, kv heads, T, d_head, causal, window, softcap, padding
-    ("B2-H3-KV3-T9-D8-causal", 2, 3, 3, 9, 8, True, None, None, False),
-    ("B1-H6-KV2-T17-D8-causal-gqa", 1, 6, 2, 17, 8, True, None, None, False),
-    ("B2-H2-KV1-T11-D4-bidir-pad", 2, 2, 1, 11, 4, False, None, None, True),
-    ("B1-H2-KV2-T13-D8-window4", 1, 2, 2, 13, 8, True, 4, None, False),
-    ("B1-H2-KV1-T10-D8-softcap", 1, 2, 1, 10, 8, True, None, 5.0, False),
-    ("B1-H1-KV1-T2-D4-causal", 1, 1, 1, 2, 4, True, None, None, False),
-]
-
-
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 @pytest.mark.parametrize("q_chunk", [3, 128])
 def test_ref_row_stats_matches_float64_brute_force(case, q_chunk):
-    _, batch, heads, kv, seq_len, d_head, causal, window, softcap, padded = case
-    g = torch.Generator().manual_seed(seq_len * 31 + heads)
-    query = torch.randn(batch, heads, seq_len, d_head, generator=g) * 2
-    key = torch.randn(batch, kv, seq_len, d_head, generator=g) * 2
-    tokens = torch.randint(0, 4, (batch, seq_len), generator=g)  # small vocab: many induction/duplicate hits
-    key_valid = None
-    if padded:
-        key_valid = torch.ones(batch, seq_len, dtype=torch.bool)
-        key_valid[0, -3:] = False
-    spec = AttentionSpec(causal=causal, scaling=d_head**-0.5, window=window, softcap=softcap, key_valid=key_valid)
-    edges = distance_bin_edges(seq_len, causal)
+    query, key, tokens, spec = make_inputs(case, vocab=4)
+    edges = distance_bin_edges(case.seq_len, case.causal)
     top_k = 4
     stats = ref_row_stats(query, key, tokens, spec, top_k=top_k, bin_edges=edges, q_chunk=q_chunk)
     expected = brute_force(query, key, tokens, spec, top_k, edges)

@@ -1,0 +1,54 @@
+"""Random attention heads for the float64 brute-force tests: one case table, one input maker."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from headvis.metrics import AttentionSpec
+
+__all__ = ["CASES", "HeadCase", "make_inputs"]
+
+
+@dataclass(frozen=True)
+class HeadCase:
+    id: str
+    batch: int
+    heads: int
+    kv_heads: int
+    seq_len: int
+    d_head: int
+    causal: bool = True
+    window: int | None = None
+    softcap: float | None = None
+    padded: bool = False  # the first sequence's last 3 keys are padding
+
+
+CASES = [
+    HeadCase("B2-H3-KV3-T9-D8-causal", 2, 3, 3, 9, 8),
+    HeadCase("B2-H6-KV2-T17-D8-gqa", 2, 6, 2, 17, 8),
+    HeadCase("B3-H2-KV1-T11-D4-bidir-pad", 3, 2, 1, 11, 4, causal=False, padded=True),
+    HeadCase("B2-H2-KV2-T13-D8-window4", 2, 2, 2, 13, 8, window=4),
+    HeadCase("B2-H2-KV1-T10-D8-softcap", 2, 2, 1, 10, 8, softcap=5.0),
+    HeadCase("B2-H1-KV1-T2-D4-causal", 2, 1, 1, 2, 4),
+    HeadCase("B2-H2-KV1-T7-D4-window1", 2, 2, 1, 7, 4, window=1),
+]
+
+
+def make_inputs(case: HeadCase, vocab: int = 5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, AttentionSpec]:
+    """(query (batch, head, T, d), key (batch, kv_head, T, d), token ids (batch, T), spec), seeded by the case.
+
+    A small vocabulary gives many induction and duplicate rows.
+    """
+    g = torch.Generator().manual_seed(case.seq_len * 31 + case.heads)
+    query = torch.randn(case.batch, case.heads, case.seq_len, case.d_head, generator=g) * 2
+    key = torch.randn(case.batch, case.kv_heads, case.seq_len, case.d_head, generator=g) * 2
+    tokens = torch.randint(0, vocab, (case.batch, case.seq_len), generator=g)
+    key_valid = None
+    if case.padded:
+        key_valid = torch.ones(case.batch, case.seq_len, dtype=torch.bool)
+        key_valid[0, -3:] = False
+    spec = AttentionSpec(causal=case.causal, scaling=case.d_head**-0.5, window=case.window, softcap=case.softcap,
+                         key_valid=key_valid)
+    return query, key, tokens, spec
