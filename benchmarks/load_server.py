@@ -1,15 +1,18 @@
 """Load benchmark of `python -m headvis.serve`: N concurrent clients on loopback.
 
-    python benchmarks/load_server.py --data data --clients 16 --static 800 --adds 48
+    python benchmarks/load_server.py --data data --clients 16 --static 800 --adds 48 --projects 48
 
-Serves a temporary copy of --data (so the custom sequences it adds never touch
-the original) with the real command line on a free loopback port, waits for
-it to be ready, then runs three phases, each with --clients concurrent
-clients sharing the requests:
+Serves a temporary copy of --data (so the custom sequences and projected
+points it adds never touch the original) with the real command line on a free
+loopback port, waits for it to be ready, then runs four phases, each with
+--clients concurrent clients sharing the requests:
 
 - static: GET of data files (config.json, scatter_data.json, a head file);
 - add_custom_sequence: POSTs of distinct texts (the model runs one at a time);
-- delete_custom_sequence: POSTs deleting every sequence just added.
+- delete_custom_sequence: POSTs deleting every sequence just added;
+- project_to_umap: POSTs of distinct edges (q, q-1) of the first head's shown
+  sequences that are not cloud points (one forward pass each, appended to the
+  head's projected_points).
 
 Prints a markdown table of p50/p99 latency, throughput and errors (a non-2xx
 reply or a failed connection) per phase, then stops the server with SIGINT
@@ -75,9 +78,22 @@ async def _phase(clients: int, requests: list, send) -> dict:
             "rps": len(requests) / seconds, "errors": errors, "results": results}
 
 
+def _api(url: str, name: str) -> str:
+    return f"{url}/api/head_vis/public/{name}/v0"
+
+
+def _new_edges(data: Path, layer: int, head: int, n: int) -> list[tuple[int, int, int]]:
+    """Up to n edges (seq_idx, q, q - 1) of the head's shown sequences that are not points of its cloud."""
+    umap = json.loads((data / "umap" / f"L{layer}H{head}.json").read_text())
+    cloud = set(zip(umap["seq_idx"], umap["top_q"], umap["top_k"]))
+    shown = json.loads((data / "heads" / f"L{layer}H{head}.json").read_text())["sequences"]
+    edges = [(s["sequence_id"], q, q - 1) for s in shown for q in range(2, s["seq_len"])]
+    return [e for e in edges if e not in cloud][:n]
+
+
 async def _bench(url: str, context: dict, data: Path, args: argparse.Namespace) -> list[tuple[str, dict]]:
-    head = sorted((data / "heads").glob("L*H*.json"))[0].name
-    files = ["config.json", "scatter_data.json", f"heads/{head}"]
+    layer, head = json.loads((data / "config.json").read_text())["heads"][0]
+    files = ["config.json", "scatter_data.json", f"heads/L{layer}H{head}.json"]
 
     async def get(session, i):
         async with session.get(f"{url}/data/{files[i % len(files)]}") as response:
@@ -85,19 +101,31 @@ async def _bench(url: str, context: dict, data: Path, args: argparse.Namespace) 
             return response.status == 200, None
 
     async def add(session, i):
-        async with session.post(f"{url}/api/add_custom_sequence", json={"context": context, "text": _text(i)}) as response:
-            body = await response.json()
-            return response.status == 200, body.get("id")
+        body = {"context": context, "layer": layer, "head": head, "text": _text(i)}
+        async with session.post(_api(url, "add_custom_sequence"), json=body) as response:
+            reply = await response.json()
+            return response.status == 200, reply.get("sequence_id")
 
     async def delete(session, sid):
-        async with session.post(f"{url}/api/delete_custom_sequence", json={"context": context, "id": sid}) as response:
+        body = {"context": context, "layer": layer, "head": head, "sequence_id": sid}
+        async with session.post(_api(url, "delete_custom_sequence"), json=body) as response:
             await response.read()
             return response.status == 200, None
+
+    async def project(session, edge):
+        seq_idx, query_pos, key_pos = edge
+        body = {"context": context, "layer": layer, "head": head, "seq_idx": seq_idx, "query_pos": query_pos,
+                "key_pos": key_pos}
+        async with session.post(_api(url, "project_to_umap"), json=body) as response:
+            reply = await response.json()
+            return response.status == 200 and "point" in reply, None
 
     static = await _phase(args.clients, list(range(args.static)), get)
     adds = await _phase(args.clients, list(range(args.adds)), add)
     deletes = await _phase(args.clients, adds["results"], delete)
-    return [("static GET /data/...", static), ("add_custom_sequence", adds), ("delete_custom_sequence", deletes)]
+    projects = await _phase(args.clients, _new_edges(data, layer, head, args.projects), project)
+    return [("static GET /data/...", static), ("add_custom_sequence", adds), ("delete_custom_sequence", deletes),
+            ("project_to_umap", projects)]
 
 
 def _start(data: Path, device: str | None) -> tuple[subprocess.Popen, dict]:
@@ -123,21 +151,22 @@ def main() -> int:
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--static", type=int, default=800, help="static GETs in all")
     p.add_argument("--adds", type=int, default=48, help="add_custom_sequence POSTs in all (then as many deletes)")
+    p.add_argument("--projects", type=int, default=48, help="project_to_umap POSTs of new edges in all")
     p.add_argument("--device", default=None)
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="headvis-load-") as tmp:
         data = Path(tmp) / "data"
-        shutil.copytree(args.data, data, ignore=shutil.ignore_patterns("server_config.json", "custom"))
+        shutil.copytree(args.data, data, ignore=shutil.ignore_patterns("server_config.json", "custom_sequences"))
         process, server = _start(data, args.device)
         try:
-            phases = asyncio.run(_bench(server["url"], server["context"], data, args))
+            phases = asyncio.run(_bench(server["server_url"], server["context"], data, args))
         finally:
             process.send_signal(signal.SIGINT)
             process.wait(timeout=120)
         restored = json.loads((data / "server_config.json").read_text()) == {}
         config = json.loads((data / "config.json").read_text())
     print(f"\nheadvis server load: {args.clients} concurrent clients on loopback, model {config['model']['name']}, "
-          f"{len(config['layers']) * len(config['heads'])} scanned heads, {os.cpu_count()} CPUs\n")
+          f"{len(config['heads'])} scanned heads, {os.cpu_count()} CPUs\n")
     print("| phase | requests | p50 ms | p99 ms | req/s | errors |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, r in phases:

@@ -4,8 +4,10 @@
     python -m headvis.serve --data data --port 0 --allow-origin http://localhost:5173
 
 The frontend is served at `/`, the data tree at `/data/`, the endpoints of
-CONTRACT section 3 at `/api/{name}` (described at `/api/openapi.json`).
-docs/server.md has the details. The work lives in `headvis.server`.
+CONTRACT section 3 at `POST /api/head_vis/public/{name}/v0` (described at
+`/api/openapi.json`). `--data` must be a format 2 tree (a format 1 tree is
+refused: re-scan it). docs/server.md has the details. The work lives in
+`headvis.server`.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--frontend", default=None, help="built frontend folder (default: frontend/dist of the source tree)")
     p.add_argument("--allow-origin", type=_origin, default=None,
-                   help="the one origin allowed to call cross-origin (CORS); off by default")
+                   help="the one origin allowed to call cross-origin, with credentials (CORS); off by default")
     return p
 
 

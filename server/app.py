@@ -3,10 +3,11 @@
     app = create_app(ServerConfig(data=Path("data"), url="http://127.0.0.1:8765"))
 
 Start-up (cleanup contexts, in order): load the model once (the scan's, or
-`config.model`) on a thread; reconcile `custom/` and start the file thread; write
-`data/server_config.json` with the URL and a fresh context. Shutdown undoes
-them in reverse: `server_config.json` back to `{}` (static-only), then the
-file thread and the model thread finish their jobs and stop.
+`config.model`) on a thread; reconcile `custom_sequences/` and start the file
+thread; write `data/server_config.json` with `server_url` and a fresh
+context. Shutdown undoes them in reverse: `server_config.json` back to `{}`
+(static-only), then the file thread and the model thread finish their jobs
+and stop.
 
 The context is `{"setup": "default", "token": <random>}`: it selects the one
 setup this process serves (its data tree and model), and the token makes a
@@ -31,8 +32,8 @@ from headvis.models import load_model
 from headvis.server.compute import ModelJobs, ModelWorker
 from headvis.server.limits import MAX_BODY_BYTES
 from headvis.server.routes import setup_routes
-from headvis.server.state import CONFIG, CONTEXT, FILES, JOBS, PRELOADED, STORE, TREE, ServerConfig
-from headvis.server.store import CustomStore, JsonFiles
+from headvis.server.state import CONFIG, CONTEXT, FILES, JOBS, PRELOADED, STORE, TREE, UMAP, ServerConfig
+from headvis.server.store import CustomStore, JsonFiles, UmapStore
 from headvis.server.tree import open_data_tree
 
 __all__ = ["create_app", "serve"]
@@ -46,12 +47,12 @@ _STATIC_ONLY: dict = {}
 # -- middlewares
 
 def _error_response(status: int, message: str, headers=None) -> web.Response:
-    return web.json_response({"error": message}, status=status, headers=headers)
+    return web.json_response({"detail": message}, status=status, headers=headers)
 
 
 @web.middleware
 async def json_errors(request: web.Request, handler) -> web.StreamResponse:
-    """Every error becomes `{"error": "..."}` with its status; a bug is a 500 without a trace."""
+    """Every error becomes `{"detail": "..."}` with its status (CONTRACT section 3); a bug is a 500 without a trace."""
     try:
         return await handler(request)
     except web.HTTPException as e:
@@ -92,12 +93,19 @@ def _host_guard(allowed: tuple[str, ...]):
 
 
 def _cors(origin: str):
-    """CORS for exactly one origin: its requests get Access-Control headers, and preflights a 204."""
+    """CORS for exactly one origin, credentials included (the reference frontend sends `credentials: 'include'`).
+
+    That origin's requests get Access-Control-Allow-Origin (the origin itself, never `*`, which
+    credentialed requests may not use) and Allow-Credentials; its preflights a 204. Every reply
+    says `Vary: Origin`, since it depends on the Origin header.
+    """
 
     @web.middleware
     async def cors(request: web.Request, handler) -> web.StreamResponse:
         if request.headers.get("Origin") != origin:
-            return await handler(request)
+            response = await handler(request)
+            response.headers["Vary"] = "Origin"
+            return response
         if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
             response = web.Response(status=204)
             response.headers.update({
@@ -107,8 +115,11 @@ def _cors(origin: str):
             })
         else:
             response = await handler(request)
-        response.headers["Access-Control-Allow-Origin"] = origin
-        response.headers["Vary"] = "Origin"
+        response.headers.update({
+            "Access-Control-Allow-Origin": origin,
+            "Access-Control-Allow-Credentials": "true",
+            "Vary": "Origin",
+        })
         return response
 
     return cors
@@ -137,7 +148,7 @@ async def _model(app: web.Application):
 
 
 async def _store(app: web.Application):
-    """Reconcile custom/ with its sequences.json; stop the file thread at shutdown."""
+    """Reconcile custom_sequences/ with its index.json; stop the file thread at shutdown."""
     tree = app[TREE]
     try:
         dropped = await asyncio.to_thread(app[STORE].reconcile)
@@ -153,7 +164,7 @@ async def _server_config(app: web.Application):
     """Advertise the server in server_config.json; put static-only back at shutdown."""
     tree = app[TREE]
     try:
-        write_json(tree.server_config, {"url": app[CONFIG].url, "context": app[CONTEXT]})
+        write_json(tree.server_config, {"server_url": app[CONFIG].url, "context": app[CONTEXT]})
     except OSError as e:
         raise HeadvisError(f"cannot write {tree.server_config}: {e.strerror or e}") from e
     yield
@@ -174,6 +185,7 @@ def create_app(config: ServerConfig, lm=None) -> web.Application:
     app[CONTEXT] = {"setup": SETUP, "token": secrets.token_urlsafe(24)}
     app[FILES] = JsonFiles()
     app[STORE] = CustomStore(tree, app[FILES])
+    app[UMAP] = UmapStore(tree, app[FILES])
     if lm is not None:
         app[PRELOADED] = lm
     app.cleanup_ctx.extend([_model, _store, _server_config])

@@ -10,16 +10,18 @@ __all__ = [
     "MAX_CLUSTER_NAME",
     "MAX_CUSTOM_SEQUENCES",
     "MAX_PENDING_JOBS",
+    "MAX_PROJECTED_POINTS",
     "MAX_TEXT_BYTES",
     "MAX_TOKENS",
     "NEIGHBOURS",
 ]
 
 MAX_BODY_BYTES = 1 << 20  # a request body larger than this is refused with 413 before it is parsed
-MAX_TEXT_BYTES = 16 * 1024  # `text` of add_custom_sequence / project_to_umap, UTF-8 bytes (413 beyond)
-MAX_TOKENS = 1024  # a prompt is cut to min(this, the model's context) tokens, BOS included
+MAX_TEXT_BYTES = 16 * 1024  # `text` of add_custom_sequence, UTF-8 bytes (413 beyond)
+MAX_TOKENS = 1024  # a custom text is cut to min(this, the model's context) tokens, BOS included
 MAX_CUSTOM_SEQUENCES = 256  # add_custom_sequence answers 409 beyond this many; delete some first
 MAX_CLUSTERS = 64  # clusters per save_umap_clusters
 MAX_CLUSTER_NAME = 100  # characters of a cluster name
+MAX_PROJECTED_POINTS = 1024  # projected_points kept per head; project_to_umap answers 409 beyond
 MAX_PENDING_JOBS = 32  # model jobs queued or running; more are refused with 429
 NEIGHBOURS = 8  # k of the nearest-neighbour interpolation onto UMAP views

@@ -10,11 +10,10 @@ from aiohttp import web
 from headvis.models import LoadedModel
 from headvis.server.compute import ModelJobs
 from headvis.server.net import LOOPBACK_NAMES
-from headvis.server.store import CustomStore, JsonFiles
+from headvis.server.store import CustomStore, JsonFiles, UmapStore
 from headvis.server.tree import DataTree
 
-__all__ = ["CONFIG", "CONTEXT", "FILES", "JOBS", "PRELOADED", "STORE", "TREE", "ServerConfig"]
-
+__all__ = ["CONFIG", "CONTEXT", "FILES", "JOBS", "PRELOADED", "STORE", "TREE", "UMAP", "ServerConfig"]
 
 
 @dataclass(frozen=True)
@@ -22,7 +21,7 @@ class ServerConfig:
     """What `python -m headvis.serve` was asked for."""
 
     data: Path  # the scanned tree served at /data/ and written to
-    url: str  # advertised in server_config.json, e.g. http://127.0.0.1:8765
+    url: str  # advertised as server_config.json `server_url`, e.g. http://127.0.0.1:8765
     model: str | None = None  # overrides config.json's model name
     device: str = "cpu"
     frontend: Path | None = None  # the built frontend; None: frontend/dist of the source tree
@@ -35,6 +34,7 @@ TREE = web.AppKey("tree", DataTree)
 CONFIG = web.AppKey("config", ServerConfig)
 CONTEXT = web.AppKey("context", dict)  # the context written to server_config.json
 FILES = web.AppKey("files", JsonFiles)  # shared-file read-modify-write
-STORE = web.AppKey("store", CustomStore)
+STORE = web.AppKey("store", CustomStore)  # custom_sequences/
+UMAP = web.AppKey("umap", UmapStore)  # clusters and projected points of umap/ files
 JOBS = web.AppKey("jobs", ModelJobs)  # set once the model is loaded
 PRELOADED = web.AppKey("preloaded", LoadedModel)  # a model handed in by the caller (tests), absent otherwise

@@ -1,4 +1,4 @@
-"""The files the server changes: custom sequences and cluster labels.
+"""The files the server changes: custom sequences, and the clusters and projected points of umap files.
 
 Every write is atomic (`headvis.io.atomic_write_bytes`: temp file + rename), and a
 read-modify-write of a shared file runs under that file's own asyncio lock,
@@ -6,11 +6,15 @@ with the file IO itself on a thread, so concurrent requests never lose a
 write and never block the event loop. Changes that wait for a file's lock
 are applied together by the next write (`JsonFiles`).
 
-Order of writes, so that `custom/sequences.json` only lists complete
-sequences: an add writes every `custom/L{l}H{h}.json` first and the
-sequences.json entry last; a delete removes the entry first and the head
+Order of writes, so that `custom_sequences/index.json` only lists complete
+sequences: an add writes every `custom_sequences/L{l}H{h}.json` first and
+the index entry last; a delete removes the index entry first and the head
 records after. A crash between the two leaves records without an entry;
 `CustomStore.reconcile` removes them (and stray temp files) at start-up.
+
+`umap/L{l}H{h}.json` is the scan's file; the server only replaces its
+`clusters` key and appends to its `projected_points` (`UmapStore`), keeping
+every other key as the scan wrote it.
 """
 
 from __future__ import annotations
@@ -24,10 +28,11 @@ from typing import Any, Callable
 from aiohttp import web
 
 from headvis.io import read_json, write_json
-from headvis.server.limits import MAX_CUSTOM_SEQUENCES
+from headvis.server.limits import MAX_CUSTOM_SEQUENCES, MAX_PROJECTED_POINTS
 from headvis.server.tree import DataTree
+from headvis.server.validation import number_text
 
-__all__ = ["CustomStore", "JsonFiles"]
+__all__ = ["CustomStore", "JsonFiles", "UmapStore", "find_edge"]
 
 
 Change = Callable[[Any], tuple[Any, Any]]  # old body -> (new body or None for "unchanged", result)
@@ -80,6 +85,10 @@ class JsonFiles:
     def lock(self, path: Path) -> asyncio.Lock:
         return self._locks.setdefault(Path(path), asyncio.Lock())
 
+    async def read(self, path: Path, default: Callable[[], Any]) -> Any:
+        """The file as it is now, parsed on the IO thread (writes are atomic renames, so no lock is needed)."""
+        return await asyncio.get_running_loop().run_in_executor(self._io, _read_or, Path(path), default)
+
     async def update(self, path: Path, change: Change, default: Callable[[], Any]) -> Any:
         """(new, result) = change(old) on `path` (default() when missing), new written unless None; returns result."""
         path = Path(path)
@@ -106,27 +115,24 @@ def _stray_temp_files(folder: Path) -> list[Path]:
     return sorted(folder.glob(".*.tmp")) if folder.is_dir() else []
 
 
+def _empty_sequences() -> dict:
+    return {"sequences": []}
+
+
 class CustomStore:
-    """custom/sequences.json and custom/L{l}H{h}.json of one data tree."""
+    """custom_sequences/index.json and custom_sequences/L{l}H{h}.json of one data tree."""
 
     def __init__(self, tree: DataTree, files: JsonFiles):
         self.tree = tree
         self.files = files
         self._reserved = 0  # adds admitted but not yet listed
 
-    def _empty_head(self, layer: int, head: int) -> Callable[[], dict]:
-        return lambda: {"layer": layer, "head": head, "sequences": []}
-
-    @staticmethod
-    def _empty_list() -> dict:
-        return {"sequences": []}
-
     async def entries(self) -> list[dict]:
-        """The sequences.json entries as they are now (every write is atomic, so no lock is needed)."""
-        return (await asyncio.to_thread(_read_or, self.tree.custom_sequences, self._empty_list))["sequences"]
+        """The index entries as they are now."""
+        return (await self.files.read(self.tree.custom_index, _empty_sequences))["sequences"]
 
-    async def entry(self, sid: str) -> dict | None:
-        return next((e for e in await self.entries() if e["id"] == sid), None)
+    async def entry(self, sequence_id: str) -> dict | None:
+        return next((e for e in await self.entries() if e["sequence_id"] == sequence_id), None)
 
     @contextlib.asynccontextmanager
     async def reserve(self):
@@ -141,44 +147,33 @@ class CustomStore:
 
     async def add(self, entry: dict, records: dict[tuple[int, int], dict]) -> None:
         """Write each head's record, then list the entry."""
-        sid = entry["id"]
+        sequence_id = entry["sequence_id"]
 
-        def add_record(record: dict) -> Change:
+        def put(item: dict) -> Change:
             def change(body: dict) -> tuple[dict, None]:
-                body["sequences"] = [r for r in body["sequences"] if r["id"] != sid] + [record]
+                body["sequences"] = [r for r in body["sequences"] if r["sequence_id"] != sequence_id] + [item]
                 return body, None
             return change
 
         await asyncio.gather(*(
-            self.files.update(self.tree.custom_head(layer, head), add_record(record), self._empty_head(layer, head))
+            self.files.update(self.tree.custom_head(layer, head), put(record), _empty_sequences)
             for (layer, head), record in records.items()
         ))
+        await self.files.update(self.tree.custom_index, put(entry), _empty_sequences)
 
-        def list_entry(body: dict) -> tuple[dict, None]:
-            body["sequences"] = [e for e in body["sequences"] if e["id"] != sid] + [entry]
-            return body, None
-
-        await self.files.update(self.tree.custom_sequences, list_entry, self._empty_list)
-
-    async def delete(self, sid: str) -> None:
+    async def delete(self, sequence_id: str) -> None:
         """Unlist the entry (404 if it is not listed), then drop its record from every head file."""
 
-        def unlist(body: dict) -> tuple[dict | None, bool]:
-            kept = [e for e in body["sequences"] if e["id"] != sid]
+        def drop(body: dict) -> tuple[dict | None, bool]:
+            kept = [r for r in body["sequences"] if r["sequence_id"] != sequence_id]
             if len(kept) == len(body["sequences"]):
                 return None, False
-            body["sequences"] = kept
-            return body, True
+            return {**body, "sequences": kept}, True
 
-        if not await self.files.update(self.tree.custom_sequences, unlist, self._empty_list):
-            raise web.HTTPNotFound(text=f"no custom sequence {sid!r}")
-
-        def drop_record(body: dict) -> tuple[dict | None, None]:
-            kept = [r for r in body["sequences"] if r["id"] != sid]
-            return (None if len(kept) == len(body["sequences"]) else {**body, "sequences": kept}), None
-
+        if not await self.files.update(self.tree.custom_index, drop, _empty_sequences):
+            raise web.HTTPNotFound(text=f"no custom sequence {sequence_id!r}")
         await asyncio.gather(*(
-            self.files.update(self.tree.custom_head(layer, head), drop_record, self._empty_head(layer, head))
+            self.files.update(self.tree.custom_head(layer, head), drop, _empty_sequences)
             for layer, head in self.tree.scanned_heads
             if self.tree.custom_head(layer, head).exists()
         ))
@@ -186,16 +181,93 @@ class CustomStore:
     def reconcile(self) -> int:
         """At start-up: drop head records whose id is not listed, and stray temp files. Returns records dropped."""
         folder = self.tree.custom_dir
-        for path in _stray_temp_files(folder) + _stray_temp_files(self.tree.root / "umap" / "clusters"):
+        for path in _stray_temp_files(folder) + _stray_temp_files(self.tree.umap_dir):
             path.unlink(missing_ok=True)
         if not folder.is_dir():
             return 0
-        listed = {e["id"] for e in _read_or(self.tree.custom_sequences, self._empty_list)["sequences"]}
+        listed = {e["sequence_id"] for e in _read_or(self.tree.custom_index, _empty_sequences)["sequences"]}
         dropped = 0
         for path in sorted(folder.glob("L*H*.json")):
             body = read_json(path)
-            kept = [r for r in body["sequences"] if r["id"] in listed]
+            kept = [r for r in body["sequences"] if r["sequence_id"] in listed]
             if len(kept) != len(body["sequences"]):
                 dropped += len(body["sequences"]) - len(kept)
                 write_json(path, {**body, "sequences": kept}, rounded=True)
         return dropped
+
+
+def find_edge(umap: dict, seq_idx: int | str, query_pos: int, key_pos: int) -> dict | None:
+    """The project_to_umap reply for an edge already in a umap file (cloud first, then projected), else None."""
+    for i, edge in enumerate(zip(umap["seq_idx"], umap["top_q"], umap["top_k"])):
+        if edge == (seq_idx, query_pos, key_pos):
+            return {"found_in_cloud": True, "existing_index": i}
+    for i, point in enumerate(umap.get("projected_points", [])):
+        if (point["seq_idx"], point["top_q"], point["top_k"]) == (seq_idx, query_pos, key_pos):
+            return {"found_in_cloud": False, "found_in_projected": True, "projected_index": i}
+    return None
+
+
+class UmapStore:
+    """The server's two changes to umap/L{l}H{h}.json: `clusters` replaced, `projected_points` appended."""
+
+    def __init__(self, tree: DataTree, files: JsonFiles):
+        self.tree = tree
+        self.files = files
+
+    def _missing(self, layer: int, head: int) -> Callable[[], dict]:
+        def missing() -> dict:
+            raise web.HTTPConflict(text=f"L{layer}H{head} has no projection file (umap/L{layer}H{head}.json)")
+        return missing
+
+    async def read(self, layer: int, head: int) -> dict:
+        """umap/L{l}H{h}.json as it is now; 409 when the scan wrote none."""
+        return await self.files.read(self.tree.umap_head(layer, head), self._missing(layer, head))
+
+    async def save_clusters(self, layer: int, head: int, clusters: list[dict]) -> int:
+        """Replace the file's `clusters`; 400 when a point is neither a cloud point nor a projected point. Returns how many.
+
+        Projected points count: the reference frontend draws them in the cloud, so a lasso selects them too.
+        """
+
+        def change(body: dict) -> tuple[dict, int]:
+            cloud = set(zip(body["seq_idx"], body["top_q"], body["top_k"]))
+            cloud |= {(p["seq_idx"], p["top_q"], p["top_k"]) for p in body.get("projected_points", [])}
+            for i, cluster in enumerate(clusters):
+                for j, point in enumerate(cluster["points"]):
+                    if tuple(point) not in cloud:
+                        shown = ", ".join(number_text(x) for x in point)
+                        raise web.HTTPBadRequest(text=f"clusters.{i}.points.{j}: [{shown}] is not a point of "
+                                                      f"L{layer}H{head}'s cloud nor a projected point "
+                                                      f"(umap/L{layer}H{head}.json)")
+            return {**body, "clusters": clusters}, len(clusters)
+
+        return await self.files.update(self.tree.umap_head(layer, head), change, self._missing(layer, head))
+
+    @staticmethod
+    def check_room(umap: dict, layer: int, head: int) -> None:
+        """409 (before any forward pass) when the head's projected points are at MAX_PROJECTED_POINTS."""
+        if len(umap.get("projected_points", [])) >= MAX_PROJECTED_POINTS:
+            raise _projected_full(layer, head)
+
+    async def add_projected(self, layer: int, head: int, point: dict) -> dict:
+        """Append a new point to `projected_points`; the project_to_umap reply. 409 past MAX_PROJECTED_POINTS.
+
+        An edge that reached the file since the caller looked (a concurrent request for the same
+        edge) is not appended twice: the reply then names the one already there.
+        """
+
+        def change(body: dict) -> tuple[dict | None, dict]:
+            found = find_edge(body, point["seq_idx"], point["top_q"], point["top_k"])
+            if found is not None:
+                return None, found
+            UmapStore.check_room(body, layer, head)
+            body["projected_points"] = [*body.get("projected_points", []), point]
+            return body, {"found_in_cloud": False, "found_in_projected": False, "point": point}
+
+        return await self.files.update(self.tree.umap_head(layer, head), change, self._missing(layer, head))
+
+
+def _projected_full(layer: int, head: int) -> web.HTTPConflict:
+    return web.HTTPConflict(text=f"L{layer}H{head} already has {MAX_PROJECTED_POINTS} projected points, the most "
+                                 f"the server keeps; remove some from umap/L{layer}H{head}.json to project more")
+

@@ -1,19 +1,23 @@
-"""The scanned data tree as the server sees it: config.json, head bounds, file paths.
+"""The scanned data tree as the server sees it: config.json, the scanned heads, file paths.
 
 Opened once at start-up (`open_data_tree`); everything here is plain file
 reading, so the command line can check `--data` before it imports torch.
+Only format 2 trees (CONTRACT section 2) are served; a format 1 tree is
+refused with a message that says to re-scan.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from headvis.errors import HeadvisError
 
-__all__ = ["DataTree", "open_data_tree"]
+__all__ = ["FORMAT_VERSION", "DataTree", "open_data_tree"]
 
+FORMAT_VERSION = 2  # the format of config.json `format_version` this server speaks
 _CONFIG_KEYS = ("model", "dataset", "layers", "heads", "top_k", "min_weight")
 
 
@@ -24,17 +28,26 @@ class DataTree:
     root: Path  # resolved
     config: dict  # config.json as read at start-up
 
+    @cached_property
+    def scanned_heads(self) -> list[tuple[int, int]]:
+        """config.json `heads`: every scanned (layer, head), in the scan's order."""
+        return [(int(layer), int(head)) for layer, head in self.config["heads"]]
+
+    def is_scanned(self, layer: int, head: int) -> bool:
+        return (layer, head) in self._scanned_set
+
+    @cached_property
+    def _scanned_set(self) -> frozenset[tuple[int, int]]:
+        return frozenset(self.scanned_heads)
+
     @property
     def layers(self) -> list[int]:
-        return list(self.config["layers"])
+        return sorted({layer for layer, _ in self.scanned_heads})
 
     @property
     def heads(self) -> list[int]:
-        return list(self.config["heads"])
-
-    @property
-    def scanned_heads(self) -> list[tuple[int, int]]:
-        return [(layer, head) for layer in self.layers for head in self.heads]
+        """Every query head scanned in some layer (the model worker captures these in every scanned layer)."""
+        return sorted({head for _, head in self.scanned_heads})
 
     @property
     def n_sequences(self) -> int:
@@ -48,38 +61,44 @@ class DataTree:
     def causal(self) -> bool:
         return bool(self.config["model"].get("causal", True))
 
-    # -- paths (every one built from validated integers or server-made ids, never from request text)
+    # -- paths (every one built from validated integers, never from request text)
     @property
     def server_config(self) -> Path:
         return self.root / "server_config.json"
 
-    @property
-    def custom_dir(self) -> Path:
-        return self.root / "custom"
+    def head_file(self, layer: int, head: int) -> Path:
+        return self.root / "heads" / f"L{layer}H{head}.json"
 
     @property
-    def custom_sequences(self) -> Path:
-        return self.custom_dir / "sequences.json"
+    def custom_dir(self) -> Path:
+        return self.root / "custom_sequences"
+
+    @property
+    def custom_index(self) -> Path:
+        return self.custom_dir / "index.json"
 
     def custom_head(self, layer: int, head: int) -> Path:
         return self.custom_dir / f"L{layer}H{head}.json"
 
+    @property
+    def umap_dir(self) -> Path:
+        return self.root / "umap"
+
     def umap_head(self, layer: int, head: int) -> Path:
-        return self.root / "umap" / f"L{layer}H{head}.json"
+        return self.umap_dir / f"L{layer}H{head}.json"
 
     def umap_rotation(self, layer: int, head: int) -> Path:
-        return self.root / "umap" / f"L{layer}H{head}.rotation.json"
+        return self.umap_dir / f"L{layer}H{head}.rotation.json"
 
-    @property
-    def umap_sequences(self) -> Path:
-        return self.root / "umap" / "sequences.json"
 
-    def clusters(self, layer: int, head: int) -> Path:
-        return self.root / "umap" / "clusters" / f"L{layer}H{head}.json"
+def _is_head_list(value) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in pair)
+        for pair in value)
 
 
 def open_data_tree(path: str | Path) -> DataTree:
-    """Check that `path` is a scanned tree (a readable config.json with the needed keys)."""
+    """Check that `path` is a format 2 scanned tree (a readable config.json with the needed keys)."""
     root = Path(path).expanduser()
     if not root.is_dir():
         raise HeadvisError(f"--data {path}: no such folder (run python -m headvis.scan --out {path} first)")
@@ -90,7 +109,16 @@ def open_data_tree(path: str | Path) -> DataTree:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise HeadvisError(f"--data {path}: config.json is not readable JSON ({e})") from e
-    missing = [key for key in _CONFIG_KEYS if not isinstance(config, dict) or key not in config]
+    if not isinstance(config, dict):
+        raise HeadvisError(f"--data {path}: config.json is not a JSON object; re-scan with python -m headvis.scan")
+    version = config.get("format_version")
+    if version != FORMAT_VERSION:
+        found = "has no format_version (format 1)" if version is None else f"has format_version {json.dumps(version)[:20]}"
+        raise HeadvisError(f"--data {path}: config.json {found}, and this server reads format {FORMAT_VERSION} only; "
+                           f"re-scan it: python -m headvis.scan --out {path}")
+    missing = [key for key in _CONFIG_KEYS if key not in config]
     if missing:
-        raise HeadvisError(f"--data {path}: config.json lacks {', '.join(missing)}; rescan with this headvis version")
+        raise HeadvisError(f"--data {path}: config.json lacks {', '.join(missing)}; re-scan with this headvis version")
+    if not _is_head_list(config["heads"]):
+        raise HeadvisError(f"--data {path}: config.json `heads` is not a list of [layer, head] pairs; re-scan it")
     return DataTree(root=root.resolve(), config=config)

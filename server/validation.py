@@ -1,7 +1,7 @@
 """Reading a POST body at the edge: JSON, the issued context, then the endpoint's schema.
 
 Every failure is an `aiohttp.web.HTTPException` whose text is a one-line
-message; the app's middleware turns it into `{"error": ...}`. Messages name
+message; the app's middleware turns it into `{"detail": ...}`. Messages name
 the field and the rule, never echo a large value, never carry a trace.
 """
 
@@ -17,7 +17,7 @@ from jsonschema.exceptions import best_match
 
 from headvis.server.openapi import REQUESTS
 
-__all__ = ["check_context", "read_body"]
+__all__ = ["check_context", "number_text", "read_body"]
 
 _MESSAGE_CHARS = 300
 
@@ -29,6 +29,12 @@ _Validator = jsonschema.validators.extend(Draft202012Validator, type_checker=_TY
 _VALIDATORS = {name: _Validator(schema) for name, schema in REQUESTS.items()}
 _TYPE_WORDS = {"integer": "an integer", "string": "a string", "object": "an object", "array": "an array",
                "number": "a number", "boolean": "true or false"}
+
+
+def number_text(n: int) -> str:
+    """An integer from a request, shortened for a message: JSON allows thousands of digits."""
+    text = str(n)
+    return text if len(text) <= 20 else text[:17] + "..."
 
 
 def _short(text: str) -> str:
@@ -47,8 +53,8 @@ def _describe(error: jsonschema.ValidationError) -> str:
     """A one-line message for the most relevant schema violation."""
     where = ".".join(str(p) for p in error.absolute_path) or "body"
     rule, value, instance = error.validator, error.validator_value, error.instance
-    if where == "seq":  # a oneOf: its branches' messages would mislead
-        return "seq must be a scanned sequence id (an integer) or a custom id ('c-' and 12 hex digits)"
+    if where == "seq_idx":  # a oneOf: its branches' messages would mislead
+        return "seq_idx must be a scanned sequence id (an integer >= 0) or a custom id ('c' and 12 hex digits)"
     if rule == "required":
         missing = [name for name in value if name not in instance]
         return f"missing field {missing[0]!r}" if where == "body" else f"{where}: missing field {missing[0]!r}"
@@ -68,6 +74,8 @@ def _describe(error: jsonschema.ValidationError) -> str:
         return f"{where} must be at least {value}"
     if rule == "maxItems":
         return f"{where} must have at most {value} items"
+    if rule == "minItems":
+        return f"{where} must have at least {value} items"
     if rule == "uniqueItems":
         return f"{where} lists an item more than once"
     if rule == "pattern":

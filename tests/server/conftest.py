@@ -30,7 +30,7 @@ def scanned(tmp_path_factory, lm) -> Path:
     out = tmp_path_factory.mktemp("scan") / "data"
     run_scan(ScanOptions(seq_len=SEQ_LEN, num_seqs=NUM_SEQS, per_interval=1, layers=",".join(map(str, LAYERS)),
                          heads=",".join(map(str, HEADS)), out=str(out), device="cpu", backend="torch",
-                         proj_seqs=3, max_points=60), lm=lm)
+                         max_points=60), lm=lm)
     return out
 
 

@@ -12,6 +12,11 @@ SEQ_LEN = 32
 NUM_SEQS = 12
 
 
+def endpoint(name: str) -> str:
+    """The route of an endpoint, as the reference frontend builds it."""
+    return f"/api/head_vis/public/{name}/v0"
+
+
 class Api:
     """POSTs as the frontend makes them: JSON with the context of server_config.json."""
 
@@ -25,5 +30,5 @@ class Api:
 
     async def post(self, name: str, **fields):
         """(status, reply JSON)."""
-        response = await self.client.post(f"/api/{name}", json={"context": self.context, **fields})
+        response = await self.client.post(endpoint(name), json={"context": self.context, **fields})
         return response.status, await response.json()

@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 
-from headvis.io import read_json
+from headvis.io import read_json, write_json
 
 
 def _serve(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -47,13 +47,24 @@ def test_a_bad_command_line_is_one_line_and_exit_2(args, needle, tmp_path, data)
     _one_error_line(_serve(*args), needle)
 
 
+@pytest.mark.parametrize("version", [None, 1])
+def test_a_format_1_tree_is_one_line_saying_to_re_scan(data, version):
+    config = read_json(data / "config.json")
+    config.pop("format_version")
+    if version is not None:
+        config["format_version"] = version
+    write_json(data / "config.json", config)
+    _one_error_line(_serve("--data", str(data)), "re-scan it: python -m headvis.scan --out")
+    assert read_json(data / "server_config.json") == {}  # the scan's; no server started
+
+
 def test_a_busy_port_is_one_line_and_exit_2(data):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
         _one_error_line(_serve("--data", str(data), "--port", str(port)), f"cannot listen on 127.0.0.1:{port}")
-    assert not (data / "server_config.json").exists()
+    assert read_json(data / "server_config.json") == {}  # the scan's, untouched
 
 
 def test_serve_starts_answers_and_puts_static_mode_back_on_ctrl_c(data):
@@ -67,14 +78,15 @@ def test_serve_starts_answers_and_puts_static_mode_back_on_ctrl_c(data):
             assert time.monotonic() < deadline and process.poll() is None, log
             log.append(process.stderr.readline())
         config = read_json(data / "server_config.json")
-        assert config["url"].startswith("http://127.0.0.1:") and config["url"] in log[-1]
-        with urllib.request.urlopen(f"{config['url']}/data/config.json") as response:
+        url = config["server_url"]
+        assert url.startswith("http://127.0.0.1:") and url in log[-1]
+        with urllib.request.urlopen(f"{url}/data/config.json") as response:
             assert json.load(response)["layers"] == [1, 3]
-        request = urllib.request.Request(f"{config['url']}/api/add_custom_sequence", method="POST",
-                                         data=json.dumps({"context": config["context"], "text": "hi there"}).encode(),
-                                         headers={"Content-Type": "application/json"})
+        body = {"context": config["context"], "layer": 1, "head": 0, "text": "hi there"}
+        request = urllib.request.Request(f"{url}/api/head_vis/public/add_custom_sequence/v0", method="POST",
+                                         data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request) as response:
-            assert json.load(response)["id"].startswith("c-")
+            assert json.load(response)["sequence_id"].startswith("c")
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=60) == 0
     finally:

@@ -5,7 +5,7 @@ A live server (the real app on a loopback socket, in a thread) serves
 strategy of valid bodies, which are then mutated (a field dropped, replaced
 by arbitrary JSON, an unknown field added, the context forged), plus raw
 bodies that are not JSON at all. Every reply must be JSON, a 2xx or a 4xx
-with `{"error": ...}`; the one 5xx allowed is the documented 501 of the
+with `{"detail": ...}`; the one 5xx allowed is the documented 501 of the
 attribution endpoints while no dictionary is configured.
 """
 
@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from headvis.io import read_json
 from headvis.server.app import create_app
 from headvis.server.net import bind, url_for
-from headvis.server.openapi import ENDPOINTS
+from headvis.server.openapi import ENDPOINTS, endpoint_path
 from headvis.server.routes import ATTRIBUTIONS_UNAVAILABLE
 from headvis.server.state import ServerConfig
 
@@ -59,9 +59,12 @@ def from_schema(schema: dict) -> st.SearchStrategy:
         required = [k for k in schema.get("required", []) if k in properties]
         optional = {k: from_schema(v) for k, v in properties.items() if k not in required}
         return st.fixed_dictionaries({k: from_schema(properties[k]) for k in required}, optional=optional)
+    if kind == "array" and "prefixItems" in schema:  # a fixed-length tuple (items: false)
+        return st.tuples(*(from_schema(s) for s in schema["prefixItems"])).map(list)
     if kind == "array":
+        unique = (lambda v: json.dumps(v, sort_keys=True)) if schema.get("uniqueItems") else None  # lists are unhashable
         return st.lists(from_schema(schema.get("items", {})), min_size=schema.get("minItems", 0),
-                        max_size=min(schema.get("maxItems", 6), 6), unique=schema.get("uniqueItems", False))
+                        max_size=min(schema.get("maxItems", 6), 6), unique_by=unique)
     if kind == "string":
         if "pattern" in schema:
             return st.from_regex(schema["pattern"], fullmatch=True)
@@ -135,17 +138,17 @@ def document(live) -> dict:
 def _check_reply(endpoint: str, status: int, raw: bytes) -> None:
     reply = json.loads(raw)  # every reply is JSON
     if endpoint.endswith("_attributions") and status == 501:
-        assert reply == {"error": ATTRIBUTIONS_UNAVAILABLE}
+        assert reply == {"detail": ATTRIBUTIONS_UNAVAILABLE}
         return
     assert status < 500, (status, reply)
     if status >= 400:
-        assert set(reply) == {"error"} and isinstance(reply["error"], str) and "Traceback" not in reply["error"]
+        assert set(reply) == {"detail"} and isinstance(reply["detail"], str) and "Traceback" not in reply["detail"]
 
 
 @pytest.mark.parametrize("endpoint", ENDPOINTS)
 def test_generated_bodies_never_get_a_5xx(live, document, endpoint):
     url, data = live
-    schema = document["paths"][f"/api/{endpoint}"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    schema = document["paths"][endpoint_path(endpoint)]["post"]["requestBody"]["content"]["application/json"]["schema"]
     context = read_json(data / "server_config.json")["context"]
     contexts = st.one_of(st.just(context), st.just(context), st.just(context), JSON_VALUES)
     fields = {k: v for k, v in schema["properties"].items() if k != "context"}
@@ -154,7 +157,7 @@ def test_generated_bodies_never_get_a_5xx(live, document, endpoint):
     @FUZZ
     @given(valid.flatmap(_mutations))
     def check(body: dict) -> None:
-        status, raw = _request(url, "POST", f"/api/{endpoint}", json.dumps(body).encode())
+        status, raw = _request(url, "POST", endpoint_path(endpoint), json.dumps(body).encode())
         _check_reply(endpoint, status, raw)
 
     check()
@@ -164,6 +167,6 @@ def test_generated_bodies_never_get_a_5xx(live, document, endpoint):
 @given(endpoint=st.sampled_from(ENDPOINTS), body=st.binary(max_size=300) | JSON_VALUES.map(lambda v: json.dumps(v).encode()),
        content_type=st.sampled_from(["application/json", "text/plain", "application/json; charset=latin-1", ""]))
 def test_raw_bodies_never_get_a_5xx(live, endpoint, body, content_type):
-    status, raw = _request(live[0], "POST", f"/api/{endpoint}", body, content_type)
+    status, raw = _request(live[0], "POST", endpoint_path(endpoint), body, content_type)
     _check_reply(endpoint, status, raw)
     assert status != 200

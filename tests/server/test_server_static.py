@@ -7,8 +7,11 @@ import dataclasses
 import os
 
 import pytest
+import pytest_asyncio
 
 from headvis.server.app import create_app
+
+from server_helpers import Api, endpoint
 
 pytestmark = pytest.mark.asyncio
 
@@ -111,23 +114,56 @@ async def test_only_loopback_host_names_are_answered(client, host, status):
 
 
 async def test_cors_is_off_by_default(api):
-    response = await api.client.post("/api/add_custom_sequence", json={"context": api.context, "text": "hi there"},
-                                     headers={"Origin": "http://evil.example"})
+    response = await api.client.post(endpoint("add_custom_sequence"), headers={"Origin": "http://evil.example"},
+                                     json={"context": api.context, "layer": 1, "head": 0, "text": "hi there"})
+    assert response.status == 200
     assert "Access-Control-Allow-Origin" not in response.headers
-    preflight = await api.client.options("/api/add_custom_sequence", headers={
+    assert "Access-Control-Allow-Credentials" not in response.headers
+    preflight = await api.client.options(endpoint("add_custom_sequence"), headers={
         "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
     assert preflight.status >= 400 and "Access-Control-Allow-Origin" not in preflight.headers
 
 
-async def test_allow_origin_opens_cors_to_that_origin_only(aiohttp_client, config, lm, data):
-    origin = "http://localhost:5173"
-    client = await aiohttp_client(create_app(dataclasses.replace(config, allow_origin=origin), lm))
-    preflight = await client.options("/api/add_custom_sequence", headers={
-        "Origin": origin, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"})
+ORIGIN = "http://localhost:5173"
+
+
+@pytest_asyncio.fixture
+async def cors_api(aiohttp_client, config, lm, data) -> Api:
+    return Api(await aiohttp_client(create_app(dataclasses.replace(config, allow_origin=ORIGIN), lm)), data)
+
+
+async def test_allow_origin_answers_a_credentialed_preflight(cors_api):
+    """What a browser sends before the reference frontend's fetch(..., {credentials: 'include'}) POST."""
+    preflight = await cors_api.client.options(endpoint("project_to_umap"), headers={
+        "Origin": ORIGIN, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"})
     assert preflight.status == 204
-    assert preflight.headers["Access-Control-Allow-Origin"] == origin
-    assert "POST" in preflight.headers["Access-Control-Allow-Methods"]
-    response = await client.post("/api/nope", json={}, headers={"Origin": origin})
-    assert response.status == 404 and response.headers["Access-Control-Allow-Origin"] == origin
-    other = await client.get("/data/config.json", headers={"Origin": "http://evil.example"})
-    assert "Access-Control-Allow-Origin" not in other.headers
+    assert preflight.headers["Access-Control-Allow-Origin"] == ORIGIN  # never "*": credentials forbid it
+    assert preflight.headers["Access-Control-Allow-Credentials"] == "true"
+    assert [m.strip() for m in preflight.headers["Access-Control-Allow-Methods"].split(",")] == ["GET", "HEAD", "POST"]
+    assert preflight.headers["Access-Control-Allow-Headers"].lower() == "content-type"
+    assert int(preflight.headers["Access-Control-Max-Age"]) > 0
+    assert preflight.headers["Vary"] == "Origin"
+
+
+async def test_allow_origin_lets_that_origin_read_credentialed_replies_and_errors(cors_api, data):
+    client = cors_api.client
+    response = await client.post(endpoint("add_custom_sequence"), headers={"Origin": ORIGIN, "Cookie": "a=b"},
+                                 json={"context": cors_api.context, "layer": 1, "head": 0, "text": "hi there"})
+    assert response.status == 200 and (await response.json())["sequence_id"].startswith("c")
+    assert response.headers["Access-Control-Allow-Origin"] == ORIGIN
+    assert response.headers["Access-Control-Allow-Credentials"] == "true"
+    error = await client.post("/api/nope", json={}, headers={"Origin": ORIGIN})
+    assert error.status == 404 and error.headers["Access-Control-Allow-Origin"] == ORIGIN
+    assert set(await error.json()) == {"detail"}
+    static = await client.get("/data/config.json", headers={"Origin": ORIGIN})
+    assert static.headers["Access-Control-Allow-Origin"] == ORIGIN
+
+
+async def test_allow_origin_opens_cors_to_that_origin_only(cors_api):
+    client = cors_api.client
+    for origin in ("http://evil.example", "http://localhost:5174", "null"):
+        other = await client.get("/data/config.json", headers={"Origin": origin})
+        assert "Access-Control-Allow-Origin" not in other.headers and other.headers["Vary"] == "Origin"
+        preflight = await client.options(endpoint("add_custom_sequence"), headers={
+            "Origin": origin, "Access-Control-Request-Method": "POST"})
+        assert preflight.status >= 400 and "Access-Control-Allow-Credentials" not in preflight.headers
