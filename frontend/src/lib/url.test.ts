@@ -5,22 +5,45 @@ describe('parseRoute', () => {
   it('reads the contract deep links', () => {
     expect(parseRoute('?layer=5&head=0&tab=metrics&interval=3')).toEqual(
       headRoute(5, 0, { tab: 'metrics', interval: 3 }));
+    expect(parseRoute('?layer=5&head=0&tab=umap')).toEqual(headRoute(5, 0, { tab: 'umap' }));
+    expect(parseRoute('?layer=5&head=0&tab=help')).toEqual(headRoute(5, 0, { tab: 'help' }));
+    expect(parseRoute('?layer=5&head=0&interval=-1&reduction=pairwise_max&transpose=true')).toEqual(
+      headRoute(5, 0, { interval: -1, reduction: 'pairwise_max', transpose: true }));
     expect(parseRoute('?layer=5&head=0&attr=qk&seq=1234&qpos=17&kpos=16')).toEqual(
       { kind: 'attribution', layer: 5, head: 0, attr: 'qk', seq: 1234, qpos: 17, kpos: 16 });
-    expect(parseRoute('?layer=2&head=1&attr=ov&seq=c-0123456789ab&qpos=4&kpos=0')).toMatchObject(
-      { kind: 'attribution', attr: 'ov', seq: 'c-0123456789ab' });
+    expect(parseRoute('?layer=2&head=1&attr=ov&seq=c1a2b3c4d5e6f&qpos=4&kpos=0')).toMatchObject(
+      { kind: 'attribution', attr: 'ov', seq: 'c1a2b3c4d5e6f' });
+  });
+
+  it('leaves the interval and the view to the data when the link does not name them', () => {
+    const route = parseRoute('?layer=5&head=0');
+    expect(route).toEqual(headRoute(5, 0));
+    expect(route).not.toHaveProperty('interval');
+    expect(route).not.toHaveProperty('view');
   });
 
   it('is the overview without a layer or head', () => {
     expect(parseRoute('')).toEqual({ kind: 'overview' });
     expect(parseRoute('?layer=3')).toEqual({ kind: 'overview' });
-    expect(parseRoute('?x=bos&y=entropy&grid=self')).toEqual({ kind: 'overview', x: 'bos', y: 'entropy', grid: 'self' });
+    expect(parseRoute('?x=bos_score&y=pattern_entropy&grid=self_attention_score')).toEqual(
+      { kind: 'overview', x: 'bos_score', y: 'pattern_entropy', grid: 'self_attention_score' });
+  });
+
+  it('reads the projection extras, the vector in either case', () => {
+    expect(parseRoute('?layer=1&head=2&tab=umap&vector=k&view=umap1&dims=d2,d0&color=cluster')).toEqual(
+      headRoute(1, 2, { tab: 'umap', vector: 'K', view: 'umap1', dims: [2, 0], color: 'cluster' }));
+    expect(parseRoute('?layer=1&head=2&tab=umap&vector=O')).toMatchObject({ vector: 'O' });
   });
 
   it('falls back to defaults for what it cannot read', () => {
-    expect(parseRoute('?layer=1&head=2&tab=nope&interval=0&vector=z&color=red')).toEqual(headRoute(1, 2));
-    expect(parseRoute('?layer=1&head=2&interval=-1')).toEqual(headRoute(1, 2, { interval: -1 }));
+    expect(parseRoute('?layer=1&head=2&tab=nope&interval=0&vector=z&color=red&reduction=min&transpose=yes'))
+      .toEqual(headRoute(1, 2));
+    expect(parseRoute('?layer=1&head=2&tab=projection')).toEqual(headRoute(1, 2)); // format 1's tab name
     expect(parseRoute('?layer=1&head=2&interval=-2')).toEqual(headRoute(1, 2));
+    expect(parseRoute('?layer=1&head=2&interval=100')).toEqual(headRoute(1, 2));
+    expect(parseRoute('?layer=1&head=2&dims=d1,d1')).toEqual(headRoute(1, 2));
+    expect(parseRoute('?layer=1&head=2&dims=d0,d3')).toEqual(headRoute(1, 2));
+    expect(parseRoute('?layer=1&head=2&view=tsne')).toEqual(headRoute(1, 2));
     expect(parseRoute('?layer=-1&head=2')).toEqual({ kind: 'overview' });
     expect(parseRoute('?layer=1.5&head=2')).toEqual({ kind: 'overview' });
     // an attribution link missing a position is a head link
@@ -31,20 +54,28 @@ describe('parseRoute', () => {
 describe('routeQuery', () => {
   const routes: Route[] = [
     { kind: 'overview' },
-    { kind: 'overview', x: 'bos', grid: 'self' },
+    { kind: 'overview', x: 'bos_score', grid: 'self_attention_score' },
     headRoute(0, 0),
-    headRoute(29, 8, { tab: 'projection', vector: 'o', view: 'umap', color: 'cluster' }),
+    headRoute(0, 0, { interval: 10 }),
+    headRoute(29, 8, { tab: 'umap', vector: 'O', view: 'umap0', dims: [1, 2], color: 'cluster' }),
+    headRoute(29, 8, { tab: 'umap', view: 'pca', color: 'distance' }),
     headRoute(3, 4, { tab: 'metrics', interval: 7 }),
-    headRoute(3, 4, { interval: -1 }),
-    { kind: 'attribution', layer: 1, head: 0, attr: 'qk', seq: 'c-abc', qpos: 3, kpos: 1 },
+    headRoute(3, 4, { interval: -1, reduction: 'pairwise_max', transpose: true }),
+    headRoute(3, 4, { tab: 'help' }),
+    { kind: 'attribution', layer: 1, head: 0, attr: 'qk', seq: 'cabc', qpos: 3, kpos: 1 },
   ];
   it.each(routes.map((r) => [routeQuery(r), r]))('round-trips %s', (query, route) => {
     expect(parseRoute(query as string)).toEqual(route);
   });
 
   it('writes the contract parameters in order, defaults left out', () => {
-    expect(routeQuery(headRoute(3, 4))).toBe('?layer=3&head=4&tab=sequences&interval=10');
-    expect(routeQuery(headRoute(3, 4, { tab: 'projection' }))).toBe('?layer=3&head=4&tab=projection');
+    expect(routeQuery(headRoute(3, 4))).toBe('?layer=3&head=4&tab=sequences');
+    expect(routeQuery(headRoute(3, 4, { interval: 10 }))).toBe('?layer=3&head=4&tab=sequences&interval=10');
+    expect(routeQuery(headRoute(3, 4, { tab: 'umap' }))).toBe('?layer=3&head=4&tab=umap');
+    expect(routeQuery(headRoute(3, 4, { interval: 2, reduction: 'pairwise_max', transpose: true })))
+      .toBe('?layer=3&head=4&tab=sequences&interval=2&reduction=pairwise_max&transpose=true');
+    expect(routeQuery(headRoute(3, 4, { tab: 'umap', vector: 'V', dims: [0, 2] })))
+      .toBe('?layer=3&head=4&tab=umap&vector=V&dims=d0,d2');
     expect(routeQuery({ kind: 'overview' })).toBe('');
     expect(routeQuery({ kind: 'attribution', layer: 5, head: 0, attr: 'qk', seq: 1234, qpos: 17, kpos: 16 }))
       .toBe('?layer=5&head=0&attr=qk&seq=1234&qpos=17&kpos=16');

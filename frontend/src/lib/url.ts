@@ -1,24 +1,31 @@
 /** The page's state as a URL query (CONTRACT section 4): `parseRoute` and `routeQuery`, pure and lossless.
  *
- *   ?                                          overview (x, y, grid: metric names)
- *   ?layer=L&head=H&tab=T&interval=N           a head (tab: sequences | projection | metrics)
- *   ?layer=L&head=H&attr=qk&seq=ID&qpos=P&kpos=P   one attribution
+ *   ?                                              the all-heads overview (x, y, grid: metric names)
+ *   ?layer=L&head=H&tab=T&interval=N               a head (tab: sequences | metrics | umap | help;
+ *                                                  interval: n_intervals .. 1, or -1 = custom sequences)
+ *      &reduction=max|pairwise_max&transpose=true  how the sequences are shaded
+ *   ?layer=L&head=H&attr=qk&seq=ID&qpos=P&kpos=P   one attribution (attr: qk | ov)
  *
- * Extras beyond the contract: `x`, `y`, `grid` on the overview; `vector`, `view`,
- * `color` on the projection tab. Defaults are left out of the URL, except `tab`
- * and, on the sequences tab, `interval`, which head links always carry.
+ * Extras beyond the contract: `x`, `y`, `grid` on the overview; `vector`,
+ * `view`, `dims`, `color` on the umap tab. Defaults are left out of the URL,
+ * except `tab`, which head links always carry. An absent `interval` is the
+ * highest one, an absent `view` the head's first UMAP view (PCA when it has none).
  */
 
+import type { Reduction } from './attention';
 import type { AttributionKind, Vector } from './types';
 
-export const TABS = ['sequences', 'projection', 'metrics'] as const;
+export const TABS = ['sequences', 'metrics', 'umap', 'help'] as const;
 export type Tab = (typeof TABS)[number];
-export const VECTORS: Vector[] = ['q', 'k', 'v', 'o'];
-export const COLOR_BY = ['position', 'sequence', 'cluster'] as const;
+export const REDUCTIONS: Reduction[] = ['max', 'pairwise_max'];
+export const VECTORS: Vector[] = ['Q', 'K', 'V', 'O'];
+export const COLOR_BY = ['norm', 'position', 'distance', 'sequence', 'cluster'] as const;
 export type ColorBy = (typeof COLOR_BY)[number];
+/** Two of the three stored components (d0, d1, d2) to draw as x and y. */
+export type Dims = [number, number];
 
-export const DEFAULT_INTERVAL = 10;
 export const CUSTOM_INTERVAL = -1;
+export const MAX_INTERVALS = 99;
 
 export interface OverviewRoute {
   kind: 'overview';
@@ -32,9 +39,12 @@ export interface HeadRoute {
   layer: number;
   head: number;
   tab: Tab;
-  interval: number; // 1..10, or -1 for custom sequences
+  interval?: number; // 1..n_intervals, or -1 for custom sequences; absent: the highest
+  reduction: Reduction;
+  transpose: boolean;
   vector: Vector;
-  view: string; // "pca" or a key of the projection file's views
+  view?: string; // "pca", or "umap{i}" for the head file's views[i]; absent: umap0 when there is one, else pca
+  dims: Dims;
   color: ColorBy;
 }
 
@@ -43,7 +53,7 @@ export interface AttributionRoute {
   layer: number;
   head: number;
   attr: AttributionKind;
-  seq: number | string; // a scan index or a custom id
+  seq: number | string; // a scanned sequence's id or a custom id
   qpos: number;
   kpos: number;
 }
@@ -60,6 +70,17 @@ function oneOf<T extends string>(value: string | null, allowed: readonly T[], fa
   return allowed.includes(value as T) ? (value as T) : fallback;
 }
 
+/** "d0,d2" -> [0, 2]; two different components of d0, d1, d2, else the default [0, 1]. */
+function parseDims(value: string | null): Dims {
+  const match = /^d([012]),d([012])$/.exec(value ?? '');
+  return match && match[1] !== match[2] ? [Number(match[1]), Number(match[2])] : [0, 1];
+}
+
+/** The view named by `view=`: "pca" or "umap{i}", else undefined (the automatic choice). */
+function parseView(value: string | null): string | undefined {
+  return value !== null && /^(pca|umap\d{1,3})$/.test(value) ? value : undefined;
+}
+
 /** A head route with every default filled in. */
 export function headRoute(layer: number, head: number, changes: Partial<HeadRoute> = {}): HeadRoute {
   return {
@@ -67,10 +88,11 @@ export function headRoute(layer: number, head: number, changes: Partial<HeadRout
     layer,
     head,
     tab: 'sequences',
-    interval: DEFAULT_INTERVAL,
-    vector: 'q',
-    view: 'pca',
-    color: 'position',
+    reduction: 'max',
+    transpose: false,
+    vector: 'Q',
+    dims: [0, 1],
+    color: 'norm',
     ...changes,
   };
 }
@@ -93,18 +115,23 @@ export function parseRoute(search: string): Route {
   const qpos = integer(params.get('qpos'));
   const kpos = integer(params.get('kpos'));
   if ((attr === 'qk' || attr === 'ov') && seq && qpos !== undefined && kpos !== undefined) {
-    const numeric = integer(seq);
-    return { kind: 'attribution', layer, head, attr, seq: numeric ?? seq, qpos, kpos };
+    return { kind: 'attribution', layer, head, attr, seq: integer(seq) ?? seq, qpos, kpos };
   }
   const interval = integer(params.get('interval'), true);
-  return headRoute(layer, head, {
+  const route = headRoute(layer, head, {
     tab: oneOf(params.get('tab'), TABS, 'sequences'),
-    interval: interval === undefined || (interval !== CUSTOM_INTERVAL && (interval < 1 || interval > 99))
-      ? DEFAULT_INTERVAL : interval,
-    vector: oneOf(params.get('vector'), VECTORS, 'q'),
-    view: params.get('view') || 'pca',
-    color: oneOf(params.get('color'), COLOR_BY, 'position'),
+    reduction: oneOf(params.get('reduction'), REDUCTIONS, 'max'),
+    transpose: params.get('transpose') === 'true',
+    vector: oneOf(params.get('vector')?.toUpperCase() ?? null, VECTORS, 'Q'),
+    dims: parseDims(params.get('dims')),
+    color: oneOf(params.get('color'), COLOR_BY, 'norm'),
   });
+  if (interval !== undefined && (interval === CUSTOM_INTERVAL || (interval >= 1 && interval <= MAX_INTERVALS))) {
+    route.interval = interval;
+  }
+  const view = parseView(params.get('view'));
+  if (view !== undefined) route.view = view;
+  return route;
 }
 
 /** The query string of a route ("?..." or "" for the overview); `parseRoute(routeQuery(r))` gives `r` back. */
@@ -125,11 +152,15 @@ export function routeQuery(route: Route): string {
     params.set('layer', String(route.layer));
     params.set('head', String(route.head));
     params.set('tab', route.tab);
-    if (route.tab === 'sequences' || route.interval !== DEFAULT_INTERVAL) params.set('interval', String(route.interval));
-    if (route.vector !== 'q') params.set('vector', route.vector);
-    if (route.view !== 'pca') params.set('view', route.view);
-    if (route.color !== 'position') params.set('color', route.color);
+    if (route.interval !== undefined) params.set('interval', String(route.interval));
+    if (route.reduction !== 'max') params.set('reduction', route.reduction);
+    if (route.transpose) params.set('transpose', 'true');
+    if (route.vector !== 'Q') params.set('vector', route.vector);
+    if (route.view !== undefined) params.set('view', route.view);
+    if (route.dims[0] !== 0 || route.dims[1] !== 1) params.set('dims', route.dims.map((d) => `d${d}`).join(','));
+    if (route.color !== 'norm') params.set('color', route.color);
   }
-  const query = params.toString();
+  // URLSearchParams writes "," as %2C; a comma is legal in a query and reads better in the dims list
+  const query = params.toString().replaceAll('%2C', ',');
   return query ? `?${query}` : '';
 }
