@@ -128,39 +128,51 @@ class ProjectionPoints:
         self.min_weight = min_weight
         self._parts: dict[tuple[int, int], list[dict]] = {key: [] for key in per_sequence}
 
-    def add(self, layer: int, head: int, slot: int, b: int, seq_id: int, stats: RowStats,
+    def add(self, layer: int, heads: list[int], seq_ids: list, sampled: Tensor, stats: RowStats,
             qkv: tuple[Tensor, Tensor, Tensor], output: Tensor) -> None:
-        """The edges of head `head` (scanned slot `slot`) on batch row `b` (sequence `seq_id`).
+        """The edges of one layer's batch, every scanned head at once.
 
-        qkv: `HeadSelection.slice` of the layer's capture; output: the capture's (batch, query_pos, head, d_head).
+        heads: the scanned heads (slot order); seq_ids: the batch's sequence ids; sampled: (batch, slot) bool,
+        whether the sequence is a sample of that head; qkv: `HeadSelection.slice` of the capture; output: its
+        (batch, query_pos, head, d_head).
         """
-        if (layer, head) not in self._parts:
+        weight = stats.max_nobos[:, :, 1:].float()  # (batch, slot, query_pos - 1): rows q >= 1
+        top_k = stats.argmax_nobos[:, :, 1:]
+        ok = (top_k >= 1) & (weight >= self.min_weight) & sampled.to(weight.device)[..., None]
+        # rank of each row within its (sequence, head) by weight, heaviest first, lower q first on ties
+        order = torch.sort(torch.where(ok, weight, -1.0), dim=-1, descending=True, stable=True).indices
+        rank = torch.empty_like(order)
+        rank.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+        cap = torch.tensor([self.per_sequence.get((layer, h), 0) for h in heads], device=rank.device)
+        b, slot, row = torch.nonzero(ok & (rank < cap[None, :, None]), as_tuple=True)  # row-major: q ascending
+        if b.numel() == 0:
             return
-        weight = stats.max_nobos[b, slot, 1:].float()  # (query_pos - 1,)
-        top_k = stats.argmax_nobos[b, slot, 1:]
-        rows = torch.nonzero((top_k >= 1) & (weight >= self.min_weight)).flatten()
-        if rows.numel() == 0:
-            return
-        order = torch.sort(weight[rows], descending=True, stable=True).indices[: self.per_sequence[(layer, head)]]
-        rows = torch.sort(rows[order]).values
-        top_q, top_k = rows + 1, top_k[rows]
+        top_q, top_k = row + 1, top_k[b, slot, row]
         query, key, value = qkv
         kv = slot // (query.shape[1] // key.shape[1])
-        self._parts[(layer, head)].append({
-            "seq_idx": np.full(len(top_q), seq_id, dtype=np.int64),
-            "top_q": top_q.cpu().numpy(), "top_k": top_k.cpu().numpy(),
+        head_of = torch.tensor(heads, device=slot.device)[slot]
+        ids = np.asarray(seq_ids, dtype=np.int64)
+        columns = {
+            "seq_idx": ids[b.cpu().numpy()], "top_q": top_q.cpu().numpy(), "top_k": top_k.cpu().numpy(),
             "Q": query[b, slot, top_q].float().cpu().numpy(),
             "K": key[b, kv, top_k].float().cpu().numpy(),
             "V": value[b, kv, top_k].float().cpu().numpy(),
-            "Z": output[b, top_q, head].float().cpu().numpy(),  # (n, d_head): O before W_O
-        })
+            "Z": output[b, top_q, head_of].float().cpu().numpy(),  # (n, d_head): O before W_O
+        }
+        slots = slot.cpu().numpy()
+        for s in np.unique(slots):
+            if (layer, heads[s]) in self._parts:
+                pick = slots == s
+                self._parts[(layer, heads[s])].append({name: col[pick] for name, col in columns.items()})
 
     def cloud(self, layer: int, head: int, w_o: Tensor) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """(edges {seq_idx, top_q, top_k}: (n,) each, vectors {Q, K, V: (n, d_head), O: (n, d_model)}), by seq_idx then top_q."""
-        parts = sorted(self._parts.pop((layer, head), []), key=lambda p: int(p["seq_idx"][0]))
+        parts = self._parts.pop((layer, head), [])
         if not parts:
             return ({name: np.zeros(0, dtype=np.int64) for name in ("seq_idx", "top_q", "top_k")}, {})
         cat = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+        order = np.lexsort((cat["top_q"], cat["seq_idx"]))
+        cat = {name: col[order] for name, col in cat.items()}
         d_head = cat["Q"].shape[1]
         w = w_o[:, head * d_head : (head + 1) * d_head].detach().float().cpu().numpy()  # (d_model, d_head)
         vectors = {"Q": cat["Q"], "K": cat["K"], "V": cat["V"], "O": cat["Z"] @ w.T}
@@ -200,7 +212,11 @@ def sequence_records(
         best, q, k = sequence_argmax(stats.max_nobos, stats.argmax_nobos)
         top_values = stats.top_values.float().cpu().numpy()
         top_indices = stats.top_indices.cpu().numpy()
-        qkv = selection.slice(capture) if points is not None else None
+        if points is not None:
+            sampled = torch.tensor([[sid in wanted.get((capture.layer, head), ()) for head in selection.heads]
+                                    for sid in state["ids"]])  # (batch, slot)
+            points.add(capture.layer, selection.heads, state["ids"], sampled, stats, selection.slice(capture),
+                       capture.output)
         for slot, head in enumerate(selection.heads):
             per_head = wanted.get((capture.layer, head))
             if not per_head:
@@ -221,8 +237,6 @@ def sequence_records(
                     "argmax": [int(q[b, slot]), int(k[b, slot])],
                     "token_ids": token_ids,
                 }
-                if points is not None:
-                    points.add(capture.layer, head, slot, b, sid, stats, qkv, capture.output)
 
     rows = {sid: i for i, sid in enumerate(seq_ids)}
     with CaptureSession(lm.model, set(selection.layers), on_layer) as session:
