@@ -70,22 +70,17 @@ def _rows_kernel(scores, exps, shifts, q_start, causal, window, key_valid, token
                 k_lo = max(0, q - window + 1)
                 if not causal:
                     k_hi = min(keys, q + window)
-            # pass 1: count, sum and the two largest of the allowed scores (m2 = m on a tie for the max)
+            # pass 1: count, sum and max of the allowed scores (plain reductions: the loop vectorizes)
             n = 0
             total_s = 0.0
             m = -np.inf
-            m2 = -np.inf
             for k in range(k_lo, k_hi):
                 if has_valid and not key_valid[b, k]:
                     continue
                 s = scores[b, h, r, k]
                 n += 1
                 total_s += s
-                if s > m:
-                    m2 = m
-                    m = s
-                elif s > m2:
-                    m2 = s
+                m = max(m, s)
             if n == 0:
                 continue  # a fully padded row: every output stays 0 / -1
             mean = total_s / n
@@ -102,6 +97,8 @@ def _rows_kernel(scores, exps, shifts, q_start, causal, window, key_valid, token
             has_dup = False
             e_max = 0.0
             k_max = -1
+            m2 = -np.inf  # the largest score below the max; n_top: how often the max occurs
+            n_top = 0
             filled = 0
             tok_q = tokens[b, q]
             bins_e[:] = 0.0
@@ -123,6 +120,10 @@ def _rows_kernel(scores, exps, shifts, q_start, causal, window, key_valid, token
                 z += e
                 ed += e * d
                 var += (s - mean) * (s - mean)
+                if s == m:
+                    n_top += 1
+                elif s > m2:
+                    m2 = s
                 dist += e * abs(q - k)
                 dist_sq += e * ((q - k) * (q - k))
                 if k < q and tokens[b, k] == tok_q:
@@ -158,8 +159,8 @@ def _rows_kernel(scores, exps, shifts, q_start, causal, window, key_valid, token
             metrics[_MAX, b, h, q] = m
             metrics[_DIST, b, h, q] = dist * inv
             metrics[_DIST_SQ, b, h, q] = dist_sq * inv
-            if n >= 2:
-                metrics[_MARGIN, b, h, q] = m - m2
+            if n >= 2:  # a tie for the max gives margin 0
+                metrics[_MARGIN, b, h, q] = 0.0 if n_top >= 2 else m - m2
                 margin_counted[b, h, q] = True
             metrics[_IND, b, h, q] = ind * inv
             metrics[_DUP, b, h, q] = dup * inv
