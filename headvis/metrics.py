@@ -151,8 +151,9 @@ def chunk_scores(query: Tensor, key: Tensor, spec: AttentionSpec, q_start: int, 
     return scores
 
 
-def _chunk_pattern(scores: Tensor, allowed: Tensor, spec: AttentionSpec) -> tuple[Tensor, Tensor, Tensor]:
-    """(pattern, row max score, row_ok) for one chunk; masked entries of the pattern are 0.
+def _chunk_pattern(scores: Tensor, allowed: Tensor, spec: AttentionSpec) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(pattern, row max score, row_ok, masked scores) for one chunk; masked entries of the pattern are 0
+    and of the scores -inf.
 
     pattern = exp(s - m) / sum exp(s - m) with m the row max (and the sink
     logit, if any, in both m and the sum). `s - m` is exact in float32 for
@@ -172,7 +173,7 @@ def _chunk_pattern(scores: Tensor, allowed: Tensor, spec: AttentionSpec) -> tupl
     if spec.sinks is not None:
         total = total + torch.exp(sink - shift)
     pattern = weights / torch.where(row_ok, total, 1.0)
-    return pattern, row_max.squeeze(-1), row_ok.squeeze(-1)
+    return pattern, row_max.squeeze(-1), row_ok.squeeze(-1), masked
 
 
 def ref_pattern(query: Tensor, key: Tensor, spec: AttentionSpec) -> Tensor:
@@ -230,7 +231,7 @@ def ref_row_stats(
         keys = slice(0, k_end)
         scores = chunk_scores(query, key[:, :, keys], spec, q_start, q_end)  # (batch, head, rows, k_end)
         allowed = allowed_keys(spec, q_start, q_end, k_end, device)
-        pattern, row_max, row_ok = _chunk_pattern(scores, allowed, spec)
+        pattern, row_max, row_ok, masked = _chunk_pattern(scores, allowed, spec)
         row_ok = row_ok & allowed.any(-1)
 
         n_allowed = allowed.sum(-1).clamp(min=1)
@@ -243,7 +244,7 @@ def ref_row_stats(
         # top-1 minus top-2 over allowed keys; ties give 0 (topk keeps duplicates)
         two = allowed.sum(-1) >= 2  # (batch or 1, 1, rows)
         if k_end >= 2:
-            top2 = scores.masked_fill(~allowed, -math.inf).topk(2, dim=-1).values  # (batch, head, rows, 2)
+            top2 = masked.topk(2, dim=-1).values  # (batch, head, rows, 2)
             margin = torch.where(two, top2[..., 0] - top2[..., 1], 0.0)
             out["top_logit_margin"][:, :, rows] = torch.where(row_ok, margin, 0.0)
         margin_counted[:, :, rows] = (two & row_ok).expand(batch, n_heads, -1)
