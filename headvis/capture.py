@@ -27,7 +27,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from headvis.metrics import AttentionSpec
 
-__all__ = ["IMPLEMENTATION", "CaptureSession", "LayerCapture", "install"]
+__all__ = ["IMPLEMENTATION", "CaptureSession", "LayerCapture", "install", "run_attention"]
 
 IMPLEMENTATION = "headvis"
 
@@ -174,3 +174,22 @@ class CaptureSession:
             self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         except _StopForward:
             pass
+
+
+@torch.inference_mode()
+def run_attention(model: nn.Module, module: nn.Module, hidden_states: Tensor, **kwargs) -> LayerCapture:
+    """One attention module of `model` run alone on `hidden_states` (batch, pos, d_model), already normed.
+
+    kwargs go to the module's forward (e.g. `position_embeddings=(cos, sin)` for rotary models). The
+    capture is what the module computed: its post-RoPE queries, keys and values. Attributions use it
+    to push components of an input through the model's own projections and rotary embedding.
+    """
+    grabbed: list[LayerCapture] = []
+    with CaptureSession(model, {layer_index(module)}, grabbed.append):
+        try:
+            module(hidden_states=hidden_states, attention_mask=None, **kwargs)
+        except _StopForward:
+            pass
+    if not grabbed:
+        raise RuntimeError(f"{type(module).__name__} did not call the attention interface")
+    return grabbed[0]
