@@ -160,3 +160,26 @@ def test_backend_resolution_and_fallback(monkeypatch, capsys):
         backends.resolve_backend("numba", cpu)
     with pytest.raises(HeadvisError, match="--backend must be one of"):
         backends.resolve_backend("jax", cpu)
+
+
+@pytest.mark.parametrize("n, dim", [(2000, 64), (500, 576), (40, 100), (2, 8), (5, 2)])
+def test_pca_equals_scikit_learn(n, dim):
+    """headvis' PCA (torch, exact) against scikit-learn's: same components up to sign, coordinates, ratios."""
+    from sklearn.decomposition import PCA
+
+    from headvis.projection import _pca
+
+    rng = np.random.default_rng(n + dim)
+    x = rng.normal(size=(n, dim)) * np.linspace(3, 0.1, dim) + rng.normal(size=dim)
+    coords, rotation = _pca(x, seed=0)
+    c = min(3, n, dim)
+    ref = PCA(n_components=c, svd_solver="full").fit(x)
+    signs = np.sign((rotation["components"] * ref.components_).sum(1))
+    assert np.all(signs != 0)
+    assert np.allclose(rotation["components"] * signs[:, None], ref.components_, atol=1e-6)
+    assert np.allclose(coords[:, :c] * signs, ref.transform(x), atol=1e-6 * (1 + np.abs(coords).max()))
+    assert np.allclose(rotation["explained_variance_ratio"][:c], ref.explained_variance_ratio_, atol=1e-9)
+    assert np.allclose(rotation["mean"], ref.mean_)
+    assert coords.shape == (n, 3) and np.all(coords[:, c:] == 0)
+    pivots = np.abs(rotation["components"]).argmax(1)
+    assert np.all(rotation["components"][np.arange(c), pivots] > 0), "sign: the largest entry is positive"
