@@ -34,9 +34,9 @@ from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from headvis.attributions.linearize import LayerLinearization
+from headvis.attributions.linearize import LayerLinearization, attention_module
 from headvis.capture import CaptureSession
 from headvis.errors import HeadvisError
 from headvis.metrics import allowed_keys
@@ -83,14 +83,33 @@ class EdgeInputs:
     softcap: float | None
 
 
+def _decoder_layer(model: nn.Module, attention: nn.Module) -> nn.Module:
+    """The block holding `attention`: the ancestor that is an entry of a ModuleList (the model's layers)."""
+    parents = {child: parent for parent in model.modules() for child in parent.children()}
+    node = attention
+    while node in parents:
+        parent = parents[node]
+        if isinstance(parent, nn.ModuleList):
+            return node
+        node = parent
+    raise HeadvisError(f"cannot find the decoder layer of {type(attention).__name__}")
+
+
 def edge_inputs(lm: LoadedModel, token_ids: list[int], layer: int) -> EdgeInputs:
-    """One forward pass of `token_ids`: the residual input of `layer` and what its attention computed."""
+    """One forward pass of `token_ids`, stopped after `layer`: its residual input and what its attention computed."""
     ids = torch.tensor([token_ids], dtype=torch.long, device=lm.device)
-    grabbed = []
-    with torch.inference_mode():
-        resid = lm.model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states[layer][0]
-    with CaptureSession(lm.model, {layer}, grabbed.append) as session:
-        session.run(ids)
+    grabbed, resid = [], []
+    block = _decoder_layer(lm.model, attention_module(lm.model, layer))
+
+    def read_input(_module, args, kwargs):  # the block's input is hook_resid_pre (hidden_states[layer])
+        resid.append((kwargs["hidden_states"] if "hidden_states" in kwargs else args[0])[0].detach().float())
+
+    handle = block.register_forward_pre_hook(read_input, with_kwargs=True)
+    try:
+        with CaptureSession(lm.model, {layer}, grabbed.append) as session:
+            session.run(ids)
+    finally:
+        handle.remove()
     capture = grabbed[0]
     spec = capture.spec
     group = capture.query.shape[1] // capture.key.shape[1]
@@ -101,7 +120,7 @@ def edge_inputs(lm: LoadedModel, token_ids: list[int], layer: int) -> EdgeInputs
         scores = torch.tanh(scores / spec.softcap) * spec.softcap
     allowed = allowed_keys(spec, 0, len(token_ids), len(token_ids), scores.device)[0, 0]
     scores = scores.masked_fill(~allowed, float("-inf"))
-    return EdgeInputs(resid=resid.float(), query=capture.query[0], key=capture.key[0], value=capture.value[0],
+    return EdgeInputs(resid=resid[0], query=capture.query[0], key=capture.key[0], value=capture.value[0],
                       output=capture.output[0], scores=scores, pattern=torch.softmax(scores, dim=-1),
                       softcap=spec.softcap)
 

@@ -17,6 +17,7 @@ and projection biases come with the module.
 from __future__ import annotations
 
 import copy
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,15 @@ from headvis.errors import HeadvisError
 __all__ = ["LayerLinearization", "attention_module", "pre_attention_norm"]
 
 _NORM_NAMES = ("input_layernorm", "ln_1")  # the pre-attention norm of a decoder layer (Llama/NeoX/Gemma, GPT-2)
+# attention module -> its float64 copy, made once (a deep copy of one layer costs ~10 ms; an edge needs two)
+_FLOAT64: "weakref.WeakKeyDictionary[nn.Module, nn.Module]" = weakref.WeakKeyDictionary()
+
+
+def _float64(module: nn.Module) -> nn.Module:
+    copied = _FLOAT64.get(module)
+    if copied is None:
+        copied = _FLOAT64[module] = copy.deepcopy(module).double()
+    return copied
 
 
 def attention_module(model: nn.Module, layer: int) -> nn.Module:
@@ -113,7 +123,7 @@ class LayerLinearization:
         self.module = attention_module(model, layer)
         self.norm = _freeze(pre_attention_norm(model, self.module), x)
         self.position = position
-        self._module64 = copy.deepcopy(self.module).double()
+        self._module64 = _float64(self.module)
         self._zero = self._project(torch.zeros(1, x.shape[-1], dtype=torch.float64))
 
     def _rotary(self, n: int) -> dict:
