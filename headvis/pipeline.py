@@ -165,8 +165,15 @@ class ProjectionPoints:
                 pick = slots == s
                 self._parts[(layer, heads[s])].append({name: col[pick] for name, col in columns.items()})
 
-    def cloud(self, layer: int, head: int, w_o: Tensor) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """(edges {seq_idx, top_q, top_k}: (n,) each, vectors {Q, K, V: (n, d_head), O: (n, d_model)}), by seq_idx then top_q."""
+    def cloud(self, layer: int, head: int, w_o: Tensor) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray],
+                                                                  dict[str, np.ndarray]]:
+        """(edges {seq_idx, top_q, top_k}: (n,) each, vectors {Q, K, V, O: (n, d_head)}, bases {O: (d_model, d_head)}).
+
+        O = Z W^T lives in the d_head-dimensional column space of the head's slice W of the output
+        projection: with W = B R (B orthonormal), O = (Z R^T) B^T, so O is handed over as its
+        coordinates Z R^T in the basis B. Distances, PCA and UMAP are unchanged by an orthonormal
+        basis, and the fits cost d_head instead of d_model columns. Rows: by seq_idx, then top_q.
+        """
         parts = self._parts.pop((layer, head), [])
         if not parts:
             return ({name: np.zeros(0, dtype=np.int64) for name in ("seq_idx", "top_q", "top_k")}, {})
@@ -174,9 +181,10 @@ class ProjectionPoints:
         order = np.lexsort((cat["top_q"], cat["seq_idx"]))
         cat = {name: col[order] for name, col in cat.items()}
         d_head = cat["Q"].shape[1]
-        w = w_o[:, head * d_head : (head + 1) * d_head].detach().float().cpu().numpy()  # (d_model, d_head)
-        vectors = {"Q": cat["Q"], "K": cat["K"], "V": cat["V"], "O": cat["Z"] @ w.T}
-        return {name: cat[name] for name in ("seq_idx", "top_q", "top_k")}, vectors
+        w = w_o[:, head * d_head : (head + 1) * d_head].detach().double().cpu()  # (d_model, d_head)
+        basis, r = torch.linalg.qr(w)  # (d_model, d_head), (d_head, d_head)
+        vectors = {"Q": cat["Q"], "K": cat["K"], "V": cat["V"], "O": cat["Z"].astype(np.float64) @ r.numpy().T}
+        return {name: cat[name] for name in ("seq_idx", "top_q", "top_k")}, vectors, {"O": basis.numpy()}
 
 
 def sequence_records(
@@ -293,10 +301,11 @@ def fit_projections(
     for layer, head in tqdm(keys, desc="pass 3: projections", unit="head"):
         if layer not in w_o:
             raise RuntimeError(f"no output projection found for layer {layer}")
-        edges, vectors = points.cloud(layer, head, w_o[layer])
+        edges, vectors, bases = points.cloud(layer, head, w_o[layer])
         if gpu is not None and vectors:
             vectors = {name: torch.as_tensor(v, device=lm.device) for name, v in vectors.items()}
-        fields, rotation = fit_head(vectors, n_points=len(edges["seq_idx"]), with_umap=with_umap, seed=seed, gpu=gpu)
+        fields, rotation = fit_head(vectors, n_points=len(edges["seq_idx"]), with_umap=with_umap, seed=seed, gpu=gpu,
+                                    bases=bases)
         on_head(layer, head, edges, fields, rotation)
 
 

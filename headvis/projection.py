@@ -110,14 +110,18 @@ def _fit_gpu(x, libs: GpuLibraries, with_umap: bool, seed: int) -> tuple[np.ndar
 
 
 def fit_head(vectors: dict, *, n_points: int, with_umap: bool, seed: int,
-             gpu: GpuLibraries | None = None) -> tuple[dict, dict]:
+             gpu: GpuLibraries | None = None, bases: dict[str, np.ndarray] | None = None) -> tuple[dict, dict]:
     """Fit one head. vectors: Q/K/V/O -> (n_points, dim) array (a device tensor with `gpu`); {} when n_points = 0.
 
     Returns (the umap file's `norms`, `pca`, `pca_explained_variance` and,
     when UMAP was fitted, `views` fields; the rotation Q/K/V/O -> {mean, components}).
     An empty cloud gives empty columns and an empty rotation. UMAP needs
-    UMAP_MIN_POINTS points; a smaller cloud gets no `views`.
+    UMAP_MIN_POINTS points; a smaller cloud gets no `views`. bases: name ->
+    (dim, r) orthonormal columns when that vector is given as its (n, r)
+    coordinates in them (O, see `ProjectionPoints.cloud`): the fit runs on the
+    coordinates and the rotation is mapped back to the full space.
     """
+    bases = bases or {}
     if n_points == 0:
         empty = {f"d{i}": [] for i in range(COMPONENTS)}
         return ({"norms": [], "pca": {name: dict(empty) for name in VECTORS},
@@ -133,7 +137,12 @@ def fit_head(vectors: dict, *, n_points: int, with_umap: bool, seed: int,
             umap_coords = _umap(x, seed) if with_umap else None
         pca_part[name] = columns(coords)
         ratios[name] = rot["explained_variance_ratio"]
-        rotation[name] = {"mean": rot["mean"], "components": rot["components"]}
+        basis = bases.get(name)
+        if basis is None:
+            rotation[name] = {"mean": rot["mean"], "components": rot["components"]}
+        else:  # back to the full space: x = y @ basis.T
+            rotation[name] = {"mean": np.asarray(rot["mean"]) @ basis.T,
+                              "components": np.asarray(rot["components"]) @ basis.T}
         if with_umap:
             embeddings[name] = columns(umap_coords)
     q = vectors["Q"]
