@@ -74,8 +74,12 @@ STATISTICS_DISPLAY = {
     "n_sequences": {"label": "Sequences scanned", "format": "integer"},
     "n_samples": {"label": "Sequences shown", "format": "integer"},
 }
-CUSTOM_PLOTS = [{"key": "qk_distance_histogram", "label": "Q-K distance"},
-                {"key": "histogram", "label": "Max activation distribution"}]
+# The reference frontend draws `histogram` on its own; listing it here as well would draw it twice.
+CUSTOM_PLOTS = [{"key": "qk_distance_histogram", "label": "Q-K distance"}]
+# The reference frontend's sidebar scatter: a layer x head grid coloured by a metric, until the user picks axes.
+SCATTER = {"default_x": "layer", "default_y": "head", "default_color": "induction_score",
+           "discrete_axes": ["layer", "head"]}
+DIMENSIONS = {"primary": "layer", "secondary": "head"}
 CUSTOM_TABLES = [{"key": "top_query_tokens", "label": "Top query tokens"},
                  {"key": "top_key_tokens", "label": "Top key tokens"}]
 
@@ -301,6 +305,8 @@ def run_scan(opts: ScanOptions, lm: LoadedModel | None = None) -> Path:
         write_json(staging / "umap" / "sequences.json",
                    {str(sid): tokens(sequences[sid].tolist()) for sid in sorted(cloud_ids)})
         write_json(staging / "custom_sequences" / "index.json", {"sequences": []})
+        for layer, head in results:  # empty per-head files: a static host answers 200, not 404, for every head
+            write_json(staging / "custom_sequences" / f"L{layer}H{head}.json", {"sequences": []})
         write_json(staging / "attributions" / "manifest.json", {})
         for kind in ("qk", "ov"):
             (staging / "attributions" / kind).mkdir(parents=True, exist_ok=True)
@@ -322,6 +328,8 @@ def run_scan(opts: ScanOptions, lm: LoadedModel | None = None) -> Path:
             "custom_plots": CUSTOM_PLOTS,
             "custom_tables": CUSTOM_TABLES,
             "statistics_display": STATISTICS_DISPLAY,
+            "scatter": SCATTER,
+            "dimensions": DIMENSIONS,
             # headvis' additions (CONTRACT section 2)
             "format_version": FORMAT_VERSION,
             "headvis_version": headvis.__version__,

