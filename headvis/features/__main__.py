@@ -1,0 +1,7 @@
+"""`python -m headvis.features`: see headvis/features/build.py."""
+
+import sys
+
+from headvis.features.build import main
+
+sys.exit(main())
