@@ -2,11 +2,15 @@
 
     python -m headvis.serve --data data                  # http://127.0.0.1:8765
     python -m headvis.serve --data data --port 0 --allow-origin http://localhost:5173
+    python -m headvis.serve --data data --dictionary dictionaries/L5 --dictionary dictionaries/L6
 
 The frontend is served at `/`, the data tree at `/data/`, the endpoints of
 CONTRACT section 3 at `POST /api/head_vis/public/{name}/v0` (described at
 `/api/openapi.json`). `--data` must be a format 2 tree (a format 1 tree is
-refused: re-scan it). docs/server.md has the details. The work lives in
+refused: re-scan it). Each `--dictionary` (a SAELens folder) turns on the QK/OV
+attributions of the layer whose attention input it reads, and is OV's target
+for the layer before; one that does not fit the model is refused before
+serving. docs/server.md has the details. The work lives in
 `headvis.server`.
 """
 
@@ -62,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frontend", default=None, help="built frontend folder (default: frontend/dist of the source tree)")
     p.add_argument("--allow-origin", type=_origin, default=None,
                    help="the one origin allowed to call cross-origin, with credentials (CORS); off by default")
+    p.add_argument("--dictionary", action="append", default=[], metavar="DIR",
+                   help="a SAELens dictionary folder (cfg.json + sae_weights.safetensors) the attributions read; "
+                        "repeatable, one per hook")
     return p
 
 
@@ -101,7 +108,8 @@ def _run(args: argparse.Namespace) -> None:
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     config = ServerConfig(data=tree.root, url=url, model=args.model, device=device, frontend=frontend,
-                          allow_origin=args.allow_origin, allowed_hosts=allowed_hosts_for(args.host, url))
+                          allow_origin=args.allow_origin, allowed_hosts=allowed_hosts_for(args.host, url),
+                          dictionaries=tuple(Path(d).expanduser() for d in args.dictionary))
     asyncio.run(serve(config, sock))
 
 

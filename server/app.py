@@ -2,10 +2,12 @@
 
     app = create_app(ServerConfig(data=Path("data"), url="http://127.0.0.1:8765"))
 
-Start-up (cleanup contexts, in order): load the model once (the scan's, or
-`config.model`) on a thread; reconcile `custom_sequences/` and start the file
-thread; write `data/server_config.json` with `server_url` and a fresh
-context. Shutdown undoes them in reverse: `server_config.json` back to `{}`
+Start-up (cleanup contexts, in order): read the `--dictionary` folders and
+check them against the scanned model's shape (config.json) with their
+feature libraries; load the model once (the scan's, or `config.model`) on a
+thread and move the dictionaries to its device; reconcile
+`custom_sequences/` and `attributions/` and start the file thread; write
+`data/server_config.json` with `server_url` and a fresh context. Shutdown undoes them in reverse: `server_config.json` back to `{}`
 (static-only), then the file thread and the model thread finish their jobs
 and stop.
 
@@ -29,10 +31,12 @@ from aiohttp import web
 from headvis.errors import HeadvisError
 from headvis.io import write_json
 from headvis.models import load_model
+from headvis.server.attributions import AttributionStore, ServedDictionaries, read_dictionaries
 from headvis.server.compute import ModelJobs, ModelWorker
 from headvis.server.limits import MAX_BODY_BYTES
 from headvis.server.routes import setup_routes
-from headvis.server.state import CONFIG, CONTEXT, FILES, JOBS, PRELOADED, STORE, TREE, UMAP, ServerConfig
+from headvis.server.state import (ATTRIBUTIONS, CONFIG, CONTEXT, DICTIONARIES, FILES, JOBS, PRELOADED, STORE, TREE,
+                                   UMAP, ServerConfig)
 from headvis.server.store import CustomStore, JsonFiles, UmapStore
 from headvis.server.tree import open_data_tree
 
@@ -134,14 +138,20 @@ async def _security_headers(request: web.Request, response: web.StreamResponse) 
 # -- start-up and shutdown
 
 async def _model(app: web.Application):
-    """Load the model once (on a thread), start the model thread; stop it at shutdown."""
+    """Read the dictionaries, load the model once (on a thread), check them against it, start the model thread."""
     config, tree = app[CONFIG], app[TREE]
+    # before the model loads: a dictionary that cannot be served fails at once (checked against the scan's shape)
+    dictionaries = await asyncio.to_thread(read_dictionaries, config.dictionaries)
+    served = await asyncio.to_thread(ServedDictionaries.check, dictionaries, tree, config.model)
     lm = app.get(PRELOADED)
     if lm is None:
         name = config.model or tree.config["model"]["name"]
         log.info("loading model %s on %s", name, config.device)
         lm = await asyncio.to_thread(load_model, name, config.device)
-    jobs = ModelJobs(ModelWorker(lm, tree))
+    jobs = ModelJobs(ModelWorker(lm, tree))  # refuses a model of another shape than the scan's
+    for line in served.log_lines():
+        log.info("%s", line)
+    app[DICTIONARIES] = served.to(lm.device)
     app[JOBS] = jobs
     yield
     await asyncio.to_thread(jobs.close)
@@ -156,6 +166,13 @@ async def _store(app: web.Application):
         raise HeadvisError(f"{tree.custom_dir} is damaged ({type(e).__name__}: {e}); fix or remove it") from e
     if dropped:
         log.info("removed %d custom records left by an interrupted add or delete", dropped)
+    try:
+        fixed = await asyncio.to_thread(app[ATTRIBUTIONS].reconcile)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise HeadvisError(f"{tree.attributions_dir} is damaged ({type(e).__name__}: {e}); fix or remove "
+                           "attributions/manifest.json") from e
+    if fixed:
+        log.info("attributions/manifest.json now lists exactly the attribution files (%d changes)", fixed)
     yield
     await asyncio.to_thread(app[FILES].close)
 
@@ -186,6 +203,7 @@ def create_app(config: ServerConfig, lm=None) -> web.Application:
     app[FILES] = JsonFiles()
     app[STORE] = CustomStore(tree, app[FILES])
     app[UMAP] = UmapStore(tree, app[FILES])
+    app[ATTRIBUTIONS] = AttributionStore(tree, app[FILES])
     if lm is not None:
         app[PRELOADED] = lm
     app.cleanup_ctx.extend([_model, _store, _server_config])

@@ -1,4 +1,4 @@
-"""Model work of the server: custom-sequence records and projections of one attention edge.
+"""Model work of the server: custom-sequence records, projections and attributions of one attention edge.
 
 Everything that touches the model or the tokenizer runs on one worker
 thread (`ModelJobs`), one job at a time, off the event loop: a forward pass
@@ -16,6 +16,11 @@ once by running the model on their sequences (token ids from the head's
 file, cached per head), and each new point goes to the inverse-distance-
 weighted mean of the view coordinates of its `NEIGHBOURS` nearest cloud
 points, distances taken in that vector's own space. Nothing is unpickled.
+
+Attributions are `headvis.attributions.qk_attribution` / `ov_attribution`
+(their own forward pass over the sequence, then the decomposition of one
+edge); an OV target dictionary's input at the query position comes from
+`headvis.dictionaries.capture_hooks` (a forward pass stopped at its hook).
 """
 
 from __future__ import annotations
@@ -33,15 +38,18 @@ import numpy as np
 import torch
 from aiohttp import web
 
+from headvis.attributions import ov_attribution, qk_attribution
 from headvis.backends import resolve_backend
 from headvis.capture import CaptureSession, LayerCapture
 from headvis.datasets import prefix_token
+from headvis.dictionaries import capture_hooks
 from headvis.errors import HeadvisError
 from headvis.io import read_json, round_sig
 from headvis.metrics import distance_bin_edges
 from headvis.models import LoadedModel, output_projections
 from headvis.pipeline import HeadSelection, Tokens, head_vectors, sequence_records
 from headvis.projection import COMPONENTS, VECTORS, project_pca
+from headvis.server.attributions import Served, describer
 from headvis.server.limits import MAX_PENDING_JOBS, MAX_TOKENS, NEIGHBOURS
 from headvis.server.tree import DataTree
 
@@ -283,6 +291,21 @@ class ModelWorker:
             "umap_views": umap_views,
             "tokens": edge.tokens,
         }
+
+    # -- attributions
+    def attribution(self, kind: str, layer: int, head: int, edge: Edge, source: Served,
+                    target: Served | None = None) -> dict:
+        """The attribution file body (kind "qk" or "ov") of one edge; HeadvisError (400) for an edge edge.py refuses."""
+        args = (self.lm, source.dictionary, edge.token_ids, edge.seq_idx, layer, head, edge.query_pos, edge.key_pos)
+        if kind == "qk":
+            return qk_attribution(*args, describe=describer([source]))
+        target_input = None
+        if target is not None:
+            hook = target.dictionary.hook_name
+            ids = torch.tensor([edge.token_ids], dtype=torch.int64)
+            target_input = capture_hooks(self.lm.model, [hook], ids)[hook][0, edge.query_pos]  # (d_model,)
+        return ov_attribution(*args, target=None if target is None else target.dictionary, target_input=target_input,
+                              describe=describer([source] + ([target] if target is not None else [])))
 
 
 class ModelJobs:

@@ -5,12 +5,14 @@ through the model, files grown, work queued.
 """
 
 __all__ = [
+    "MAX_ATTRIBUTION_FILES",
     "MAX_BODY_BYTES",
     "MAX_CLUSTERS",
     "MAX_CLUSTER_NAME",
     "MAX_CUSTOM_SEQUENCES",
     "MAX_PENDING_JOBS",
     "MAX_PROJECTED_POINTS",
+    "MAX_SNIPPETS",
     "MAX_TEXT_BYTES",
     "MAX_TOKENS",
     "NEIGHBOURS",
@@ -25,3 +27,7 @@ MAX_CLUSTER_NAME = 100  # characters of a cluster name
 MAX_PROJECTED_POINTS = 1024  # projected_points kept per head; project_to_umap answers 409 beyond
 MAX_PENDING_JOBS = 32  # model jobs queued or running; more are refused with 429
 NEIGHBOURS = 8  # k of the nearest-neighbour interpolation onto UMAP views
+MAX_ATTRIBUTION_FILES = 4096  # attribution files kept (qk and ov together); the attribution endpoints answer 409 beyond
+# Snippets per listed feature in an attribution file (the feature library keeps more). With edge.py's 50 pairs and
+# 20 marginals of 5 interactions per side, a file lists at most 340 snippet lists: 1360 snippets of <= 15 tokens.
+MAX_SNIPPETS = 4

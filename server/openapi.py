@@ -14,8 +14,8 @@ import copy
 
 import headvis
 from headvis.schemas import load_schema
-from headvis.server.limits import (MAX_BODY_BYTES, MAX_CUSTOM_SEQUENCES, MAX_PROJECTED_POINTS, MAX_TEXT_BYTES,
-                                   MAX_TOKENS)
+from headvis.server.limits import (MAX_ATTRIBUTION_FILES, MAX_BODY_BYTES, MAX_CUSTOM_SEQUENCES, MAX_PROJECTED_POINTS,
+                                   MAX_TEXT_BYTES, MAX_TOKENS)
 
 __all__ = ["API_PREFIX", "ENDPOINTS", "REQUESTS", "endpoint_path", "openapi_document"]
 
@@ -130,8 +130,10 @@ _REPLIES: dict[str, dict] = {
                            "properties": {"saved": {"description": "How many clusters the file now holds.",
                                                     "type": "integer", "minimum": 0}}},
     "project_to_umap": _PROJECTION_REPLY,
-    "qk_attributions": {"description": "The attribution file (CONTRACT section 2, `attributions/`).", "type": "object"},
-    "ov_attributions": {"description": "The attribution file (CONTRACT section 2, `attributions/`).", "type": "object"},
+    "qk_attributions": {"description": "The content of attributions/qk/L{l}H{h}S{seq}Q{q}K{k}.json (CONTRACT section 2).",
+                        **_file_schema("attribution_file.schema.json")},
+    "ov_attributions": {"description": "The content of attributions/ov/L{l}H{h}S{seq}Q{q}K{k}.json (CONTRACT section 2).",
+                        **_file_schema("attribution_file.schema.json")},
 }
 
 _SUMMARIES = {
@@ -142,18 +144,24 @@ _SUMMARIES = {
     "save_umap_clusters": "Replace the `clusters` of umap/L{l}H{h}.json.",
     "project_to_umap": "Place one attention edge (seq_idx, query_pos, key_pos) of a head in its PCA (and UMAP) "
                        "views: found in the cloud, found among the projected points, or computed and kept.",
-    "qk_attributions": "Sparse-dictionary attribution of one attention score (needs a dictionary: 501 until then).",
-    "ov_attributions": "Sparse-dictionary attribution of one OV write (needs a dictionary: 501 until then).",
+    "qk_attributions": "Decompose one attention score into pairs of features of the dictionary of the layer's input "
+                       "(--dictionary): the cached file when it was made with the same dictionaries, else computed "
+                       "(one forward pass), written to attributions/qk/ and listed in attributions/manifest.json.",
+    "ov_attributions": "Decompose one OV write (the key position's value through the head, at the query position) "
+                       "into features of the layer's input dictionary, onto the features of the dictionary of the "
+                       "layer's output (resid_post) when one is served, else onto the head's output direction; cached "
+                       "in attributions/ov/ as for qk_attributions.",
 }
 
 _ERRORS = {
     "400": "Bad body: not JSON, not an object, a missing, unknown or mistyped field, a head that was not scanned, "
-           "a position past the sequence, a cluster point not in the cloud.",
+           "a position past the sequence, a key the query cannot attend to (after it, in a causal model), "
+           "a cluster point not in the cloud.",
     "403": "A context this server did not issue.",
-    "404": "Unknown sequence id or route.",
+    "404": "Unknown sequence id or route; for the attribution endpoints also: no dictionary reads the layer's input.",
     "409": f"The data tree cannot take it: {MAX_CUSTOM_SEQUENCES} custom sequences already, "
-           f"{MAX_PROJECTED_POINTS} projected points of the head already, an empty cloud, a missing file, "
-           "or a model that does not reproduce the scan.",
+           f"{MAX_PROJECTED_POINTS} projected points of the head already, {MAX_ATTRIBUTION_FILES} attribution files "
+           "already, an empty cloud, a missing file, or a model that does not reproduce the scan.",
     "413": f"Body over {MAX_BODY_BYTES} bytes, or text over {MAX_TEXT_BYTES} UTF-8 bytes.",
     "415": "Content-Type is not application/json.",
     "429": "Too many model jobs queued; retry later.",
@@ -180,7 +188,8 @@ def openapi_document(url: str, examples: dict[str, list]) -> dict:
         responses = {"200": {"description": "Success.", "content": {"application/json": {"schema": _REPLIES[name]}}}}
         responses.update({code: _error_response(text) for code, text in _ERRORS.items()})
         if name.endswith("_attributions"):
-            responses["501"] = _error_response("No sparse dictionary is configured (the body is validated first).")
+            responses["501"] = _error_response("The server was started without any --dictionary, so attributions "
+                                               "are off (the body is validated first).")
         paths[endpoint_path(name)] = {"post": {
             "operationId": name,
             "summary": _SUMMARIES[name],
@@ -204,7 +213,7 @@ def openapi_document(url: str, examples: dict[str, list]) -> dict:
                  "description": "Live endpoints of headvis (CONTRACT section 3): POST "
                                 f"{API_PREFIX}/{{name}}/v0. Every body carries `context` from "
                                 "data/server_config.json. Errors are JSON {\"detail\": ...} with a 4xx "
-                                "(or the attribution endpoints' documented 501)."},
+                                "(or the attribution endpoints' 501 on a server started without --dictionary)."},
         "servers": [{"url": url}],
         "paths": paths,
         "components": {"schemas": {"Error": ERROR}},

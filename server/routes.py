@@ -4,7 +4,8 @@ The endpoints are `POST /api/head_vis/public/{name}/v0`. Handlers validate
 at the edge (`read_body`: JSON, context, schema), then check what the schema
 cannot (a scanned head, a sequence the tree holds, positions inside it, a
 byte limit), then hand model work to the model thread and file changes to
-the stores. Paths on disk are built only from validated integers.
+the stores. Paths on disk are built only from validated integers (and
+custom ids that matched their pattern and are listed).
 """
 
 from __future__ import annotations
@@ -16,15 +17,14 @@ from aiohttp import web
 from headvis.server.compute import Edge
 from headvis.server.limits import MAX_TEXT_BYTES
 from headvis.server.openapi import API_PREFIX, ENDPOINTS, endpoint_path, openapi_document
-from headvis.server.state import CONFIG, CONTEXT, FILES, JOBS, STORE, TREE, UMAP
+from headvis.server.state import ATTRIBUTIONS, CONFIG, CONTEXT, DICTIONARIES, FILES, JOBS, STORE, TREE, UMAP
 from headvis.server.static import NOT_BUILT_PAGE, send_file
 from headvis.server.store import find_edge
 from headvis.server.tree import DataTree
 from headvis.server.validation import number_text, read_body
 
-__all__ = ["ATTRIBUTIONS_UNAVAILABLE", "setup_routes"]
+__all__ = ["setup_routes"]
 
-ATTRIBUTIONS_UNAVAILABLE = "no sparse dictionary is configured: QK/OV attributions are not available yet"
 _SOURCE_FRONTEND = Path(__file__).resolve().parents[1] / "frontend" / "dist"
 
 
@@ -92,6 +92,7 @@ async def delete_custom_sequence(request: web.Request) -> web.Response:
     body = await read_body(request, "delete_custom_sequence", request.app[CONTEXT])
     _scanned_head(request.app[TREE], body)
     await request.app[STORE].delete(body["sequence_id"])
+    await request.app[ATTRIBUTIONS].forget(body["sequence_id"])
     return web.json_response({"deleted": body["sequence_id"]})
 
 
@@ -116,21 +117,29 @@ async def project_to_umap(request: web.Request) -> web.Response:
     return web.json_response(await umap_store.add_projected(layer, head, point))
 
 
-async def _validate_attribution(request: web.Request, endpoint: str) -> None:
-    """Everything an attribution request names must exist, even while no dictionary is configured."""
-    body = await read_body(request, endpoint, request.app[CONTEXT])
+async def _attribution(request: web.Request, kind: str) -> web.Response:
+    """The attribution file of an edge (everything it names validated first): cached as it is, or computed and kept."""
+    body = await read_body(request, f"{kind}_attributions", request.app[CONTEXT])
     layer, head = _scanned_head(request.app[TREE], body)
-    await _edge(request, layer, head, body)
+    edge = await _edge(request, layer, head, body)
+    dictionaries = request.app[DICTIONARIES]
+    source = dictionaries.require_source(layer)  # 501 without any dictionary, 404 without one for this layer
+    target = dictionaries.target(layer) if kind == "ov" else None
+
+    async def compute() -> dict:
+        return await request.app[JOBS].run(lambda worker: worker.attribution(kind, layer, head, edge, source, target))
+
+    raw = await request.app[ATTRIBUTIONS].get(kind, layer, head, edge.seq_idx, edge.query_pos, edge.key_pos,
+                                              source, target, compute)
+    return web.Response(body=raw, content_type="application/json")
 
 
 async def qk_attributions(request: web.Request) -> web.Response:
-    await _validate_attribution(request, "qk_attributions")
-    raise web.HTTPNotImplemented(text=ATTRIBUTIONS_UNAVAILABLE)
+    return await _attribution(request, "qk")
 
 
 async def ov_attributions(request: web.Request) -> web.Response:
-    await _validate_attribution(request, "ov_attributions")
-    raise web.HTTPNotImplemented(text=ATTRIBUTIONS_UNAVAILABLE)
+    return await _attribution(request, "ov")
 
 
 async def openapi_json(request: web.Request) -> web.Response:

@@ -85,6 +85,10 @@ class JsonFiles:
     def lock(self, path: Path) -> asyncio.Lock:
         return self._locks.setdefault(Path(path), asyncio.Lock())
 
+    async def call(self, fn: Callable[..., Any], *args) -> Any:
+        """fn(*args) on the IO thread: file reads that are not a JSON body alone."""
+        return await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
+
     async def read(self, path: Path, default: Callable[[], Any]) -> Any:
         """The file as it is now, parsed on the IO thread (writes are atomic renames, so no lock is needed)."""
         return await asyncio.get_running_loop().run_in_executor(self._io, _read_or, Path(path), default)
@@ -162,7 +166,7 @@ class CustomStore:
         await self.files.update(self.tree.custom_index, put(entry), _empty_sequences)
 
     async def delete(self, sequence_id: str) -> None:
-        """Unlist the entry (404 if it is not listed), then drop its record from every head file."""
+        """Unlist the entry (404 if it is not listed), then drop it from every head file and umap file."""
 
         def drop(body: dict) -> tuple[dict | None, bool]:
             kept = [r for r in body["sequences"] if r["sequence_id"] != sequence_id]
@@ -176,6 +180,20 @@ class CustomStore:
             self.files.update(self.tree.custom_head(layer, head), drop, _empty_sequences)
             for layer, head in self.tree.scanned_heads
             if self.tree.custom_head(layer, head).exists()
+        ))
+
+        def forget(body: dict) -> tuple[dict | None, None]:
+            """Projected points of the sequence, and cluster points naming it, leave the umap file too."""
+            points = [p for p in body.get("projected_points", []) if p["seq_idx"] != sequence_id]
+            clusters = [{**c, "points": [t for t in c["points"] if t[0] != sequence_id]} for c in body.get("clusters", [])]
+            if len(points) == len(body.get("projected_points", [])) and clusters == body.get("clusters", []):
+                return None, None
+            return {**body, "projected_points": points, "clusters": clusters}, None
+
+        await asyncio.gather(*(
+            self.files.update(self.tree.umap_head(layer, head), forget, dict)
+            for layer, head in self.tree.scanned_heads
+            if self.tree.umap_head(layer, head).exists()
         ))
 
     def reconcile(self) -> int:

@@ -90,6 +90,19 @@ class DataTree:
     def umap_rotation(self, layer: int, head: int) -> Path:
         return self.umap_dir / f"L{layer}H{head}.rotation.json"
 
+    @property
+    def attributions_dir(self) -> Path:
+        return self.root / "attributions"
+
+    @property
+    def attributions_manifest(self) -> Path:
+        return self.attributions_dir / "manifest.json"
+
+    def attribution_file(self, kind: str, layer: int, head: int, seq_idx: int | str, query_pos: int,
+                         key_pos: int) -> Path:
+        """attributions/{qk,ov}/L{l}H{h}S{seq}Q{q}K{k}.json; `seq_idx` a scanned id or a validated custom id."""
+        return self.attributions_dir / kind / f"L{layer}H{head}S{seq_idx}Q{query_pos}K{key_pos}.json"
+
 
 def _is_head_list(value) -> bool:
     return isinstance(value, list) and all(

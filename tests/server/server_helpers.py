@@ -1,9 +1,12 @@
-"""Constants of the fixture scan and a client helper, shared by the server tests (conftest.py makes them)."""
+"""Constants of the fixture scan, a client helper and random dictionaries, shared by the server tests."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
+from headvis.dictionaries import Dictionary, parse_hook, save_dictionary
 from headvis.io import read_json
 
 LAYERS = [1, 3]
@@ -32,3 +35,17 @@ class Api:
         """(status, reply JSON)."""
         response = await self.client.post(endpoint(name), json={"context": self.context, **fields})
         return response.status, await response.json()
+
+
+def random_dictionary(path: Path, hook_name: str, d_in: int, *, d_sae: int = 256, k: int = 8, seed: int = 0) -> Path:
+    """A random TopK SAE (unit decoder rows, W_enc = W_dec^T) saved as a SAELens folder at `path`."""
+    layer, hook = parse_hook(hook_name)
+    g = torch.Generator().manual_seed(seed)
+    w_dec = torch.randn(d_sae, d_in, generator=g)
+    w_dec = w_dec / w_dec.norm(dim=1, keepdim=True)
+    save_dictionary(Dictionary(
+        name=path.name, path=path, architecture="topk", hook_name=hook_name, hook_name_out=None, layer=layer,
+        hook=hook, d_in=d_in, d_sae=d_sae, d_out=d_in, W_enc=w_dec.T.contiguous(), b_enc=torch.zeros(d_sae),
+        W_dec=w_dec, b_dec=0.01 * torch.randn(d_in, generator=g), threshold=None, k=k, apply_b_dec_to_input=True,
+        model_name=None, is_transcoder=False), path)
+    return path

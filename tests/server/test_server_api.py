@@ -14,7 +14,6 @@ from headvis.schemas import validate_file, validate_tree
 from headvis.server import limits, store
 from headvis.server.app import create_app
 from headvis.server.compute import Edge
-from headvis.server.routes import ATTRIBUTIONS_UNAVAILABLE
 from headvis.server.state import JOBS
 
 from server_helpers import HEADS, LAYERS, NUM_SEQS, SEQ_LEN, endpoint
@@ -41,8 +40,9 @@ def _head_ids(data, layer: int, head: int) -> list[str]:
 
 
 def _no_custom_files(data) -> bool:
+    """Nothing custom: the index and every head file (the scan writes them empty) list no sequence."""
     return (read_json(data / "custom_sequences" / "index.json") == {"sequences": []}
-            and not list((data / "custom_sequences").glob("L*H*.json")))
+            and all(read_json(p) == {"sequences": []} for p in (data / "custom_sequences").glob("L*H*.json")))
 
 
 def _leftovers(data) -> list[str]:
@@ -373,6 +373,26 @@ async def test_project_to_umap_projects_an_edge_of_a_custom_sequence(api, data):
     validate_tree(data)
 
 
+async def test_deleting_a_custom_sequence_removes_its_projected_and_clustered_points(api, data):
+    """CONTRACT: delete removes it everywhere, the umap files' projected points and cluster points included."""
+    _, added = await api.post("add_custom_sequence", layer=1, head=0, text="def f(x): return x + 1")
+    sid = added["sequence_id"]
+    status, reply = await api.post("project_to_umap", layer=1, head=0, **_edge_body(sid, 4, 2))
+    assert status == 200, reply
+    cluster = _cluster(data, 1, 0)
+    kept = [list(p) for p in cluster["points"]]
+    cluster["points"] = kept + [[sid, 4, 2]]
+    status, reply = await api.post("save_umap_clusters", layer=1, head=0, clusters=[cluster])
+    assert (status, reply) == (200, {"saved": 1})
+    status, _ = await api.post("delete_custom_sequence", layer=1, head=0, sequence_id=sid)
+    assert status == 200
+    umap = _umap(data, 1, 0)
+    assert umap["projected_points"] == [] and umap["clusters"] == [{**cluster, "points": kept}]
+    status, reply = await api.post("project_to_umap", layer=1, head=0, **_edge_body(sid, 4, 2))
+    assert status == 404 and sid in reply["detail"]
+    validate_tree(data)
+
+
 def _with_views(data, layer: int, head: int) -> dict:
     """Give a head a synthetic UMAP view (a nonlinear map of its PCA coordinates), as --umap would."""
     path = data / "umap" / f"L{layer}H{head}.json"
@@ -571,17 +591,6 @@ async def test_clusters_and_projections_of_one_head_do_not_lose_each_other(api, 
     umap = _umap(data, 3, 4)
     assert umap["clusters"] == [cluster]
     assert sorted((p["seq_idx"], p["top_q"], p["top_k"]) for p in umap["projected_points"]) == sorted(edges)
-
-
-# -- attributions: validated, then 501 until a dictionary is configured
-
-@pytest.mark.parametrize("name", ["qk_attributions", "ov_attributions"])
-async def test_attributions_answer_501_after_validating_the_body(api, data, name):
-    status, reply = await api.post(name, layer=1, head=0, **_edge_body(_first_shown(data, 1, 0), 5, 2))
-    assert (status, reply) == (501, {"detail": ATTRIBUTIONS_UNAVAILABLE})
-    _, custom = await api.post("add_custom_sequence", layer=1, head=0, text="a b c d e f")
-    status, reply = await api.post(name, layer=1, head=0, **_edge_body(custom["sequence_id"], 3, 3))
-    assert status == 501
 
 
 # -- routes and the OpenAPI description

@@ -39,7 +39,9 @@ def _one_error_line(result: subprocess.CompletedProcess, needle: str) -> None:
     (["--data", "{data}", "--allow-origin", "http://a.example/path"], "--allow-origin wants one origin"),
     (["--data", "{data}", "--frontend", "{tmp}"], "no index.html"),
     (["--data", "{data}", "--device", "tpu"], "--device must be cpu or cuda"),
-    (["--data", "{data}", "--dictionary", "{tmp}"], "unrecognized arguments: --dictionary"),
+    (["--data", "{data}", "--dictionary", "{tmp}/none"], "no such folder"),
+    (["--data", "{data}", "--dictionary", "{tmp}"], "cfg.json is missing"),
+    (["--data", "{data}", "--dictionary"], "expected one argument"),
 ])
 def test_a_bad_command_line_is_one_line_and_exit_2(args, needle, tmp_path, data):
     (tmp_path / "empty").mkdir()
@@ -56,6 +58,16 @@ def test_a_format_1_tree_is_one_line_saying_to_re_scan(data, version):
     write_json(data / "config.json", config)
     _one_error_line(_serve("--data", str(data)), "re-scan it: python -m headvis.scan --out")
     assert read_json(data / "server_config.json") == {}  # the scan's; no server started
+
+
+def test_a_dictionary_that_does_not_fit_the_model_is_refused_before_serving(data, tmp_path, lm, dictionaries):
+    from server_helpers import random_dictionary
+
+    narrow = random_dictionary(tmp_path / "narrow", "blocks.1.hook_resid_pre", 100)
+    _one_error_line(_serve("--data", str(data), "--port", "0", "--dictionary", str(narrow)), "is for d_model 100")
+    twice = ["--dictionary", str(dictionaries["L1"]), "--dictionary", str(dictionaries["L1"])]
+    _one_error_line(_serve("--data", str(data), "--port", "0", *twice), "both read the input of layer 1")
+    assert read_json(data / "server_config.json") == {}  # refused before serving
 
 
 def test_a_busy_port_is_one_line_and_exit_2(data):

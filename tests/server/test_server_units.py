@@ -37,9 +37,11 @@ def test_endpoint_names_and_bodies_are_frozen():
 
 def test_cli_flags_are_frozen():
     flags = sorted(s for action in build_parser()._actions for s in action.option_strings)
-    assert flags == ["--allow-origin", "--data", "--device", "--frontend", "--help", "--host", "--model", "--port", "-h"]
+    assert flags == ["--allow-origin", "--data", "--device", "--dictionary", "--frontend", "--help", "--host", "--model",
+                     "--port", "-h"]
     defaults = build_parser().parse_args(["--data", "d"])
-    assert (defaults.host, defaults.port, defaults.allow_origin) == ("127.0.0.1", 8765, None)
+    assert (defaults.host, defaults.port, defaults.allow_origin, defaults.dictionary) == ("127.0.0.1", 8765, None, [])
+    assert build_parser().parse_args(["--data", "d", "--dictionary", "a", "--dictionary", "b"]).dictionary == ["a", "b"]
 
 
 def test_interpolation_takes_the_coordinates_of_a_coinciding_anchor():
