@@ -2,7 +2,7 @@
 
 The points are the head's strong attention edges gathered in pass 2
 (`headvis.pipeline.ProjectionPoints`). Each vector space is fitted on its
-own; PCA is computed in float64 torch (`_pca`, equal to scikit-learn's
+own; PCA is computed directly in float64 (`_pca`, equal to scikit-learn's
 within float tolerance, tested). The PCA rotation (`mean`, `components`) is saved as JSON beside the
 head's file so that new edges can be projected later (`project_pca`).
 
@@ -39,36 +39,34 @@ def _pad(coords: np.ndarray) -> np.ndarray:
 
 
 def _pca(x: np.ndarray, seed: int) -> tuple[np.ndarray, dict]:
-    """(coords (n, 3), {mean, components (c, dim), explained_variance_ratio (3,)}), float64 torch.
+    """(coords (n, 3), {mean, components (c, dim), explained_variance_ratio (3,)}), float64 numpy.
 
     scikit-learn's PCA, computed directly: the top eigenvectors of the centred
     covariance (an SVD of the centred data when there are fewer points than
     dimensions), each component's sign fixed so its largest-magnitude entry is
-    positive (scikit-learn's `svd_flip` on the components). sklearn picks a
-    randomized solver with LU power iterations for these shapes, ~0.5 s per
-    2000 x 576 cloud on this CPU; this is ~10 ms. `seed` is unused (the
-    solution is exact) and kept for the GPU path's signature.
+    positive (scikit-learn's `svd_flip` on the components). For these shapes
+    scikit-learn picks a randomized solver with LU power iterations (~0.5 s per
+    2000 x 576 cloud on this CPU); this is ~1 ms at d_head columns. numpy, not
+    torch: torch's eigh on a 64 x 64 matrix takes ~35 ms with 2 threads on a
+    busy 2-core machine, 0.6 ms with one. `seed` is unused (the solution is
+    exact) and kept for the GPU path's signature.
     """
-    import torch
-
-    data = torch.as_tensor(np.asarray(x), dtype=torch.float64)
+    data = np.asarray(x, dtype=np.float64)
     n, dim = data.shape
     c = min(COMPONENTS, n, dim)
     mean = data.mean(0)
     centred = data - mean
     total = float((centred * centred).sum())
     if n >= dim:
-        values, vectors = torch.linalg.eigh(centred.T @ centred)  # ascending
-        values, components = values.flip(0)[:c].clamp_min(0), vectors.flip(1)[:, :c].T
+        values, vectors = np.linalg.eigh(centred.T @ centred)  # ascending
+        values, components = np.clip(values[::-1][:c], 0, None), vectors[:, ::-1][:, :c].T
     else:
-        _, singular, vt = torch.linalg.svd(centred, full_matrices=False)
+        _, singular, vt = np.linalg.svd(centred, full_matrices=False)
         values, components = singular[:c] ** 2, vt[:c]
-    pivot = components.abs().argmax(1)
-    components = components * torch.sign(components[torch.arange(c), pivot])[:, None]
-    ratio = (values / total).numpy() if total > 0 else np.zeros(c)
-    ratio = np.pad(ratio, (0, COMPONENTS - c))
-    coords = (centred @ components.T).numpy()
-    return _pad(coords), {"mean": mean.numpy(), "components": components.numpy(), "explained_variance_ratio": ratio}
+    pivot = np.abs(components).argmax(1)
+    components = components * np.sign(components[np.arange(c), pivot])[:, None]
+    ratio = np.pad(values / total if total > 0 else np.zeros(c), (0, COMPONENTS - c))
+    return _pad(centred @ components.T), {"mean": mean, "components": components, "explained_variance_ratio": ratio}
 
 
 def _umap(x: np.ndarray, seed: int) -> np.ndarray:
