@@ -5,7 +5,14 @@
   60 edges per head (no UMAP); made once per session.
 - `live`: the real server app (`headvis.server.app.create_app`) with the
   session's model, in a thread, serving `frontend/dist` and a private copy of
-  the scan: server mode, as `python -m headvis.serve` runs it.
+  the scan: server mode, as `python -m headvis.serve` runs it, without any
+  dictionary (the attribution endpoints answer 501).
+- `dictionaries`: random TopK dictionaries (tests/server/server_helpers.py) of
+  layer 1's input ("L1", the attributions' source) and output ("L1out", OV's
+  target); layer 3 has none. `described_scan`: the scan with L1's feature
+  library (descriptions and snippets; L1out has none).
+- `live_attr`: `live` over a private copy of `described_scan`, started with
+  both dictionaries (`--dictionary`).
 - `static_site`: a plain static file server (`http.server`) over a folder with
   dist's files and the scan as `data/`, `server_config.json` = `{}`: the
   static-only mode of any web host.
@@ -19,9 +26,11 @@ Everything is skipped, with the reason, when `frontend/dist` is not built or
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import http.server
 import shutil
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -79,20 +88,19 @@ def scan(frontend_ready, tmp_path_factory, smollm) -> Path:
     return out
 
 
-@pytest.fixture
-def live(scan, smollm, tmp_path) -> Iterator[Site]:
-    """The real server over a private copy of the scan, in a thread of this process."""
+@contextlib.contextmanager
+def serving(data: Path, lm, dictionaries: tuple[Path, ...] = ()) -> Iterator[Site]:
+    """The real server over `data` (with `dictionaries`), in a thread of this process."""
     from aiohttp import web
 
     from headvis.server.app import create_app
     from headvis.server.net import bind, url_for
     from headvis.server.state import ServerConfig
 
-    data = tmp_path / "data"
-    shutil.copytree(scan, data)
     sock = bind("127.0.0.1", 0)
     url = url_for(sock)
-    runner = web.AppRunner(create_app(ServerConfig(data=data, url=url, frontend=DIST), smollm), access_log=None)
+    config = ServerConfig(data=data, url=url, frontend=DIST, dictionaries=dictionaries)
+    runner = web.AppRunner(create_app(config, lm), access_log=None)
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="headvis-test-server", daemon=True)
     thread.start()
@@ -109,6 +117,47 @@ def live(scan, smollm, tmp_path) -> Iterator[Site]:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         loop.close()
+
+
+@pytest.fixture
+def live(scan, smollm, tmp_path) -> Iterator[Site]:
+    """The real server over a private copy of the scan, no dictionary."""
+    data = tmp_path / "data"
+    shutil.copytree(scan, data)
+    with serving(data, smollm) as site:
+        yield site
+
+
+@pytest.fixture(scope="session")
+def dictionaries(frontend_ready, tmp_path_factory, smollm) -> dict[str, Path]:
+    """name -> SAELens folder: "L1" reads layer 1's input, "L1out" its output (OV's target)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))
+    from server_helpers import random_dictionary
+
+    root = tmp_path_factory.mktemp("frontend-dictionaries")
+    d_model = smollm.info.d_model
+    return {"L1": random_dictionary(root / "L1", "blocks.1.hook_resid_pre", d_model, seed=1),
+            "L1out": random_dictionary(root / "L1out", "blocks.1.hook_resid_post", d_model, seed=2)}
+
+
+@pytest.fixture(scope="session")
+def described_scan(scan, dictionaries, smollm, tmp_path_factory) -> Path:
+    """The scan with the feature library of L1 (python -m headvis.features): descriptions and snippets."""
+    from headvis.features import FeatureOptions, build_features
+
+    data = tmp_path_factory.mktemp("frontend-described") / "data"
+    shutil.copytree(scan, data)
+    build_features(FeatureOptions(dictionary=str(dictionaries["L1"]), data=str(data), device="cpu"), lm=smollm)
+    return data
+
+
+@pytest.fixture
+def live_attr(described_scan, dictionaries, smollm, tmp_path) -> Iterator[Site]:
+    """The real server over a private copy of `described_scan`, with dictionaries L1 and L1out."""
+    data = tmp_path / "data"
+    shutil.copytree(described_scan, data)
+    with serving(data, smollm, (dictionaries["L1"], dictionaries["L1out"])) as site:
+        yield site
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):

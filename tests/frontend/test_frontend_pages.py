@@ -605,7 +605,7 @@ def test_the_attribution_link_shows_the_servers_error_detail(page, live):
     article.locator(f"span.token[data-pos='{q}']").click()
     article.locator(f"span.token[data-pos='{k}']").click()
     with page.expect_response(re.compile(r"/api/head_vis/public/qk_attributions/v0$"), timeout=MODEL_TIMEOUT_MS) as response:
-        article.locator("[data-attribution]").click()
+        article.locator("[data-attribution=qk]").click()
     expect(page).to_have_url(re.compile(rf"\?layer=3&head=4&attr=qk&seq={seq['sequence_id']}&qpos={q}&kpos={k}$"))
     assert not response.value.ok
     detail = response.value.json()["detail"]

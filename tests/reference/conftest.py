@@ -12,6 +12,12 @@ build`; its `dist/` is cached under `~/.cache/headvis/reference-frontend/<hash>`
   behind a plain static file server (module-scoped: read-only tests).
 - `ref_live`: the real server app (`create_app`) over a private copy of the
   scan, serving the reference dist, in a thread (per test: tests write to it).
+- `ref_dictionary`: a random TopK dictionary of layer 1's input
+  (tests/server/server_helpers.py); `ref_described`: the scan with its feature
+  library (descriptions and snippets). `ref_attr_live`: `ref_live` over a copy
+  of `ref_described`, started with that dictionary (QK, and OV onto the head's
+  output direction; layer 3 has none). `ref_attr_static`: a writable static
+  site of the reference dist over another copy of `ref_described`.
 - `ref_page`: a fresh page of the module's chromium; uncaught page errors fail
   the test.
 
@@ -22,12 +28,14 @@ with the reason, and fail instead when `CI` is set.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import http.server
 import os
 import shutil
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -165,13 +173,9 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-@pytest.fixture(scope="module")
-def ref_static(ref_dist, ref_scan, tmp_path_factory) -> Iterator[Site]:
-    """dist/'s files with the scan beside them as data/, no server (server_config.json is {})."""
-    folder = tmp_path_factory.mktemp("reference-static") / "site"
-    shutil.copytree(ref_dist, folder)
-    shutil.copytree(ref_scan, folder / "data")
-    (folder / "data" / "server_config.json").write_text("{}")
+@contextlib.contextmanager
+def _static(folder: Path) -> Iterator[Site]:
+    """A plain static file server over `folder` (its data/ beside the dist files), in a thread."""
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(folder)))
     threading.Thread(target=server.serve_forever, name="headvis-reference-static", daemon=True).start()
     try:
@@ -181,20 +185,30 @@ def ref_static(ref_dist, ref_scan, tmp_path_factory) -> Iterator[Site]:
         server.server_close()
 
 
-@pytest.fixture
-def ref_live(ref_dist, ref_scan, smollm, tmp_path) -> Iterator[Site]:
-    """The real server app over a private copy of the scan, serving the reference dist, in a thread."""
+@pytest.fixture(scope="module")
+def ref_static(ref_dist, ref_scan, tmp_path_factory) -> Iterator[Site]:
+    """dist/'s files with the scan beside them as data/, no server (server_config.json is {})."""
+    folder = tmp_path_factory.mktemp("reference-static") / "site"
+    shutil.copytree(ref_dist, folder)
+    shutil.copytree(ref_scan, folder / "data")
+    (folder / "data" / "server_config.json").write_text("{}")
+    with _static(folder) as site:
+        yield site
+
+
+@contextlib.contextmanager
+def _serving(data: Path, ref_dist: Path, lm, dictionaries: tuple[Path, ...] = ()) -> Iterator[Site]:
+    """The real server app over `data` (with `dictionaries`), serving the reference dist, in a thread."""
     from aiohttp import web
 
     from headvis.server.app import create_app
     from headvis.server.net import bind, url_for
     from headvis.server.state import ServerConfig
 
-    data = tmp_path / "data"
-    shutil.copytree(ref_scan, data)
     sock = bind("127.0.0.1", 0)
     url = url_for(sock)
-    runner = web.AppRunner(create_app(ServerConfig(data=data, url=url, frontend=ref_dist), smollm), access_log=None)
+    config = ServerConfig(data=data, url=url, frontend=ref_dist, dictionaries=dictionaries)
+    runner = web.AppRunner(create_app(config, lm), access_log=None)
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="headvis-reference-server", daemon=True)
     thread.start()
@@ -211,3 +225,53 @@ def ref_live(ref_dist, ref_scan, smollm, tmp_path) -> Iterator[Site]:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         loop.close()
+
+
+@pytest.fixture
+def ref_live(ref_dist, ref_scan, smollm, tmp_path) -> Iterator[Site]:
+    """The real server app over a private copy of the scan, serving the reference dist, in a thread."""
+    data = tmp_path / "data"
+    shutil.copytree(ref_scan, data)
+    with _serving(data, ref_dist, smollm) as site:
+        yield site
+
+
+@pytest.fixture(scope="session")
+def ref_dictionary(ref_prereqs, tmp_path_factory, smollm) -> Path:
+    """A random TopK SAE of layer 1's input (blocks.1.hook_resid_pre), as a SAELens folder named L1."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))
+    from server_helpers import random_dictionary
+
+    return random_dictionary(tmp_path_factory.mktemp("reference-dictionary") / "L1", "blocks.1.hook_resid_pre",
+                             smollm.info.d_model, seed=1)
+
+
+@pytest.fixture(scope="session")
+def ref_described(ref_scan, ref_dictionary, smollm, tmp_path_factory) -> Path:
+    """The scan with the dictionary's feature library (python -m headvis.features)."""
+    from headvis.features import FeatureOptions, build_features
+
+    data = tmp_path_factory.mktemp("reference-described") / "data"
+    shutil.copytree(ref_scan, data)
+    build_features(FeatureOptions(dictionary=str(ref_dictionary), data=str(data), device="cpu"), lm=smollm)
+    return data
+
+
+@pytest.fixture
+def ref_attr_live(ref_dist, ref_described, ref_dictionary, smollm, tmp_path) -> Iterator[Site]:
+    """The server with the layer-1 dictionary over a private copy of `ref_described`, serving the reference dist."""
+    data = tmp_path / "data"
+    shutil.copytree(ref_described, data)
+    with _serving(data, ref_dist, smollm, (ref_dictionary,)) as site:
+        yield site
+
+
+@pytest.fixture
+def ref_attr_static(ref_dist, ref_described, tmp_path) -> Iterator[Site]:
+    """The reference dist with a private copy of `ref_described` as data/, static-only; tests may add files."""
+    folder = tmp_path / "site"
+    shutil.copytree(ref_dist, folder)
+    shutil.copytree(ref_described, folder / "data")
+    (folder / "data" / "server_config.json").write_text("{}")
+    with _static(folder) as site:
+        yield site

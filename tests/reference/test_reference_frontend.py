@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 import urllib.error
 import urllib.request
@@ -609,3 +610,222 @@ def _lasso_including(page, site, layer, head, calls, index, triple):
     drawn = lasso(page, geo, "with-projected", calls)
     got = check_saved_cluster(page, site, layer, head, drawn, "with-projected", cloud)
     assert triple in got
+
+
+# --- attributions (AttributionTab, FeaturePairList, FeaturePanel, FeatureSnippets) ------------------------------
+
+
+def top_edge(data: Path, layer: int = 1, head: int = 0) -> tuple[int, int, int, int]:
+    """(example index in interval 10, sequence_id, q, k): the top interval's first sequence and its strongest pair."""
+    top = sorted((s for s in head_file(data, layer, head)["sequences"] if s["interval"] == 10),
+                 key=lambda s: -s["max_activation"])
+    q, k = top[0]["argmax"]
+    return len(top), top[0]["sequence_id"], q, k
+
+
+def attribution_path(data: Path, kind: str, layer: int, head: int, seq, q: int, k: int) -> Path:
+    return data / "attributions" / kind / f"L{layer}H{head}S{seq}Q{q}K{k}.json"
+
+
+def post_endpoint(site, name: str, **fields) -> dict:
+    """An endpoint called with the context of server_config.json, as a frontend calls it."""
+    body = {"context": load(site.data, "server_config.json")["context"], **fields}
+    req = urllib.request.Request(f"{site.url}api/head_vis/public/{name}/v0", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(req, timeout=90) as r:
+        return json.loads(r.read())
+
+
+def sanitize_token(t: str) -> str:  # lib/tokens.js sanitizeToken (FeatureSnippets.svelte)
+    return render_visibly(t.replace("\u2028", " ").replace("\u205f", " "))
+
+
+def format_score(v: float) -> str:  # FeaturePanel.svelte formatScore
+    a = abs(v)
+    if a == 0:
+        return "0"
+    if a < 0.001:
+        return js_exp(v, 2)
+    return js_fixed(v, 4) if a < 1 else js_fixed(v, 2)
+
+
+def format_max_act(v: float) -> str:  # FeatureSnippets.svelte formatMaxAct
+    return js_fixed(v, 1) if v >= 100 else js_fixed(v, 2) if v >= 10 else js_fixed(v, 3)
+
+
+def attribution_through_ui(page, site, kind: str, layer: int, head: int, n_top: int, seq, q: int, k: int):
+    """Example.svelte's QK/OV mode: its button, the query token, the key token -> the QK/OV tab."""
+    open_sequences(page, site, layer, head, "&interval=10", expect=n_top)
+    index = [e["id"] for e in examples(page)].index(str(seq))
+    ex = page.locator(".example").nth(index)
+    ex.locator(f".{kind}-btn").click()
+    toks = ex.locator(".tokens .token")
+    toks.nth(q).click()
+    toks.nth(k).click()
+
+
+def wait_attribution_tab(page, kind: str, n_pairs: int):
+    wait_until(page, f"""() => document.querySelector('.tab-btn.active')?.textContent.trim() === '{kind.upper()}' &&
+        document.querySelectorAll('.pair-list .list-content > .pair-item').length === {n_pairs}""",
+               f"the {kind.upper()} tab with {n_pairs} feature pairs", timeout_ms=60_000)
+
+
+def pair_rows(page) -> list[dict]:
+    return page.evaluate("""() => Array.from(document.querySelectorAll('.pair-list .list-content > .pair-item')).map(b => ({
+        source: b.querySelector('.pair-col.source').textContent.trim(),
+        target: b.querySelector('.pair-col.target').textContent.trim(),
+        color: b.style.backgroundColor}))""")
+
+
+def panel_columns(page) -> list[dict]:
+    """FeaturePanel's columns (full pair view: source then target): description, snippet groups and tokens."""
+    return page.evaluate("""() => Array.from(document.querySelectorAll('.feature-panel .snippets-section')).map(c => ({
+        description: c.querySelector('.description-text').textContent.trim(),
+        groups: Array.from(c.querySelectorAll('.interval-group')).map(g => ({
+            label: g.querySelector('.interval-label').textContent.trim(),
+            max: g.querySelector('.interval-max').textContent.trim(),
+            rows: Array.from(g.querySelectorAll('.snippet-row')).map(r =>
+                Array.from(r.querySelectorAll('.snippet-inner .token')).map(t => t.textContent))})),
+        none: !!c.querySelector('.no-snippets')}))""")
+
+
+def expected_snippets(snippets: list[dict], n_intervals: int) -> list[dict]:
+    """FeatureSnippets' grouping: by interval, highest first, file order within one."""
+    out = []
+    for interval in sorted({s["interval"] for s in snippets}, reverse=True):
+        group = [s for s in snippets if s["interval"] == interval]
+        out.append({"label": f"{interval}/{n_intervals}",
+                    "max": f"(max {format_max_act(max(max(s['activations']) for s in group))})",
+                    "rows": [[sanitize_token(t) for t in s["tokens"]] for s in group]})
+    return out
+
+
+def check_pairs(page, file: dict) -> None:
+    """FeaturePairList rows = the file's pairs in its order: source = key_description, target = query_description,
+    orange for a positive attribution, blue for a negative one."""
+    rows = pair_rows(page)
+    assert [(r["source"], r["target"]) for r in rows] == \
+        [(p["key_description"] or "—", p["query_description"] or "—") for p in file["pairs"]]
+    for r, p in zip(rows, file["pairs"]):
+        rgb = "255, 140, 0" if p["attribution"] >= 0 else "100, 149, 237"  # alpha 1 reads rgb(...)
+        assert r["color"].startswith((f"rgba({rgb},", f"rgb({rgb})")), r
+    assert all(not r["source"].startswith("feature ") for r in rows), "the feature library's descriptions are shown"
+
+
+def check_panel(page, pair: dict, n_intervals: int) -> None:
+    cols = panel_columns(page)
+    assert len(cols) == 2
+    for col, side in zip(cols, ("key", "query")):
+        assert col["description"] == (pair[f"{side}_description"] or "No description available")
+        assert col["groups"] == expected_snippets(pair[f"{side}_snippets"], n_intervals), side
+    assert page.text_content(".feature-panel .attribution-value").strip() == format_score(pair["attribution"])
+
+
+def test_qk_tab_computes_through_the_server_then_reads_our_file(ref_attr_live, ref_page):
+    config = load(ref_attr_live.data, "config.json")
+    n_top, seq, q, k = top_edge(ref_attr_live.data)
+    calls = api_calls(ref_page)
+    attribution_through_ui(ref_page, ref_attr_live, "qk", 1, 0, n_top, seq, q, k)
+    file = wait_file(lambda: load(ref_attr_live.data, f"attributions/qk/L1H0S{seq}Q{q}K{k}.json"), "the QK file")
+    wait_attribution_tab(ref_page, "qk", len(file["pairs"]))
+    assert [(c["name"], c["status"]) for c in calls] == [("qk_attributions", 200)]
+    assert json.loads(calls[0]["body"])["seq_idx"] == seq
+    check_pairs(ref_page, file)
+    assert ref_page.eval_on_selector_all(".list-header .header-col", "hs => hs.map(h => h.textContent.trim())") == \
+        ["Key", "Query"]
+
+    # a click on a pair: both features' descriptions and snippets (grouped by interval, tokens as the file's)
+    pick = next(i for i, p in enumerate(file["pairs"]) if i > 0 and p["query_snippets"] and p["key_snippets"])
+    ref_page.locator(".pair-list .list-content > .pair-item").nth(pick).click()
+    wait_until(ref_page, "() => document.querySelectorAll('.feature-panel .snippets-section').length === 2", "the pair")
+    check_panel(ref_page, file["pairs"][pick], config["n_intervals"])
+
+    # Marginal Key: our key_marginals with their scores; one, then one of its top interactions
+    ref_page.get_by_role("button", name="Marginal Key", exact=True).click()
+    marginals = file["key_marginals"]
+    shown = ref_page.evaluate("""() => Array.from(document.querySelectorAll('.marginal-column .pair-item')).map(b =>
+        [b.querySelector('.pair-col').textContent.trim(), b.querySelector('.marginal-score').textContent.trim()])""")
+    assert shown == [[m["description"], ("+" if m["marginal_score"] >= 0 else "") + js_fixed(m["marginal_score"], 2)]
+                     for m in marginals]
+    ref_page.locator(".marginal-column .pair-item").nth(0).click()
+    wait_until(ref_page, "() => document.querySelector('.feature-panel .single-header')", "the marginal feature")
+    assert ref_page.text_content(".single-header .feature-type").strip() == "Key Feature"
+    assert ref_page.text_content(".single-content .description-text").strip() == marginals[0]["description"]
+    single = ref_page.evaluate("""() => Array.from(document.querySelectorAll('.single-content .snippet-inner'))
+        .map(s => Array.from(s.querySelectorAll('.token')).map(t => t.textContent))""")
+    assert single == [row for g in expected_snippets(marginals[0]["snippets"], config["n_intervals"]) for row in g["rows"]]
+    interactions = ref_page.locator(".interaction-column .pair-item")
+    assert interactions.count() == len(marginals[0]["top_interactions"])
+    interactions.nth(0).click()
+    partner = marginals[0]["top_interactions"][0]
+    wait_until(ref_page, "() => document.querySelectorAll('.feature-panel .snippets-section').length === 2", "the pair")
+    check_panel(ref_page, {"key_description": marginals[0]["description"], "key_snippets": marginals[0]["snippets"],
+                           "query_description": partner["description"], "query_snippets": partner["snippets"],
+                           "attribution": partner["pairwise_score"]}, config["n_intervals"])
+
+    # a reload by the deep link: the reference reads the cached file (no POST), and its manifest marks the example
+    calls.clear()
+    ref_page.goto(f"{ref_attr_live.url}?layer=1&head=0&attr=qk&seq={seq}&qpos={q}&kpos={k}")
+    wait_attribution_tab(ref_page, "qk", len(file["pairs"]))
+    check_pairs(ref_page, file)
+    assert calls == [], f"the cached attribution went to the server: {calls}"
+    open_sequences(ref_page, ref_attr_live, 1, 0, "&interval=10", expect=n_top)
+    index = [e["id"] for e in examples(ref_page)].index(str(seq))
+    ex = ref_page.locator(".example").nth(index)
+    assert "cached" in ex.locator(".qk-btn").get_attribute("class").split()
+    assert "cached" not in ex.locator(".ov-btn").get_attribute("class").split()
+    ex.locator(".qk-btn").click()  # QK mode: our manifest's query position, then its key, are marked cached
+    toks = ex.locator(".tokens .token")
+    assert toks.evaluate_all("ts => ts.flatMap((t, i) => t.classList.contains('cached') ? [i] : [])") == [q]
+    toks.nth(q).click()
+    assert toks.evaluate_all("ts => ts.flatMap((t, i) => t.classList.contains('cached') ? [i] : [])") == [k]
+
+
+def test_ov_tab_shows_the_head_output_target(ref_attr_live, ref_page):
+    n_top, seq, q, k = top_edge(ref_attr_live.data)
+    calls = api_calls(ref_page)
+    attribution_through_ui(ref_page, ref_attr_live, "ov", 1, 0, n_top, seq, q, k)
+    file = wait_file(lambda: load(ref_attr_live.data, f"attributions/ov/L1H0S{seq}Q{q}K{k}.json"), "the OV file")
+    assert file["target"]["kind"] == "head_output_direction"  # no output dictionary is served
+    assert all(p["query_feature"] is None for p in file["pairs"])
+    wait_attribution_tab(ref_page, "ov", len(file["pairs"]))
+    assert [(c["name"], c["status"]) for c in calls] == [("ov_attributions", 200)]
+    assert ref_page.eval_on_selector_all(".list-header .header-col", "hs => hs.map(h => h.textContent.trim())") == \
+        ["Value", "Output"]
+    check_pairs(ref_page, file)
+    ref_page.locator(".pair-list .list-content > .pair-item").nth(0).click()
+    wait_until(ref_page, "() => document.querySelectorAll('.feature-panel .snippets-section').length === 2", "the pair")
+    check_panel(ref_page, file["pairs"][0], load(ref_attr_live.data, "config.json")["n_intervals"])
+    types = ref_page.eval_on_selector_all(".feature-panel .feature-type", "ts => ts.map(t => t.textContent.trim())")
+    assert types == ["Value Feature", "Output Feature"]
+
+
+def test_attribution_of_a_layer_without_a_dictionary_shows_the_servers_detail(ref_attr_live, ref_page):
+    _, seq, q, k = top_edge(ref_attr_live.data, 3, 4)
+    calls = api_calls(ref_page)
+    ref_page.goto(f"{ref_attr_live.url}?layer=3&head=4&attr=qk&seq={seq}&qpos={q}&kpos={k}")
+    wait_until(ref_page, "() => document.querySelector('.error-state')", "the attribution error", timeout_ms=60_000)
+    assert [(c["name"], c["status"]) for c in calls] == [("qk_attributions", 404)]
+    detail = json.loads(detail_of(calls[0]).split(" ", 1)[1])["detail"]
+    assert "no dictionary reads layer 3's attention input" in detail
+    assert detail in ref_page.text_content(".error-state")
+
+
+def test_a_cached_file_in_a_static_tree_is_shown(ref_attr_live, ref_attr_static, ref_page):
+    config = load(ref_attr_static.data, "config.json")
+    _, seq, q, k = top_edge(ref_attr_live.data)
+    file = post_endpoint(ref_attr_live, "qk_attributions", layer=1, head=0, seq_idx=seq, query_pos=q, key_pos=k)
+    shutil.copytree(ref_attr_live.data / "attributions", ref_attr_static.data / "attributions", dirs_exist_ok=True)
+    assert load(ref_attr_static.data, f"attributions/qk/L1H0S{seq}Q{q}K{k}.json") == file
+    calls = api_calls(ref_page)
+    ref_page.goto(f"{ref_attr_static.url}?layer=1&head=0&attr=qk&seq={seq}&qpos={q}&kpos={k}")
+    wait_attribution_tab(ref_page, "qk", len(file["pairs"]))
+    assert calls == []
+    check_pairs(ref_page, file)
+    ref_page.locator(".pair-list .list-content > .pair-item").nth(1).click()
+    wait_until(ref_page, "() => document.querySelectorAll('.feature-panel .snippets-section').length === 2", "the pair")
+    check_panel(ref_page, file["pairs"][1], config["n_intervals"])
+    # the edge in the tab's sequence display: the query and key tokens of the file's positions
+    labels = ref_page.evaluate("""() => Array.from(document.querySelectorAll('.sequence-section .token')).flatMap((t, i) =>
+        Array.from(t.querySelectorAll('.selection-label')).map(l => [i, l.textContent.trim()]))""")
+    assert sorted(labels) == sorted([[q, "Q"], [k, "K"]]) or sorted(labels) == sorted([[q, "QUERY"], [k, "KEY"]])

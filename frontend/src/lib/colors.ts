@@ -40,3 +40,12 @@ export const darkOnWeight = (weight: number) => weight > 0.55;
 
 /** Cluster colors offered in turn for new clusters. */
 export const CLUSTER_COLORS = ['#e6194b', '#3cb44b', '#4363d8', '#f58231', '#911eb4', '#42d4f4', '#f032e6', '#9a6324'];
+
+/** A snippet token's background for a feature activation on [0, max] (orange: not attention's blue). */
+export function activationBackground(value: number, max: number): string {
+  return value > 0 && max > 0 ? `rgba(232, 121, 22, ${Math.min(1, value / max).toFixed(3)})` : 'transparent';
+}
+export const darkOnActivation = (value: number, max: number) => max > 0 && value / max > 0.7;
+
+/** A signed contribution's color: orange raises the score, blue lowers it. */
+export const signColor = (value: number) => (value >= 0 ? '#e07b1a' : '#3f73d6');

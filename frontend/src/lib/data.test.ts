@@ -1,5 +1,8 @@
 import { afterEach, describe, expect, it, vi } from 'vitest';
-import { DataError, forget, loadConfig, loadCustom, loadHead, loadJson, loadScatter, loadUmap } from './data';
+import {
+  attributionPath, checkAttribution, DataError, forget, loadAttribution, loadConfig, loadCustom, loadHead, loadJson,
+  loadManifestFile, loadScatter, loadUmap,
+} from './data';
 
 /** fetch answering from `files` (path under ./data/ -> body, or a status for an error). */
 function serve(files: Record<string, string | number>) {
@@ -97,5 +100,25 @@ describe('the other files', () => {
     serve({ 'umap/L6H6.json': '{"points": {"seq": [], "pos": []}, "pca": {}}' }); // format 1
     await expect(loadUmap(6, 6)).rejects.toThrow(
       'data/umap/L6H6.json is damaged: it lacks "seq_idx", "top_q", "top_k", "norms", "pca_explained_variance"');
+  });
+
+  it('reads an attribution file by its path, null when absent, and says what a damaged one lacks', async () => {
+    const path = attributionPath('qk', 1, 0, 'c0123456789ab', 16, 15);
+    expect(path).toBe('attributions/qk/L1H0Sc0123456789abQ16K15.json');
+    const body = { kind: 'qk', pairs: [], terms: {}, total: 1, score: 1, attention: 0.5, dictionary: {} };
+    serve({ [path]: JSON.stringify(body), 'attributions/ov/L1H0S7Q2K1.json': '{"kind": "ov", "pairs": {}}' });
+    expect(await loadAttribution('qk', 1, 0, 'c0123456789ab', 16, 15)).toEqual(body);
+    expect(await loadAttribution('ov', 1, 0, 7, 9, 9)).toBeNull();
+    await expect(loadAttribution('ov', 1, 0, 7, 2, 1)).rejects.toThrow(
+      'data/attributions/ov/L1H0S7Q2K1.json is damaged: it lacks "terms", "total", "score", "attention", "dictionary"');
+    expect(() => checkAttribution('the reply', { ...body, pairs: {} })).toThrow('data/the reply is damaged: "pairs" is not a list');
+  });
+
+  it('reads the manifest past the browser cache each time it is asked for, null when absent', async () => {
+    const fetch = serve({});
+    expect(await loadManifestFile()).toBeNull();
+    serve({ 'attributions/manifest.json': '{"L1H0S7": {"qk": [[1, 0]], "ov": []}}' });
+    expect(await loadManifestFile()).toEqual({ L1H0S7: { qk: [[1, 0]], ov: [] } });
+    expect(fetch.mock.calls.map((call) => call[1]?.cache)).toEqual(['no-store']);
   });
 });

@@ -3,7 +3,7 @@
  * The page works from any static host that has the scanned tree next to
  * index.html as `data/` (the server serves it at `/data/`). A missing or
  * unreadable file raises `DataError` with a message meant for the page; optional
- * files (custom sequences, attributions, server_config.json) resolve to null
+ * files (custom sequences, attributions and their manifest, server_config.json) resolve to null
  * when absent; config.json must be format 2 (`loadConfig` refuses others).
  * The cache keeps the last `MAX_CACHED` files: head files are ~1 MB parsed
  * each, so a long session does not keep all of them.
@@ -150,9 +150,28 @@ export async function loadUmapSequences(): Promise<UmapSequences> {
 export const attributionPath = (kind: AttributionKind, layer: number, head: number, seq: number | string,
   qpos: number, kpos: number) => `attributions/${kind}/${headName(layer, head)}S${seq}Q${qpos}K${kpos}.json`;
 
-export const loadAttribution = (kind: AttributionKind, layer: number, head: number, seq: number | string,
-  qpos: number, kpos: number) =>
-  loadJson<AttributionFile>(attributionPath(kind, layer, head, seq, qpos, kpos), { optional: true });
+const ATTRIBUTION_KEYS = ['kind', 'pairs', 'terms', 'total', 'score', 'attention', 'dictionary'];
+
+/** An attribution file (or the server's reply, which is its content) as the page reads it, or a DataError
+ * naming `where` and what it lacks. */
+export function checkAttribution(where: string, value: unknown): AttributionFile {
+  const file = object(where, value);
+  lacking(where, file, ATTRIBUTION_KEYS);
+  if (!Array.isArray(file.pairs)) throw new DataError(`data/${where} is damaged: "pairs" is not a list`);
+  return file as unknown as AttributionFile;
+}
+
+/** attributions/{kind}/L{l}H{h}S{seq}Q{q}K{k}.json, null when absent: load it only for an edge the manifest
+ * lists (`attributions/manifest.json`), so that nothing is fetched on the chance that it exists. */
+export async function loadAttribution(kind: AttributionKind, layer: number, head: number, seq: number | string,
+  qpos: number, kpos: number): Promise<AttributionFile | null> {
+  const path = attributionPath(kind, layer, head, seq, qpos, kpos);
+  const value = await loadJson<unknown>(path, { optional: true });
+  return value === null ? null : checkAttribution(path, value);
+}
+
+/** attributions/manifest.json as it is (null when absent), read past the browser's cache: a server adds to it. */
+export const loadManifestFile = () => loadJson<unknown>('attributions/manifest.json', { optional: true, reload: true });
 
 /** server_config.json, read fresh: a server writes it when it starts and `{}` when it stops. */
 export const loadServerConfig = () => loadJson<ServerConfig>('server_config.json', { optional: true, reload: true });

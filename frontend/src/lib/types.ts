@@ -157,32 +157,54 @@ export type ProjectReply =
 
 export type AttributionKind = 'qk' | 'ov';
 
+/** A window of the feature library's corpus around a strong activation of a feature. */
 export interface Snippet {
-  tokens: string[];
-  activations: number[];
-  interval?: number;
+  tokens: string[]; // (window,)
+  activations: number[]; // (window,) the feature's activation at each token
+  interval?: number; // the library's activation interval of the window's centre (its n_intervals = the strongest)
+  sequence_id?: number; // headvis addition: where the window comes from
+  start?: number;
+  position?: number;
 }
 
+/** A dictionary feature's index; null for OV's head-output-direction target (no dictionary on that side). */
+export type Feature = number | null;
+
+/** One (query part, key part) contribution. OV: `key_*` is the source (value side), `query_*` the target. */
 export interface FeaturePair {
-  query_feature: number;
-  key_feature: number;
+  query_feature: Feature;
+  key_feature: Feature;
   attribution: number;
   query_description?: string;
   key_description?: string;
   query_snippets?: Snippet[];
   key_snippets?: Snippet[];
-  query_activation: number;
-  key_activation: number;
+  query_activation: number | null;
+  key_activation: number | null;
 }
 
+export interface Interaction {
+  feature: Feature;
+  description?: string;
+  snippets?: Snippet[];
+  pairwise_score: number;
+}
+
+/** A feature of one side by its row (query side) or column (key side) sum over every part of the other side. */
 export interface Marginal {
-  feature: number;
+  feature: Feature;
   description?: string;
   snippets?: Snippet[];
   marginal_score: number;
-  top_interactions?: { feature: number; description?: string; snippets?: Snippet[]; pairwise_score: number }[];
+  top_interactions?: Interaction[];
 }
 
+/** OV: what the head's write was projected onto. */
+export type AttributionTarget =
+  | { kind: 'dictionary'; name: string; hook: string; features: number[]; values: number[] }
+  | { kind: 'head_output_direction'; norm: number };
+
+/** data/attributions/{qk,ov}/L{l}H{h}S{seq}Q{q}K{k}.json (headvis/schemas/attribution_file.schema.json). */
 export interface AttributionFile {
   kind: AttributionKind;
   layer: number;
@@ -193,12 +215,22 @@ export interface AttributionFile {
   score: number;
   attention: number;
   dictionary: { name: string; hook: string; d_sae: number };
-  pairs: FeaturePair[];
+  pairs: FeaturePair[]; // the largest by |attribution|; the rest are in terms.feature_pairs
   query_marginals?: Marginal[];
   key_marginals?: Marginal[];
-  terms: Record<string, number>;
+  terms: Record<string, number>; // sums of contributions by kind of part; they add up to total (before a soft-cap)
   total: number;
+  // headvis additions
+  pre_softcap_total?: number; // QK
+  softcap?: number | null; // QK: the model's attention logit soft-cap
+  parts?: { query: { active_features: number }; key: { active_features: number } }; // QK
+  target?: AttributionTarget; // OV
+  feature_libraries?: Record<string, string | null>;
+  note?: string; // some features have no descriptions or snippets yet, and how to compute them
 }
+
+/** data/attributions/manifest.json: "L{l}H{h}S{seq}" -> the (query_pos, key_pos) edges with a file, per kind. */
+export type AttributionManifest = Record<string, Record<AttributionKind, [query_pos: number, key_pos: number][]>>;
 
 export interface ServerConfig {
   server_url?: string;
