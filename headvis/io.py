@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["DIR_MODE", "FILE_MODE", "atomic_write_bytes", "read_json", "round_sig", "write_json"]
+__all__ = ["DIR_MODE", "FILE_MODE", "atomic_write_bytes", "publish_folder", "read_json", "round_sig", "write_json"]
 
 SIG_DIGITS = 6
 
@@ -103,3 +104,20 @@ def write_json(path: Path, obj: Any, *, rounded: bool = False) -> None:
 def read_json(path: Path) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def publish_folder(staging: Path, out: Path) -> None:
+    """Swap a complete staging folder in for `out`: two renames, then the old folder is removed.
+
+    Every folder of `staging` gets the usual permissions first (mkdtemp makes 0700; a static host may
+    run as another user). A reader sees the old folder or the new one, never a half-written one.
+    """
+    for folder in [staging, *(p for p in Path(staging).rglob("*") if p.is_dir())]:
+        folder.chmod(DIR_MODE)
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+    staging.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import math
-import os
 import shutil
 import sys
 import tempfile
@@ -29,7 +28,7 @@ from headvis.backends import BACKENDS, resolve_backend
 from headvis.checkpoint import Checkpoint, scan_key
 from headvis.datasets import DEFAULT_DATASET, iter_texts, pack_sequences
 from headvis.errors import HeadvisError, run_cli
-from headvis.io import DIR_MODE, write_json
+from headvis.io import publish_folder, write_json
 from headvis.metrics import distance_bin_edges
 from headvis.models import DEFAULT_MODEL, LoadedModel, load_model
 from headvis.pipeline import HeadSelection, ProjectionPoints, Tokens, fit_projections, metric_pass, sequence_records
@@ -158,19 +157,6 @@ def _prepare_out(out: Path) -> Path:
         return Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
     except OSError as e:
         raise HeadvisError(f"cannot write to --out {out}: {e.strerror or e}") from e
-
-
-def _publish(staging: Path, out: Path) -> None:
-    """Swap the finished staging tree in for `out` (two renames; the old tree is then removed)."""
-    for folder in [staging, *(p for p in staging.rglob("*") if p.is_dir())]:
-        folder.chmod(DIR_MODE)  # mkdtemp makes 0700; a static host may run as another user
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-    staging.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _top_tokens(result, tokens: Tokens) -> tuple[list[dict], list[dict]]:
@@ -348,7 +334,7 @@ def run_scan(opts: ScanOptions, lm: LoadedModel | None = None) -> Path:
             "backend": backend,
             "seed": opts.seed,
         })
-        _publish(staging, out)
+        publish_folder(staging, out)
         checkpoint.remove()
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

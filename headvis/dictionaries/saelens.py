@@ -54,7 +54,7 @@ from torch import Tensor
 from headvis.dictionaries.dictionary import Dictionary
 from headvis.dictionaries.hooks import parse_hook
 from headvis.errors import HeadvisError
-from headvis.io import DIR_MODE, FILE_MODE, read_json, write_json
+from headvis.io import FILE_MODE, publish_folder, read_json, write_json
 
 __all__ = ["ACTIVATION_SCALER_FILE", "ARCHITECTURES", "CFG_FILE", "LAYOUTS", "WEIGHTS_FILE",
            "check_target", "load_dictionary", "save_dictionary"]
@@ -425,18 +425,6 @@ def _prepare_target(out: Path) -> Path:
         raise HeadvisError(f"cannot write the dictionary {out}: {e.strerror or e}") from e
 
 
-def _publish(staging: Path, out: Path) -> None:
-    """Swap the complete staging folder in for `out` (renames; the old folder is then removed)."""
-    staging.chmod(DIR_MODE)  # mkdtemp makes 0700
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-    staging.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def save_dictionary(d: Dictionary, path: Path, *, layout: str = "6",
                     extra_json: dict[str, Any] | None = None) -> None:
     """Write `d` as a SAELens folder at `path`, atomically (a staging folder, then a rename).
@@ -462,7 +450,7 @@ def save_dictionary(d: Dictionary, path: Path, *, layout: str = "6",
         write_json(staging / CFG_FILE, cfg)
         for name, body in (extra_json or {}).items():
             write_json(staging / name, body)
-        _publish(staging, out)
+        publish_folder(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
 import shutil
 import sys
 import tempfile
@@ -31,7 +30,7 @@ from headvis.dictionaries import Dictionary, capture_hooks, check_matches_model,
 from headvis.errors import HeadvisError, run_cli
 from headvis.features.collect import N_INTERVALS, PER_INTERVAL, TOP_WINDOWS, WINDOW, FeatureTables, collect_features
 from headvis.features.library import FEATURES_DIR, FORMAT_VERSION, LABELS_FILE, read_labels, write_library
-from headvis.io import DIR_MODE, read_json, write_json
+from headvis.io import publish_folder, read_json, write_json
 from headvis.models import LoadedModel, load_model
 from headvis.pipeline import Tokens
 
@@ -128,18 +127,6 @@ def _validate(opts: FeatureOptions) -> None:
         raise HeadvisError(f"--device must be cpu or cuda, not {opts.device!r}")
 
 
-def _publish(staging: Path, out: Path) -> None:
-    """Swap the complete staging folder in for `out` (two renames; the old folder is then removed)."""
-    staging.chmod(DIR_MODE)  # mkdtemp makes 0700; a static host may run as another user
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-    staging.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def build_features(opts: FeatureOptions, lm: LoadedModel | None = None,
                    dictionary: Dictionary | None = None) -> Path:
     """Compute and publish data/features/{dictionary name}/; returns that folder."""
@@ -209,7 +196,7 @@ def build_features(opts: FeatureOptions, lm: LoadedModel | None = None,
         write_library(staging, tables, sequences.numpy(), strings, info)
         if labels is not None:
             write_json(staging / LABELS_FILE, {str(f): text for f, text in sorted(labels.items())})
-        _publish(staging, out)
+        publish_folder(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
