@@ -37,8 +37,9 @@ from pathlib import Path
 
 import pytest
 
-from frontend_helpers import (CHROMIUM, CHROMIUM_ARGS, DIST, HEADS, LAYERS, NUM_SEQS, PER_INTERVAL, SEQ_LEN, Site,
+from frontend_helpers import (CHROMIUM, DIST, HEADS, LAYERS, NUM_SEQS, PER_INTERVAL, SEQ_LEN, Site,
                               missing)
+from browser import checked_page, chromium
 from headvis.scan import ScanOptions, run_scan
 
 
@@ -59,24 +60,14 @@ def frontend_ready() -> None:
 def browser(frontend_ready):
     """Module-scoped: while Playwright's sync API is active, an asyncio loop runs in this thread, and the
     asyncio tests of other folders (pytest-asyncio) must not start under it."""
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
+    with chromium() as launched:
+        yield launched
 
 
 @pytest.fixture
 def page(browser):
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    context.set_default_timeout(15_000)
-    page = context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda error: errors.append(str(error)))
-    yield page
-    context.close()
-    assert not errors, f"uncaught script errors in the page: {errors}"
+    with checked_page(browser, width=1280, timeout_ms=15_000, what="the page") as opened:
+        yield opened
 
 
 @pytest.fixture(scope="session")

@@ -38,17 +38,15 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+import browser
+from browser import CHROMIUM, Site, checked_page, chromium
+
 REF_SRC = Path(__file__).resolve().parents[2].parent / "shared" / "reference-frontend"
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "headvis" / "reference-frontend"
-CHROMIUM = Path("/usr/bin/chromium")
-# The network is closed in CI: without these flags chromium waits on refused connections.
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
 
 LAYERS = [1, 3]
 HEADS = [0, 1, 4]
@@ -59,16 +57,7 @@ MAX_POINTS = 60
 
 
 def missing(reason: str) -> None:
-    """Skip for want of a prerequisite; under CI (`CI` set) its absence fails instead of passing silently."""
-    if os.environ.get("CI"):
-        pytest.fail(f"CI must run the reference-frontend tests, but {reason}")
-    pytest.skip(reason)
-
-
-@dataclass
-class Site:
-    url: str  # the page, e.g. http://127.0.0.1:40123/
-    data: Path  # the data tree it serves
+    browser.missing(reason, suite="reference-frontend")
 
 
 def _source_hash() -> str:
@@ -147,25 +136,14 @@ def ref_scan(ref_prereqs, tmp_path_factory, smollm) -> Path:
 def ref_browser(ref_prereqs):
     """Module-scoped: while Playwright's sync API is active an asyncio loop runs in this thread, and the
     asyncio tests of other folders (pytest-asyncio) must not start under it."""
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
+    with chromium() as launched:
+        yield launched
 
 
 @pytest.fixture
 def ref_page(ref_browser):
-    context = ref_browser.new_context(viewport={"width": 1400, "height": 900})
-    context.set_default_timeout(20_000)
-    page = context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda error: errors.append(str(error)))
-    page.page_errors = errors  # tests may look at them mid-way
-    yield page
-    context.close()
-    assert not errors, f"uncaught script errors in the reference frontend: {errors}"
+    with checked_page(ref_browser, width=1400, timeout_ms=20_000, what="the reference frontend") as opened:
+        yield opened
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):

@@ -1,0 +1,59 @@
+"""What the browser tests of tests/frontend and tests/reference share: the system chromium, its flags, a site."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+__all__ = ["CHROMIUM", "CHROMIUM_ARGS", "Site", "checked_page", "chromium", "missing"]
+
+CHROMIUM = Path("/usr/bin/chromium")
+# The network is closed in CI: without these flags chromium waits on refused connections.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+@dataclass
+class Site:
+    url: str  # the page, e.g. http://127.0.0.1:40123/
+    data: Path  # the data tree it serves (a private copy: tests may change it)
+
+
+def missing(reason: str, *, suite: str = "browser", module: bool = False) -> None:
+    """Skip for want of a prerequisite, with how to get it; under CI (`CI` set, as .ci/run's caller does) the
+    prerequisites are installed by .ci/run, so their absence fails instead of passing silently."""
+    if os.environ.get("CI"):
+        pytest.fail(f"CI must run the {suite} tests, but {reason}")
+    pytest.skip(reason, allow_module_level=module)
+
+
+@contextlib.contextmanager
+def chromium() -> Iterator:
+    """The system chromium through Playwright's sync API (an asyncio loop runs in this thread meanwhile)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@contextlib.contextmanager
+def checked_page(browser, *, width: int, timeout_ms: int, what: str) -> Iterator:
+    """A fresh page; an uncaught script error in it fails the test when the page closes (`page.page_errors`)."""
+    context = browser.new_context(viewport={"width": width, "height": 900})
+    context.set_default_timeout(timeout_ms)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.page_errors = errors  # tests may look at them mid-way
+    yield page
+    context.close()
+    assert not errors, f"uncaught script errors in {what}: {errors}"
