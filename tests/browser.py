@@ -57,3 +57,38 @@ def checked_page(browser, *, width: int, timeout_ms: int, what: str) -> Iterator
     yield page
     context.close()
     assert not errors, f"uncaught script errors in {what}: {errors}"
+
+
+@contextlib.contextmanager
+def serving(data: Path, lm, frontend: Path, dictionaries: tuple[Path, ...] = ()) -> Iterator[Site]:
+    """The real server app (`create_app`) over `data`, serving `frontend`, in a thread of this process:
+    server mode, as `python -m headvis.serve` runs it. Shutdown puts server_config.json back to {}."""
+    import asyncio
+    import threading
+
+    from aiohttp import web
+
+    from headvis.server.app import create_app
+    from headvis.server.net import bind, url_for
+    from headvis.server.state import ServerConfig
+
+    sock = bind("127.0.0.1", 0)
+    url = url_for(sock)
+    config = ServerConfig(data=data, url=url, frontend=frontend, dictionaries=dictionaries)
+    runner = web.AppRunner(create_app(config, lm), access_log=None)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="headvis-test-server", daemon=True)
+    thread.start()
+
+    def call(coroutine, timeout: float = 60):
+        return asyncio.run_coroutine_threadsafe(coroutine, loop).result(timeout)
+
+    call(runner.setup())  # writes server_config.json
+    call(web.SockSite(runner, sock).start())
+    try:
+        yield Site(url=f"{url}/", data=data)
+    finally:
+        call(runner.cleanup())
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()

@@ -1,14 +1,15 @@
-"""Random attention heads for the float64 brute-force tests: one case table, one input maker."""
+"""Random attention heads for the float64 brute-force tests: one case table, one input maker, one brute row."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from headvis.metrics import AttentionSpec
 
-__all__ = ["CASES", "HeadCase", "make_inputs"]
+__all__ = ["CASES", "HeadCase", "brute_row", "make_inputs"]
 
 
 @dataclass(frozen=True)
@@ -52,3 +53,25 @@ def make_inputs(case: HeadCase, vocab: int = 5) -> tuple[torch.Tensor, torch.Ten
     spec = AttentionSpec(causal=case.causal, scaling=case.d_head**-0.5, window=case.window, softcap=case.softcap,
                          key_valid=key_valid)
     return query, key, tokens, spec
+
+
+def brute_row(q: np.ndarray, k: np.ndarray, spec: AttentionSpec, b: int, h: int, i: int
+              ) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """One attention row in float64 straight from CONTRACT section 1: (allowed keys, scores s, pattern p).
+
+    q: (batch, head, T, d), k: (batch, kv_head, T, d) float64 numpy; query head h reads kv head
+    h // (heads / kv_heads). Empty lists when no key is allowed (a fully padded row).
+    """
+    seq_len = k.shape[2]
+    allowed = [j for j in range(seq_len)
+               if (j <= i or not spec.causal)
+               and (spec.window is None or (i - j < spec.window if spec.causal else abs(i - j) < spec.window))
+               and (spec.key_valid is None or bool(spec.key_valid[b, j]))]
+    if not allowed:
+        return [], np.zeros(0), np.zeros(0)
+    group = q.shape[1] // k.shape[1]
+    s = np.array([q[b, h, i] @ k[b, h // group, j] * spec.scaling for j in allowed])
+    if spec.softcap is not None:
+        s = np.tanh(s / spec.softcap) * spec.softcap
+    e = np.exp(s - s.max())
+    return allowed, s, e / e.sum()

@@ -18,7 +18,7 @@ import torch
 from headvis.accumulate import HEAD_METRICS, ScanAccumulator
 from headvis.backends import resolve_backend
 from headvis.metrics import AttentionSpec, distance_bin_edges
-from random_heads import CASES, make_inputs
+from random_heads import CASES, brute_row, make_inputs
 
 BACKENDS = ["torch", "numba", "triton"]
 
@@ -34,7 +34,6 @@ def head_brute_force(query, key, tokens, spec: AttentionSpec) -> list[dict]:
     """The metrics of every head (one dict per query head), float64, from CONTRACT section 1."""
     q, k, tok = query.double().numpy(), key.double().numpy(), tokens.numpy()
     batch, n_heads, seq_len, _ = q.shape
-    group = n_heads // k.shape[1]
     heads = []
     for h in range(n_heads):
         rows = {name: [] for name in ("pattern_entropy", "previous_token_score", "self_attention_score", "bos_score",
@@ -44,17 +43,10 @@ def head_brute_force(query, key, tokens, spec: AttentionSpec) -> list[dict]:
         for b in range(batch):
             best = 0.0
             for i in range(1, seq_len):
-                allowed = [j for j in range(seq_len)
-                           if (j <= i or not spec.causal)
-                           and (spec.window is None or (i - j < spec.window if spec.causal else abs(i - j) < spec.window))
-                           and (spec.key_valid is None or bool(spec.key_valid[b, j]))]
+                allowed, s, row = brute_row(q, k, spec, b, h, i)
                 if not allowed:
                     continue
-                s = np.array([q[b, h, i] @ k[b, h // group, j] * spec.scaling for j in allowed])
-                if spec.softcap is not None:
-                    s = np.tanh(s / spec.softcap) * spec.softcap
-                e = np.exp(s - s.max())
-                p = dict(zip(allowed, e / e.sum()))
+                p = dict(zip(allowed, row))
                 rows["pattern_entropy"].append(-sum(x * math.log(x) for x in p.values() if x > 0))
                 rows["previous_token_score"].append(p.get(i - 1, 0.0))
                 rows["self_attention_score"].append(p.get(i, 0.0))

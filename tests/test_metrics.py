@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from headvis.metrics import ROW_METRICS, AttentionSpec, distance_bin_edges, ref_pattern, ref_row_stats
-from random_heads import CASES, make_inputs
+from random_heads import CASES, brute_row, make_inputs
 
 
 def brute_force(query, key, tokens, spec: AttentionSpec, top_k: int, edges: list[int]) -> dict:
@@ -18,7 +18,6 @@ def brute_force(query, key, tokens, spec: AttentionSpec, top_k: int, edges: list
     k = key.double().numpy()
     tok = tokens.numpy()
     batch, n_heads, seq_len, _ = q.shape
-    group = n_heads // k.shape[1]
     out = {name: np.zeros((batch, n_heads, seq_len)) for name in ROW_METRICS}
     out["induction_counted"] = np.zeros((batch, n_heads, seq_len), bool)
     out["duplicate_counted"] = np.zeros((batch, n_heads, seq_len), bool)
@@ -30,22 +29,9 @@ def brute_force(query, key, tokens, spec: AttentionSpec, top_k: int, edges: list
     for b in range(batch):
         for h in range(n_heads):
             for i in range(seq_len):
-                allowed = []
-                for j in range(seq_len):
-                    ok = (j <= i) if spec.causal else True
-                    if spec.window is not None:
-                        ok = ok and ((i - j < spec.window) if spec.causal else abs(i - j) < spec.window)
-                    if spec.key_valid is not None:
-                        ok = ok and bool(spec.key_valid[b, j])
-                    if ok:
-                        allowed.append(j)
+                allowed, s, p = brute_row(q, k, spec, b, h, i)
                 if not allowed:
                     continue
-                s = np.array([q[b, h, i] @ k[b, h // group, j] * spec.scaling for j in allowed])
-                if spec.softcap is not None:
-                    s = np.tanh(s / spec.softcap) * spec.softcap
-                e = np.exp(s - s.max())
-                p = e / e.sum()
                 pj = dict(zip(allowed, p))
                 out["pattern_entropy"][b, h, i] = -sum(x * math.log(x) for x in p if x > 0)
                 out["previous_token_score"][b, h, i] = pj.get(i - 1, 0.0) if i >= 1 else 0.0

@@ -25,8 +25,6 @@ Everything is skipped, with the reason, when `frontend/dist` is not built or
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import functools
 import http.server
 import shutil
@@ -39,7 +37,7 @@ import pytest
 
 from frontend_helpers import (CHROMIUM, DIST, HEADS, LAYERS, NUM_SEQS, PER_INTERVAL, SEQ_LEN, Site,
                               missing)
-from browser import checked_page, chromium
+from browser import checked_page, chromium, serving as serve_in_thread
 from headvis.scan import ScanOptions, run_scan
 
 
@@ -79,35 +77,9 @@ def scan(frontend_ready, tmp_path_factory, smollm) -> Path:
     return out
 
 
-@contextlib.contextmanager
-def serving(data: Path, lm, dictionaries: tuple[Path, ...] = ()) -> Iterator[Site]:
-    """The real server over `data` (with `dictionaries`), in a thread of this process."""
-    from aiohttp import web
-
-    from headvis.server.app import create_app
-    from headvis.server.net import bind, url_for
-    from headvis.server.state import ServerConfig
-
-    sock = bind("127.0.0.1", 0)
-    url = url_for(sock)
-    config = ServerConfig(data=data, url=url, frontend=DIST, dictionaries=dictionaries)
-    runner = web.AppRunner(create_app(config, lm), access_log=None)
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, name="headvis-test-server", daemon=True)
-    thread.start()
-
-    def call(coroutine, timeout: float = 60):
-        return asyncio.run_coroutine_threadsafe(coroutine, loop).result(timeout)
-
-    call(runner.setup())  # writes server_config.json
-    call(web.SockSite(runner, sock).start())
-    try:
-        yield Site(url=f"{url}/", data=data)
-    finally:
-        call(runner.cleanup())  # puts server_config.json back to {}
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
+def serving(data: Path, lm, dictionaries: tuple[Path, ...] = ()):
+    """The real server over `data` (with `dictionaries`), serving frontend/dist, in a thread of this process."""
+    return serve_in_thread(data, lm, DIST, dictionaries)
 
 
 @pytest.fixture

@@ -27,7 +27,6 @@ with the reason, and fail instead when `CI` is set.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import hashlib
@@ -174,35 +173,9 @@ def ref_static(ref_dist, ref_scan, tmp_path_factory) -> Iterator[Site]:
         yield site
 
 
-@contextlib.contextmanager
-def _serving(data: Path, ref_dist: Path, lm, dictionaries: tuple[Path, ...] = ()) -> Iterator[Site]:
+def _serving(data: Path, ref_dist: Path, lm, dictionaries: tuple[Path, ...] = ()):
     """The real server app over `data` (with `dictionaries`), serving the reference dist, in a thread."""
-    from aiohttp import web
-
-    from headvis.server.app import create_app
-    from headvis.server.net import bind, url_for
-    from headvis.server.state import ServerConfig
-
-    sock = bind("127.0.0.1", 0)
-    url = url_for(sock)
-    config = ServerConfig(data=data, url=url, frontend=ref_dist, dictionaries=dictionaries)
-    runner = web.AppRunner(create_app(config, lm), access_log=None)
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, name="headvis-reference-server", daemon=True)
-    thread.start()
-
-    def call(coroutine, timeout: float = 60):
-        return asyncio.run_coroutine_threadsafe(coroutine, loop).result(timeout)
-
-    call(runner.setup())  # writes server_config.json
-    call(web.SockSite(runner, sock).start())
-    try:
-        yield Site(url=f"{url}/", data=data)
-    finally:
-        call(runner.cleanup())
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
+    return browser.serving(data, lm, ref_dist, dictionaries)
 
 
 @pytest.fixture

@@ -539,17 +539,25 @@ def umap_then_sequences(page, site, layer, head, interval: str, expect: int):
     wait_until(page, f"() => document.querySelectorAll('.example').length === {expect}", f"{expect} examples")
 
 
-def test_projection_is_drawn_and_appended(ref_live, ref_page):
+def project_new_edge(site, page):
+    """Through the reference UI, project a new edge of the top sequence of HEAD_CASES[0]'s interval 10.
+
+    Returns (layer, head, cloud file before, cloud size before, sequence id, q, k, the API call log)."""
     layer, head = HEAD_CASES[0]
-    u = umap_file(ref_live.data, layer, head)
+    u = umap_file(site.data, layer, head)
     n = len(u["seq_idx"])
-    hf = head_file(ref_live.data, layer, head)
+    hf = head_file(site.data, layer, head)
     top = sorted((s for s in hf["sequences"] if s["interval"] == 10), key=lambda s: -s["max_activation"])
-    calls = api_calls(ref_page)
-    umap_then_sequences(ref_page, ref_live, layer, head, "10", len(top))
+    calls = api_calls(page)
+    umap_then_sequences(page, site, layer, head, "10", len(top))
     sid = top[0]["sequence_id"]
     q, k = pick_new_pair(u, sid, top[0]["seq_len"])
-    project_through_ui(ref_page, 0, q, k, n + 1)
+    project_through_ui(page, 0, q, k, n + 1)
+    return layer, head, u, n, sid, q, k, calls
+
+
+def test_projection_is_drawn_and_appended(ref_live, ref_page):
+    layer, head, u, n, sid, q, k, calls = project_new_edge(ref_live, ref_page)
     assert [c["status"] for c in calls if c["name"] == "project_to_umap"] == [200]
     pp = wait_file(lambda: umap_file(ref_live.data, layer, head)["projected_points"], "projected_points")
     assert len(pp) == 1
@@ -560,7 +568,11 @@ def test_projection_is_drawn_and_appended(ref_live, ref_page):
         coords = point["umap_views"][0][p["title"]]
         assert (p["x"][n], p["y"][n], p["z"][n]) == (coords["d0"], coords["d1"], coords["d2"])
         assert p["hcolor"] == ORANGE and p["hx"] == coords["d0"]
-    assert ref_page.text_content(".umap-text-box .seq-badge").strip() == str(sid)
+    # the text box names the selected (projected) point's sequence; a pointer resting on another point after the
+    # tab switch would show that point's instead (hover), so the pointer leaves the plots first
+    ref_page.mouse.move(1, 1)
+    wait_until(ref_page, f"() => document.querySelector('.umap-text-box .seq-badge')?.textContent.trim() === '{sid}'",
+               f"the text box naming sequence {sid}")
     # a reload merges it from the file
     ref_page.goto(f"{ref_live.url}?layer={layer}&head={head}&tab=umap")
     wait_until(ref_page, f"() => document.querySelector('.plot-cell > div')?.data?.[0].x.length === {n + 1}",
@@ -570,16 +582,7 @@ def test_projection_is_drawn_and_appended(ref_live, ref_page):
 def test_cluster_may_hold_a_projected_point(ref_live, ref_page):
     """The reference merges projected_points into the cloud and lets the lasso select them, so a saved cluster
     names them: save_umap_clusters must accept points of `projected_points` too."""
-    layer, head = HEAD_CASES[0]
-    u = umap_file(ref_live.data, layer, head)
-    n = len(u["seq_idx"])
-    hf = head_file(ref_live.data, layer, head)
-    top = sorted((s for s in hf["sequences"] if s["interval"] == 10), key=lambda s: -s["max_activation"])
-    calls = api_calls(ref_page)
-    umap_then_sequences(ref_page, ref_live, layer, head, "10", len(top))
-    sid = top[0]["sequence_id"]
-    q, k = pick_new_pair(u, sid, top[0]["seq_len"])
-    project_through_ui(ref_page, 0, q, k, n + 1)
+    layer, head, u, n, sid, q, k, calls = project_new_edge(ref_live, ref_page)
     _lasso_including(ref_page, ref_live, layer, head, calls, n, (sid, q, k))
 
 
