@@ -12,14 +12,17 @@ folder.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from headvis.accumulate import ScanAccumulator
@@ -71,7 +74,12 @@ class Checkpoint:
     def save(self, accumulator: ScanAccumulator) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp = self.folder / f".state.{os.getpid()}.tmp"
-        save_file({k: v.contiguous() for k, v in accumulator.state_dict().items()}, tmp)
+        try:
+            save_file({k: v.contiguous() for k, v in accumulator.state_dict().items()}, tmp)
+        except SafetensorError as e:  # Rust's IO error, e.g. "... (os error 28)": back to an OSError
+            tmp.unlink(missing_ok=True)
+            found = re.search(r"os error (\d+)", str(e))
+            raise OSError(int(found[1]) if found else errno.EIO, str(e), str(tmp)) from e
         atomic_write_bytes(self.folder / "key.json", json.dumps(self.key, sort_keys=True).encode("utf-8"))
         os.replace(tmp, self.folder / "state.safetensors")
         self._last = time.monotonic()

@@ -5,7 +5,10 @@
   the standard library, one document per topic, in the module's order;
 - a local `.txt` (the whole file is one document), `.jsonl` (one JSON object
   per line, text in `--text-column`) or `.parquet` file, or a folder holding
-  such files (read recursively in sorted path order);
+  such files (read recursively in sorted path order). `.txt` and `.jsonl`
+  must be UTF-8 text: a byte that is not UTF-8, a NUL byte or (in a `.txt`)
+  control characters making over a tenth of it are refused, naming the file
+  and where;
 - a Hugging Face hub name, streamed (`--split`, `--text-column`).
 
 Packing: each document is tokenized without special tokens and followed by the
@@ -19,6 +22,7 @@ this order, so the same corpus and tokenizer always give the same ids.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Iterator
 
@@ -33,23 +37,70 @@ DEFAULT_DATASET = "pydoc_data.topics"
 _SUFFIXES = (".txt", ".jsonl", ".parquet")
 
 
+# A .txt more than this share of whose characters are control characters is binary that happens to decode
+# as UTF-8; real text has almost none (whitespace and ESC, which coloured logs use, are not counted).
+_MAX_CONTROL_SHARE = 0.1
+_C0_CONTROLS = bytes(b for b in [*range(0x20), 0x7F] if b not in b"\t\n\r\f\v\x1b")  # one byte each in UTF-8
+_C1_CONTROL = re.compile(rb"\xc2[\x80-\x9f]")  # U+0080-U+009F, two bytes each in UTF-8
+
+
+def _control_characters(data: bytes) -> int:
+    """How many C0/C1 control characters (and DEL) the UTF-8 `data` holds; counted on bytes, at C speed."""
+    return len(data) - len(data.translate(None, _C0_CONTROLS)) + len(_C1_CONTROL.findall(data))
+
+
+def _bad_byte(data: bytes, error: UnicodeDecodeError, offset: int = 0) -> str:
+    """'byte offset 1234 (0xff)' for the first byte `error` could not decode; `offset`: where `data` starts."""
+    return f"byte offset {offset + error.start} (0x{data[error.start]:02x})"
+
+
+def _text_file(path: Path) -> str:
+    """The whole .txt as one document; HeadvisError unless it is UTF-8 text (no NUL, few control characters)."""
+    data = path.read_bytes()
+    nul = data.find(b"\x00")
+    if nul >= 0:  # UTF-16 text and every binary format have NUL bytes; UTF-8 text never does
+        raise HeadvisError(f"{path}: not a text file (NUL byte at byte offset {nul}); a .txt dataset must be UTF-8 text")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise HeadvisError(f"{path}: not UTF-8 (first bad byte at {_bad_byte(data, e)}); "
+                           "a .txt dataset must be UTF-8 text") from e
+    controls = _control_characters(data)
+    if controls > _MAX_CONTROL_SHARE * len(text):
+        raise HeadvisError(f"{path}: not a text file ({controls} of its {len(text)} characters are control "
+                           "characters); a .txt dataset must be UTF-8 text")
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as text-mode reading gives
+
+
+def _jsonl_rows(path: Path, text_column: str) -> Iterator[str]:
+    """Line by line (a large file is never read whole); each line must be UTF-8 JSON holding `text_column`."""
+    offset = 0  # of the line's first byte in the file
+    with open(path, "rb") as f:  # binary: a text-mode decode error names no line (it decodes 8 KiB ahead)
+        for line_no, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise HeadvisError(f"{path}:{line_no}: not UTF-8 (first bad byte at {_bad_byte(raw, e, offset)}); "
+                                   "a .jsonl dataset must be UTF-8") from e
+            offset += len(raw)
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise HeadvisError(f"{path}:{line_no}: not valid JSON ({e.msg})") from e
+            if not isinstance(row, dict) or text_column not in row:
+                keys = sorted(row) if isinstance(row, dict) else type(row).__name__
+                raise HeadvisError(f"{path}:{line_no}: no text column {text_column!r} (found {keys})")
+            if isinstance(row[text_column], str):
+                yield row[text_column]
+
+
 def _texts_from_file(path: Path, text_column: str) -> Iterator[str]:
     if path.suffix == ".txt":
-        yield path.read_text(encoding="utf-8", errors="replace")
+        yield _text_file(path)
     elif path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise HeadvisError(f"{path}:{line_no}: not valid JSON ({e.msg})") from e
-                if not isinstance(row, dict) or text_column not in row:
-                    keys = sorted(row) if isinstance(row, dict) else type(row).__name__
-                    raise HeadvisError(f"{path}:{line_no}: no text column {text_column!r} (found {keys})")
-                if isinstance(row[text_column], str):
-                    yield row[text_column]
+        yield from _jsonl_rows(path, text_column)
     elif path.suffix == ".parquet":
         import pyarrow.parquet as pq
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import shutil
@@ -106,14 +108,43 @@ def read_json(path: Path) -> Any:
         return json.load(f)
 
 
-def publish_folder(staging: Path, out: Path) -> None:
-    """Swap a complete staging folder in for `out`: two renames, then the old folder is removed.
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
 
-    Every folder of `staging` gets the usual permissions first (mkdtemp makes 0700; a static host may
-    run as another user). A reader sees the old folder or the new one, never a half-written one.
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where the system cannot.
+
+    Python's os has no renameat2; it is one libc call, so ctypes it is.
     """
-    for folder in [staging, *(p for p in Path(staging).rglob("*") if p.is_dir())]:
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EPERM):  # a file system without exchange
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def publish_folder(staging: Path, out: Path) -> None:
+    """Swap a complete staging folder in for `out`, then remove the old one.
+
+    On Linux the swap is one atomic exchange, so `out` exists at every moment and a reader sees the
+    old folder or the new one. Elsewhere (or on a file system without exchange) it is two renames,
+    with a moment in between when `out` is missing. A symlinked `out` stays a symlink: its target is
+    replaced. Every folder of `staging` gets the usual permissions first (mkdtemp makes 0700; a
+    static host may run as another user).
+    """
+    staging, out = Path(staging), Path(out)
+    if out.is_symlink():
+        out = out.resolve()
+    for folder in [staging, *(p for p in staging.rglob("*") if p.is_dir())]:
         folder.chmod(DIR_MODE)
+    if out.exists() and _exchange(staging, out):
+        shutil.rmtree(staging, ignore_errors=True)  # staging now holds the old tree
+        return
     old = None
     if out.exists():
         old = out.parent / f".{out.name}.old-{os.getpid()}"

@@ -176,7 +176,7 @@ class ProjectionPoints:
         """
         parts = self._parts.pop((layer, head), [])
         if not parts:
-            return ({name: np.zeros(0, dtype=np.int64) for name in ("seq_idx", "top_q", "top_k")}, {})
+            return ({name: np.zeros(0, dtype=np.int64) for name in ("seq_idx", "top_q", "top_k")}, {}, {})
         cat = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
         order = np.lexsort((cat["top_q"], cat["seq_idx"]))
         cat = {name: col[order] for name, col in cat.items()}

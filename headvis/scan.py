@@ -3,18 +3,20 @@
     python -m headvis.scan                       # embedded default: SmolLM2-135M on pydoc text
     python -m headvis.scan --model gpt2 --dataset ./corpus --layers 0-5 --heads all --out data
 
-The tree is built in a temporary folder beside `--out` and replaces it only
-when complete, so a failed or interrupted scan leaves the previous tree intact.
+The tree is built in a staging folder beside `--out` and replaces it in one
+step only when complete, so a failed or interrupted scan leaves the previous
+tree intact (`headvis.output`). A tree a server is serving is not replaced.
+A rescan carries over what people made in the old tree: custom sequences,
+clusters and projected points (`headvis.rescan`).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import errno
 import math
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,11 +30,13 @@ from headvis.backends import BACKENDS, resolve_backend
 from headvis.checkpoint import Checkpoint, scan_key
 from headvis.datasets import DEFAULT_DATASET, iter_texts, pack_sequences
 from headvis.errors import HeadvisError, run_cli
-from headvis.io import publish_folder, write_json
+from headvis.io import write_json
 from headvis.metrics import distance_bin_edges
-from headvis.models import DEFAULT_MODEL, LoadedModel, load_model
+from headvis.models import DEFAULT_MODEL, LoadedModel, load_model, weights_sha256
+from headvis.output import ScanTarget
 from headvis.pipeline import HeadSelection, ProjectionPoints, Tokens, fit_projections, metric_pass, sequence_records
 from headvis.projection import COMPONENTS, UMAP_VIEW, VECTORS
+from headvis.rescan import carry_over
 from headvis.sampling import choose_samples, interval_edges, assign_intervals
 
 __all__ = ["FORMAT_VERSION", "METRIC_INFO", "ScanOptions", "main", "parse_selection", "run_scan"]
@@ -146,19 +150,6 @@ def _validate(opts: ScanOptions) -> None:
         raise HeadvisError(f"--device must be cpu or cuda, not {opts.device!r}")
 
 
-def _prepare_out(out: Path) -> Path:
-    """Check --out can be replaced and return a fresh staging folder beside it."""
-    if out.exists() and not out.is_dir():
-        raise HeadvisError(f"--out {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").exists():
-        raise HeadvisError(f"--out {out} is a non-empty folder that is not a headvis data tree; refusing to replace it")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
-    except OSError as e:
-        raise HeadvisError(f"cannot write to --out {out}: {e.strerror or e}") from e
-
-
 def _top_tokens(result, tokens: Tokens) -> tuple[list[dict], list[dict]]:
     """(top_query_tokens, top_key_tokens) of CONTRACT section 2, over all scanned sequences."""
     key_total = float(result.key_weight.sum())
@@ -207,6 +198,17 @@ def _head_file(layer: int, head: int, result, edges: np.ndarray, records: list[d
     }
 
 
+def _write_error(e: OSError, out: Path) -> HeadvisError:
+    """One line for a file error of the scan; --out is untouched (the new tree is built beside it)."""
+    where = f" ({e.filename})" if e.filename else ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        what = f"the disk is full{where}"
+    else:
+        what = f"cannot write{where}: {e.strerror or e}"
+    return HeadvisError(f"{what}; --out {out} is untouched; free some space or choose another --out, then run the "
+                        "same command again (it resumes from the checkpoint beside --out when pass 1 was saved)")
+
+
 def _print_summary(n_seqs: int, n_tokens: int, n_heads: int, seconds: float, out: Path, backend: str) -> None:
     print(f"headvis: scanned {n_seqs} sequences ({n_tokens:,} tokens), {n_heads} heads "
           f"in {seconds:.1f} s with backend {backend} -> {out}/", flush=True)
@@ -216,13 +218,14 @@ def run_scan(opts: ScanOptions, lm: LoadedModel | None = None) -> Path:
     """Run the whole scan; returns the written --out folder."""
     start = time.perf_counter()
     _validate(opts)
-    out = Path(opts.out).expanduser()
-    staging = _prepare_out(out)
+    target = ScanTarget.open(Path(opts.out))
+    out, staging = target.out, target.staging
     try:
         device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if lm is None:
             lm = load_model(opts.model, device=device)
         info = lm.info
+        weights = weights_sha256(lm.model)  # keys the checkpoint and the rescan's carry-over
         layers = parse_selection(opts.layers, info.n_layers, "layers")
         heads = parse_selection(opts.heads, info.n_heads, "heads")
         if info.max_positions and opts.seq_len > info.max_positions:
@@ -240,7 +243,7 @@ def run_scan(opts: ScanOptions, lm: LoadedModel | None = None) -> Path:
         acc = ScanAccumulator(layers, len(heads), n_seqs, vocab, len(bin_edges) - 1)
         settings = {"headvis": headvis.__version__, "model": opts.model, "dataset": opts.dataset,
                     "split": opts.split, "text_column": opts.text_column, "layers": layers, "heads": heads,
-                    "backend": backend, "device": str(lm.device),
+                    "backend": backend, "device": str(lm.device), "weights_sha256": weights,
                     "format_version": FORMAT_VERSION}
         checkpoint = Checkpoint(out.parent / f".{out.name}.resume", scan_key(settings, sequences))
         done = checkpoint.load(acc) if opts.resume else 0
@@ -320,7 +323,7 @@ def run_scan(opts: ScanOptions, lm: LoadedModel | None = None) -> Path:
             "format_version": FORMAT_VERSION,
             "headvis_version": headvis.__version__,
             "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "model": info.to_json(),
+            "model": {**info.to_json(), "weights_sha256": weights},
             "dataset": {"name": opts.dataset, "split": opts.split, "text_column": opts.text_column,
                         "n_sequences": n_seqs, "seq_len": opts.seq_len, "n_tokens": n_tokens},
             "layers": layers,
@@ -334,13 +337,22 @@ def run_scan(opts: ScanOptions, lm: LoadedModel | None = None) -> Path:
             "backend": backend,
             "seed": opts.seed,
         })
-        publish_folder(staging, out)
+        def carry(old: Path | None) -> None:
+            if old is not None:
+                kept = target.out.parent / f"{target.out.name}.kept"
+                for line in carry_over(old, staging, lm, sequences, kept):
+                    print(f"headvis: rescan: {line}", flush=True)
+
+        target.publish(carry)
         checkpoint.remove()
+    except OSError as e:  # the machine's state: a full disk, a read-only folder
+        target.discard()
+        raise _write_error(e, target.given) from e
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        target.discard()
         raise
-    _print_summary(n_seqs, n_tokens, len(layers) * len(heads), time.perf_counter() - start, out, backend)
-    return out
+    _print_summary(n_seqs, n_tokens, len(layers) * len(heads), time.perf_counter() - start, target.given, backend)
+    return target.given
 
 
 def build_parser() -> argparse.ArgumentParser:

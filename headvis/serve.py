@@ -83,9 +83,13 @@ def _logger() -> None:
 
 
 def _run(args: argparse.Namespace) -> None:
-    from headvis.server.tree import open_data_tree
+    from headvis.lock import TreeLock
+    from headvis.server.tree import in_use_error, open_data_tree
 
     tree = open_data_tree(args.data)  # before importing torch: a wrong --data fails at once
+    holder = TreeLock.holder(tree.root)  # the app takes the lock itself; this only fails early
+    if holder is not None:
+        raise in_use_error(tree.root, holder)
     frontend = None
     if args.frontend is not None:
         frontend = Path(args.frontend).expanduser()

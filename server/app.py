@@ -2,14 +2,21 @@
 
     app = create_app(ServerConfig(data=Path("data"), url="http://127.0.0.1:8765"))
 
-Start-up (cleanup contexts, in order): read the `--dictionary` folders and
-check them against the scanned model's shape (config.json) with their
-feature libraries; load the model once (the scan's, or `config.model`) on a
-thread and move the dictionaries to its device; reconcile
-`custom_sequences/` and `attributions/` and start the file thread; write
-`data/server_config.json` with `server_url` and a fresh context. Shutdown undoes them in reverse: `server_config.json` back to `{}`
-(static-only), then the file thread and the model thread finish their jobs
-and stop.
+Start-up (cleanup contexts, in order): take the tree's lock
+(`headvis.lock`; a second server on the same tree is refused, and so is a
+scan that would replace it); read the `--dictionary` folders and check them
+against the scanned model's shape (config.json) with their feature
+libraries; load the model once (the scan's, or `config.model`) on a thread
+and move the dictionaries to its device; reconcile `custom_sequences/` and
+`attributions/` and start the file thread; write `data/server_config.json`
+with `server_url` and a fresh context. Shutdown undoes them in reverse:
+`server_config.json` back to `{}` (static-only), the custom sequences'
+snapshot files rewritten, the file thread and the model thread finish their
+jobs and stop, the lock is released.
+
+Connections: one idle longer than IDLE_TIMEOUT_S (a silent client, or one
+whose request headers never complete) is closed; a body that does not
+arrive within BODY_TIMEOUT_S is a 408 (`headvis.server.validation`).
 
 The context is `{"setup": "default", "token": <random>}`: it selects the one
 setup this process serves (its data tree and model), and the token makes a
@@ -20,6 +27,7 @@ a model name or a command.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import secrets
 import signal
@@ -30,17 +38,18 @@ from aiohttp import web
 
 from headvis.errors import HeadvisError
 from headvis.io import write_json
+from headvis.lock import TreeLock, TreeLocked
 from headvis.models import load_model
 from headvis.server.attributions import AttributionStore, ServedDictionaries, read_dictionaries
 from headvis.server.compute import ModelJobs, ModelWorker
-from headvis.server.limits import MAX_BODY_BYTES
+from headvis.server.limits import IDLE_TIMEOUT_S, MAX_BODY_BYTES
 from headvis.server.routes import setup_routes
 from headvis.server.state import (ATTRIBUTIONS, CONFIG, CONTEXT, DICTIONARIES, FILES, JOBS, PRELOADED, STORE, TREE,
                                    UMAP, ServerConfig)
 from headvis.server.store import CustomStore, JsonFiles, UmapStore
-from headvis.server.tree import open_data_tree
+from headvis.server.tree import in_use_error, open_data_tree
 
-__all__ = ["create_app", "serve"]
+__all__ = ["create_app", "runner_for", "serve"]
 
 log = logging.getLogger("headvis.server")
 
@@ -70,9 +79,25 @@ async def json_errors(request: web.Request, handler) -> web.StreamResponse:
         return _error_response(400, str(e))
     except asyncio.CancelledError:
         raise
+    except OSError as e:  # the machine's state (a full disk, a read-only or changed tree), not a bug
+        status, message = _os_error(e)
+        log.warning("%s %s: %s", request.method, request.path, message)
+        return _error_response(status, message)
     except Exception:
         log.exception("internal error on %s %s", request.method, request.path)
         return _error_response(500, "internal error (the server log has the details)")
+
+
+def _os_error(e: OSError) -> tuple[int, str]:
+    """(status, message) for a file error while answering: 507 full disk, 503 not writable, 409 damaged."""
+    where = Path(e.filename).name if e.filename else "a file of the data tree"
+    reason = e.strerror or type(e).__name__
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return 507, f"the disk holding the data tree is full ({reason}, writing {where}); nothing was changed: " \
+                    "free some space and retry"
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return 503, f"the data tree cannot be written ({reason}: {where}); nothing was changed"
+    return 409, f"the data tree changed under the server ({reason}: {where}); restore it or re-scan"
 
 
 def _hostname(header: str) -> str:
@@ -157,15 +182,32 @@ async def _model(app: web.Application):
     await asyncio.to_thread(jobs.close)
 
 
-async def _store(app: web.Application):
-    """Reconcile custom_sequences/ with its index.json; stop the file thread at shutdown."""
-    tree = app[TREE]
+async def _lock(app: web.Application):
+    """Hold the tree's lock while serving: a second server (or a scan) on the same tree is refused."""
+    lock = TreeLock(app[TREE].root, "server", url=app[CONFIG].url)
     try:
-        dropped = await asyncio.to_thread(app[STORE].reconcile)
+        lock.acquire()
+    except TreeLocked as e:
+        raise in_use_error(app[TREE].root, e.holder) from None
+    except OSError as e:
+        raise HeadvisError(f"cannot lock --data {app[TREE].root}: {e.strerror or e}") from e
+    yield
+    lock.release()
+
+
+async def _store(app: web.Application):
+    """Reconcile custom_sequences/ and bring its snapshot files up to date; rewrite them at shutdown."""
+    tree, store = app[TREE], app[STORE]
+    try:
+        removed, imported, rewritten = await asyncio.to_thread(store.open)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise HeadvisError(f"{tree.custom_dir} is damaged ({type(e).__name__}: {e}); fix or remove it") from e
-    if dropped:
-        log.info("removed %d custom records left by an interrupted add or delete", dropped)
+    if removed:
+        log.info("removed %d custom sequences left half-added or half-deleted by a killed server", removed)
+    if imported:
+        log.info("moved %d custom sequences into custom_sequences/store/ (one folder per sequence)", imported)
+    elif rewritten:
+        log.info("custom_sequences/ snapshot files brought up to date (the last server did not stop cleanly)")
     try:
         fixed = await asyncio.to_thread(app[ATTRIBUTIONS].reconcile)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
@@ -174,6 +216,11 @@ async def _store(app: web.Application):
     if fixed:
         log.info("attributions/manifest.json now lists exactly the attribution files (%d changes)", fixed)
     yield
+    try:
+        await app[FILES].call(store.close)
+    except OSError as e:
+        log.warning("could not rewrite the custom_sequences/ snapshot files (%s); the next start does it",
+                    e.strerror or e)
     await asyncio.to_thread(app[FILES].close)
 
 
@@ -203,10 +250,10 @@ def create_app(config: ServerConfig, lm=None) -> web.Application:
     app[FILES] = JsonFiles()
     app[STORE] = CustomStore(tree, app[FILES])
     app[UMAP] = UmapStore(tree, app[FILES])
-    app[ATTRIBUTIONS] = AttributionStore(tree, app[FILES])
+    app[ATTRIBUTIONS] = AttributionStore(tree, app[FILES], app[STORE].ids)
     if lm is not None:
         app[PRELOADED] = lm
-    app.cleanup_ctx.extend([_model, _store, _server_config])
+    app.cleanup_ctx.extend([_lock, _model, _store, _server_config])
     app.on_response_prepare.append(_security_headers)
     setup_routes(app)
     return app
@@ -214,13 +261,18 @@ def create_app(config: ServerConfig, lm=None) -> web.Application:
 
 # -- running
 
+def runner_for(app: web.Application) -> web.AppRunner:
+    """The runner `serve` uses: no access log, idle connections closed after IDLE_TIMEOUT_S."""
+    return web.AppRunner(app, handle_signals=False, access_log=None, keepalive_timeout=IDLE_TIMEOUT_S)
+
+
 async def serve(config: ServerConfig, sock: socket.socket) -> None:
     """Run until SIGINT/SIGTERM, then shut down cleanly (server_config.json back to static-only)."""
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, task.cancel)
-    runner = web.AppRunner(create_app(config), handle_signals=False, access_log=None)
+    runner = runner_for(create_app(config))
     started = False
     try:
         await runner.setup()  # the cleanup contexts: model load, server_config.json

@@ -287,13 +287,6 @@ def _count(manifest: dict) -> int:
     return sum(len(entry.get("qk", [])) + len(entry.get("ov", [])) for entry in manifest.values())
 
 
-def _listed_custom_ids(tree: DataTree) -> set[str]:
-    try:
-        return {e["sequence_id"] for e in read_json(tree.custom_index)["sequences"]}
-    except FileNotFoundError:
-        return set()
-
-
 def _full() -> web.HTTPConflict:
     return web.HTTPConflict(text=f"there are already {MAX_ATTRIBUTION_FILES} attribution files, the most the server "
                                  "keeps; remove some under attributions/ (then restart the server) to compute more")
@@ -302,9 +295,10 @@ def _full() -> web.HTTPConflict:
 class AttributionStore:
     """attributions/{qk,ov}/ and attributions/manifest.json of one data tree."""
 
-    def __init__(self, tree: DataTree, files: JsonFiles):
+    def __init__(self, tree: DataTree, files: JsonFiles, custom_ids: Callable[[], frozenset[str]]):
         self.tree = tree
         self.files = files
+        self.custom_ids = custom_ids  # the custom sequences listed now (CustomStore.ids)
         self._inflight: dict[Path, asyncio.Future] = {}
 
     async def cached(self, path: Path, identity: tuple) -> bytes | None:
@@ -342,7 +336,7 @@ class AttributionStore:
         body = {**await compute(), **extra}
 
         def change(manifest: dict) -> tuple[dict, bytes]:
-            if isinstance(seq_idx, str) and seq_idx not in _listed_custom_ids(self.tree):
+            if isinstance(seq_idx, str) and seq_idx not in self.custom_ids():
                 raise web.HTTPNotFound(text=f"no custom sequence {seq_idx!r} (it was deleted meanwhile)")
             entry = manifest.get(key, {"qk": [], "ov": []})
             edges = entry.get(kind, [])
@@ -384,7 +378,7 @@ class AttributionStore:
             manifest = read_json(self.tree.attributions_manifest)
         except FileNotFoundError:
             manifest = {}
-        custom = _listed_custom_ids(self.tree)
+        custom = self.custom_ids()
         found: dict[str, dict[str, list[list[int]]]] = {}
         changed = 0
         for kind in KINDS:

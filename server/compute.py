@@ -187,11 +187,15 @@ class ModelWorker:
             raise web.HTTPBadRequest(text="text gives fewer than 2 tokens (every metric skips row 0); add some text")
         return ids[: self.max_tokens], len(ids) > self.max_tokens
 
-    def custom_records(self, text: str) -> tuple[dict, dict[tuple[int, int], dict]]:
-        """(index.json entry, (layer, head) -> custom head-file record) of a new custom sequence, one forward pass."""
+    def custom_records(self, text: str, *, sequence_id: str | None = None,
+                       created: str | None = None) -> tuple[dict, dict[tuple[int, int], dict]]:
+        """(index.json entry, (layer, head) -> custom head-file record) of a custom sequence, one forward pass.
+
+        A new sequence gets a fresh id and time; a rescan recomputing one passes its own.
+        """
         ids, truncated = self.encode(text)
-        created = _now()
-        sequence_id = custom_id(text, created)
+        created = created or _now()
+        sequence_id = sequence_id or custom_id(text, created)
         wanted = {key: {sequence_id: CUSTOM_INTERVAL} for key in self.tree.scanned_heads}
         records = sequence_records(
             self.lm, torch.tensor([ids], dtype=torch.int64), [sequence_id], wanted, self.selection, self.row_stats,

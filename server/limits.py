@@ -5,6 +5,8 @@ through the model, files grown, work queued.
 """
 
 __all__ = [
+    "BODY_TIMEOUT_S",
+    "IDLE_TIMEOUT_S",
     "MAX_ATTRIBUTION_FILES",
     "MAX_BODY_BYTES",
     "MAX_CLUSTERS",
@@ -31,3 +33,9 @@ MAX_ATTRIBUTION_FILES = 4096  # attribution files kept (qk and ov together); the
 # Snippets per listed feature in an attribution file (the feature library keeps more). With edge.py's 50 pairs and
 # 20 marginals of 5 interactions per side, a file lists at most 340 snippet lists: 1360 snippets of <= 15 tokens.
 MAX_SNIPPETS = 4
+# A connection idle this long is closed: between requests, and from its opening until its first request's headers
+# are complete (a silent or a slow-header client). aiohttp's default is an hour.
+IDLE_TIMEOUT_S = 15.0
+# A request body not all there this long after its headers is refused with 408 (a trickling or stalled client
+# would hold its connection and handler otherwise); a 1 MiB body takes milliseconds on loopback.
+BODY_TIMEOUT_S = 30.0

@@ -10,6 +10,7 @@ custom ids that matched their pattern and are listed).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from aiohttp import web
@@ -62,7 +63,7 @@ async def _edge(request: web.Request, layer: int, head: int, body: dict) -> Edge
             raise web.HTTPNotFound(text=f"sequence {number_text(seq_idx)} is not shown for L{layer}H{head}: only the "
                                         f"sequences of heads/{path.name} (and custom ones) can be used here")
     else:
-        sequence = await request.app[STORE].entry(seq_idx)
+        sequence = request.app[STORE].entry(seq_idx)
         if sequence is None:
             raise web.HTTPNotFound(text=f"no custom sequence {seq_idx!r}")
     seq_len = len(sequence["token_ids"])
@@ -159,9 +160,24 @@ async def unknown_api(request: web.Request) -> web.Response:
                                 "see /api/openapi.json)")
 
 
+_CUSTOM_HEAD = re.compile(r"custom_sequences/L(0|[1-9][0-9]{0,5})H(0|[1-9][0-9]{0,5})\.json")
+
+
 async def data_file(request: web.Request) -> web.StreamResponse:
-    # no-cache: custom_sequences/ and umap/ change while the server runs
-    return send_file(request, request.app[TREE].root, request.match_info["tail"], cache="no-cache")
+    """The data tree; its custom-sequence files come from the store (their files on disk are a snapshot)."""
+    tail = request.match_info["tail"]
+    tree, store = request.app[TREE], request.app[STORE]
+    body = None
+    if tail == "custom_sequences/index.json":
+        body = store.index_bytes
+    elif (match := _CUSTOM_HEAD.fullmatch(tail)) and tree.is_scanned(int(match[1]), int(match[2])):
+        body = lambda: store.head_bytes(int(match[1]), int(match[2]))  # noqa: E731
+    if body is None:
+        # no-cache: umap/ and attributions/ change while the server runs
+        return send_file(request, tree.root, tail, cache="no-cache")
+    if request.method not in ("GET", "HEAD"):
+        raise web.HTTPMethodNotAllowed(request.method, ["GET", "HEAD"], text=f"{request.method} is not allowed here")
+    return web.Response(body=await body(), content_type="application/json", headers={"Cache-Control": "no-cache"})
 
 
 def _frontend_root(request: web.Request) -> Path | None:

@@ -6,15 +6,20 @@ with the file IO itself on a thread, so concurrent requests never lose a
 write and never block the event loop. Changes that wait for a file's lock
 are applied together by the next write (`JsonFiles`).
 
-Order of writes, so that `custom_sequences/index.json` only lists complete
-sequences: an add writes every `custom_sequences/L{l}H{h}.json` first and
-the index entry last; a delete removes the index entry first and the head
-records after. A crash between the two leaves records without an entry;
-`CustomStore.reconcile` removes them (and stray temp files) at start-up.
+Custom sequences live one folder per sequence (`headvis.custom`): an add
+writes its own records and renames them into place, a delete renames them
+away, so neither leaves a partial sequence and an add's cost does not grow
+with the number of sequences. `CustomStore` keeps the listing in memory (the
+tree lock makes this process the only writer) and answers the contract's
+`custom_sequences/index.json` and `L{l}H{h}.json` from the store; the files
+of those names are a snapshot for static hosts, rewritten at shutdown.
 
 `umap/L{l}H{h}.json` is the scan's file; the server only replaces its
 `clusters` key and appends to its `projected_points` (`UmapStore`), keeping
 every other key as the scan wrote it.
+
+A tree file that cannot be read as the JSON it should be (truncated,
+replaced by a folder) is the tree's state, not a bug: a 409 that names it.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from typing import Any, Callable
 
 from aiohttp import web
 
+from headvis.custom import CustomFolder
 from headvis.io import read_json, write_json
 from headvis.server.limits import MAX_CUSTOM_SEQUENCES, MAX_PROJECTED_POINTS
 from headvis.server.tree import DataTree
@@ -38,11 +44,21 @@ __all__ = ["CustomStore", "JsonFiles", "UmapStore", "find_edge"]
 Change = Callable[[Any], tuple[Any, Any]]  # old body -> (new body or None for "unchanged", result)
 
 
+def damaged(path: Path, error: BaseException) -> web.HTTPConflict:
+    """The 409 for a tree file that is not what the scan or the server wrote."""
+    reason = getattr(error, "strerror", None) or (error.msg if isinstance(error, ValueError) and hasattr(error, "msg")
+                                                  else type(error).__name__)
+    return web.HTTPConflict(text=f"the data tree's {path.parent.name}/{path.name} is damaged ({reason}); "
+                                 "restore it or re-scan")
+
+
 def _read_or(path: Path, default: Callable[[], Any]) -> Any:
     try:
         return read_json(path)
     except FileNotFoundError:
         return default()
+    except (OSError, ValueError) as e:  # truncated, not UTF-8, a folder in its place
+        raise damaged(path, e) from e
 
 
 def _apply(path: Path, changes: list[Change], default: Callable[[], Any]) -> list[tuple[bool, Any]]:
@@ -106,7 +122,7 @@ class JsonFiles:
                         self._io, _apply, path, [c for c, _ in batch], default)
                 except BaseException as e:
                     for _, waiting in batch:
-                        if not waiting.done():
+                        if waiting is not future and not waiting.done():  # this one's caller gets the raise
                             waiting.set_exception(e if isinstance(e, Exception) else RuntimeError("write interrupted"))
                     raise
                 for (_, waiting), (ok, value) in zip(batch, outcomes):
@@ -119,29 +135,70 @@ def _stray_temp_files(folder: Path) -> list[Path]:
     return sorted(folder.glob(".*.tmp")) if folder.is_dir() else []
 
 
-def _empty_sequences() -> dict:
-    return {"sequences": []}
-
-
 class CustomStore:
-    """custom_sequences/index.json and custom_sequences/L{l}H{h}.json of one data tree."""
+    """custom_sequences/ of one data tree (`headvis.custom.CustomFolder`), with its listing kept in memory.
+
+    The tree's lock (`headvis.lock`) makes this process its only writer, so the
+    listing read at start-up stays true: reads answer from it and from the
+    stored records, never from the snapshot files, which `close` rewrites.
+    """
 
     def __init__(self, tree: DataTree, files: JsonFiles):
         self.tree = tree
         self.files = files
+        self.folder = CustomFolder(tree.custom_dir)
+        self._folders: dict[str, Path] = {}  # sequence_id -> its store folder, in add order
+        self._entries: dict[str, dict] = {}
+        self._ids: frozenset[str] = frozenset()  # replaced, never changed: other threads read it
         self._reserved = 0  # adds admitted but not yet listed
+        self._dirty = False  # the snapshot files lag the store
 
-    async def entries(self) -> list[dict]:
-        """The index entries as they are now."""
-        return (await self.files.read(self.tree.custom_index, _empty_sequences))["sequences"]
+    def open(self) -> tuple[int, int, bool]:
+        """At start-up (on a thread): reconcile, read the listing, bring the snapshot up to date.
 
-    async def entry(self, sequence_id: str) -> dict | None:
-        return next((e for e in await self.entries() if e["sequence_id"] == sequence_id), None)
+        Returns (killed adds or deletes removed, sequences imported from a 0.2.0 tree, snapshot rewritten).
+        A tree no server has opened yet (no `store/`) gets its snapshot rewritten once.
+        """
+        for path in _stray_temp_files(self.tree.umap_dir):
+            path.unlink(missing_ok=True)
+        first = not self.folder.migrated()  # the snapshot may hold records of a killed 0.2.0 add
+        removed, imported = self.folder.reconcile(self.tree.scanned_heads)
+        folders = self.folder.folders()
+        self._folders = {CustomFolder.sequence_id(f): f for f in folders}
+        self._entries = {e["sequence_id"]: e for e in self.folder.entries(folders)}
+        self._ids = frozenset(self._entries)
+        stale = first or not self.folder.current()
+        if stale:
+            self.folder.snapshot(self.tree.scanned_heads)
+            self.folder.store.mkdir(exist_ok=True)
+        return removed, imported, stale
+
+    def close(self) -> None:
+        """At shutdown (on a thread): rewrite the snapshot files if anything changed."""
+        if self._dirty:
+            self.folder.snapshot(self.tree.scanned_heads)
+            self._dirty = False
+
+    def entries(self) -> list[dict]:
+        return list(self._entries.values())
+
+    def ids(self) -> frozenset[str]:
+        """The listed custom ids; safe to call from any thread."""
+        return self._ids
+
+    def entry(self, sequence_id: str) -> dict | None:
+        return self._entries.get(sequence_id)
+
+    async def index_bytes(self) -> bytes:
+        return await self.files.call(CustomFolder.index_bytes, self.entries())
+
+    async def head_bytes(self, layer: int, head: int) -> bytes:
+        return await self.files.call(CustomFolder.head_bytes, layer, head, list(self._folders.values()))
 
     @contextlib.asynccontextmanager
     async def reserve(self):
         """Admit one add, or 409 when MAX_CUSTOM_SEQUENCES are listed or being added."""
-        if len(await self.entries()) + self._reserved >= MAX_CUSTOM_SEQUENCES:
+        if len(self._entries) + self._reserved >= MAX_CUSTOM_SEQUENCES:
             raise web.HTTPConflict(text=f"there are already {MAX_CUSTOM_SEQUENCES} custom sequences; delete some first")
         self._reserved += 1
         try:
@@ -150,37 +207,27 @@ class CustomStore:
             self._reserved -= 1
 
     async def add(self, entry: dict, records: dict[tuple[int, int], dict]) -> None:
-        """Write each head's record, then list the entry."""
-        sequence_id = entry["sequence_id"]
-
-        def put(item: dict) -> Change:
-            def change(body: dict) -> tuple[dict, None]:
-                body["sequences"] = [r for r in body["sequences"] if r["sequence_id"] != sequence_id] + [item]
-                return body, None
-            return change
-
-        await asyncio.gather(*(
-            self.files.update(self.tree.custom_head(layer, head), put(record), _empty_sequences)
-            for (layer, head), record in records.items()
-        ))
-        await self.files.update(self.tree.custom_index, put(entry), _empty_sequences)
+        """Store the sequence (all heads' records and the entry become visible together), then list it."""
+        folder = await self.files.call(self.folder.add, entry, records)
+        self._folders[entry["sequence_id"]] = folder
+        self._entries[entry["sequence_id"]] = entry
+        self._ids = frozenset(self._entries)
+        self._dirty = True
 
     async def delete(self, sequence_id: str) -> None:
-        """Unlist the entry (404 if it is not listed), then drop it from every head file and umap file."""
-
-        def drop(body: dict) -> tuple[dict | None, bool]:
-            kept = [r for r in body["sequences"] if r["sequence_id"] != sequence_id]
-            if len(kept) == len(body["sequences"]):
-                return None, False
-            return {**body, "sequences": kept}, True
-
-        if not await self.files.update(self.tree.custom_index, drop, _empty_sequences):
+        """Unlist the sequence (404 if it is not listed), then drop its points from every umap file."""
+        folder = self._folders.pop(sequence_id, None)
+        if folder is None:
             raise web.HTTPNotFound(text=f"no custom sequence {sequence_id!r}")
-        await asyncio.gather(*(
-            self.files.update(self.tree.custom_head(layer, head), drop, _empty_sequences)
-            for layer, head in self.tree.scanned_heads
-            if self.tree.custom_head(layer, head).exists()
-        ))
+        entry = self._entries.pop(sequence_id)
+        self._ids = frozenset(self._entries)
+        try:
+            await self.files.call(self.folder.delete, folder)
+        except BaseException:
+            self._folders[sequence_id], self._entries[sequence_id] = folder, entry  # still stored: still listed
+            self._ids = frozenset(self._entries)
+            raise
+        self._dirty = True
 
         def forget(body: dict) -> tuple[dict | None, None]:
             """Projected points of the sequence, and cluster points naming it, leave the umap file too."""
@@ -195,23 +242,6 @@ class CustomStore:
             for layer, head in self.tree.scanned_heads
             if self.tree.umap_head(layer, head).exists()
         ))
-
-    def reconcile(self) -> int:
-        """At start-up: drop head records whose id is not listed, and stray temp files. Returns records dropped."""
-        folder = self.tree.custom_dir
-        for path in _stray_temp_files(folder) + _stray_temp_files(self.tree.umap_dir):
-            path.unlink(missing_ok=True)
-        if not folder.is_dir():
-            return 0
-        listed = {e["sequence_id"] for e in _read_or(self.tree.custom_index, _empty_sequences)["sequences"]}
-        dropped = 0
-        for path in sorted(folder.glob("L*H*.json")):
-            body = read_json(path)
-            kept = [r for r in body["sequences"] if r["sequence_id"] in listed]
-            if len(kept) != len(body["sequences"]):
-                dropped += len(body["sequences"]) - len(kept)
-                write_json(path, {**body, "sequences": kept}, rounded=True)
-        return dropped
 
 
 def find_edge(umap: dict, seq_idx: int | str, query_pos: int, key_pos: int) -> dict | None:

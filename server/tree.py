@@ -3,7 +3,9 @@
 Opened once at start-up (`open_data_tree`); everything here is plain file
 reading, so the command line can check `--data` before it imports torch.
 Only format 2 trees (CONTRACT section 2) are served; a format 1 tree is
-refused with a message that says to re-scan.
+refused with a message that says to re-scan, and so is a config.json that
+breaks headvis/schemas/config.schema.json or names heads outside its model
+(the server would otherwise start, then answer 500).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 
 from headvis.errors import HeadvisError
 
-__all__ = ["FORMAT_VERSION", "DataTree", "open_data_tree"]
+__all__ = ["FORMAT_VERSION", "DataTree", "in_use_error", "open_data_tree"]
 
 FORMAT_VERSION = 2  # the format of config.json `format_version` this server speaks
 _CONFIG_KEYS = ("model", "dataset", "layers", "heads", "top_k", "min_weight")
@@ -104,14 +106,55 @@ class DataTree:
         return self.attributions_dir / kind / f"L{layer}H{head}S{seq_idx}Q{query_pos}K{key_pos}.json"
 
 
+def in_use_error(root: Path, holder: dict) -> HeadvisError:
+    """The refusal of a second server on a tree another process holds (`headvis.lock`)."""
+    from headvis.lock import holder_text
+
+    return HeadvisError(f"--data {root} is already in use by {holder_text(holder)}; two writers would lose each "
+                        "other's changes: stop it first, or serve another tree")
+
+
 def _is_head_list(value) -> bool:
     return isinstance(value, list) and all(
         isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in pair)
         for pair in value)
 
 
+def _listed(values: list) -> str:
+    return f"[{', '.join(str(x)[:20] for x in values)}]"
+
+
+def _config_problem(config: dict) -> str | None:
+    """The first thing wrong with config.json: its schema (config.schema.json), then what a schema cannot say."""
+    # jsonschema and the request validator's messages, imported here: the tree module stays light to import
+    from headvis.schemas import load_schema
+    from headvis.server.validation import first_problem, strict_validator
+
+    problem = first_problem(strict_validator(load_schema("config.schema.json")), config)
+    if problem is not None:
+        return problem
+    model = config["model"]
+    for name in ("n_layers", "n_heads"):
+        if config[name] != model[name]:
+            return f"{name} {config[name]} differs from model.{name} {model[name]}"
+    for name in ("heads", "umap_heads"):
+        for i, (layer, head) in enumerate(config[name]):
+            if layer >= model["n_layers"]:
+                return f"{name}.{i} {_listed([layer, head])} names layer {layer}, past model.n_layers {model['n_layers']}"
+            if head >= model["n_heads"]:
+                return f"{name}.{i} {_listed([layer, head])} names head {head}, past model.n_heads {model['n_heads']}"
+    scanned = {tuple(pair) for pair in config["heads"]}
+    for i, pair in enumerate(config["umap_heads"]):
+        if tuple(pair) not in scanned:
+            return f"umap_heads.{i} {_listed(pair)} is not one of `heads`"
+    if set(config["layers"]) != {layer for layer, _ in scanned}:
+        return (f"layers {_listed(sorted(config['layers']))} are not the layers of `heads` "
+                f"{_listed(sorted({layer for layer, _ in scanned}))}")
+    return None
+
+
 def open_data_tree(path: str | Path) -> DataTree:
-    """Check that `path` is a format 2 scanned tree (a readable config.json with the needed keys)."""
+    """Check that `path` is a format 2 scanned tree: a readable config.json, valid under its schema and consistent."""
     root = Path(path).expanduser()
     if not root.is_dir():
         raise HeadvisError(f"--data {path}: no such folder (run python -m headvis.scan --out {path} first)")
@@ -134,4 +177,8 @@ def open_data_tree(path: str | Path) -> DataTree:
         raise HeadvisError(f"--data {path}: config.json lacks {', '.join(missing)}; re-scan with this headvis version")
     if not _is_head_list(config["heads"]):
         raise HeadvisError(f"--data {path}: config.json `heads` is not a list of [layer, head] pairs; re-scan it")
+    problem = _config_problem(config)
+    if problem is not None:  # else a request would meet it later, as a 500
+        raise HeadvisError(f"--data {path}: config.json is damaged: {problem}; re-scan it: "
+                           f"python -m headvis.scan --out {path}")
     return DataTree(root=root.resolve(), config=config)

@@ -59,6 +59,21 @@ def checked_page(browser, *, width: int, timeout_ms: int, what: str) -> Iterator
     assert not errors, f"uncaught script errors in {what}: {errors}"
 
 
+def served(site: Site, rel: str):
+    """GET {site}/data/{rel} as the page reads it, parsed; None for a 404 (custom files come from the server's store)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{site.url.rstrip('/')}/data/{rel}", timeout=30) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        if e.code == 404:
+            return None
+        raise
+
+
 @contextlib.contextmanager
 def serving(data: Path, lm, frontend: Path, dictionaries: tuple[Path, ...] = ()) -> Iterator[Site]:
     """The real server app (`create_app`) over `data`, serving `frontend`, in a thread of this process:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from headvis.errors import HeadvisError
 from headvis.scan import build_parser, main, parse_selection
@@ -269,3 +270,54 @@ def test_checkpoint_of_another_scan_is_discarded(capsys, tmp_path, gpt2_dir, cor
     code, _ = run_main(capsys, "--model", gpt2_dir, "--dataset", corpus, "--seq-len", "16", "--num-seqs", "8",
                        "--out", str(tmp_path / "o"))
     assert code == 0 and not stale.exists()
+
+
+def test_a_retrained_model_under_the_same_name_does_not_resume_the_old_statistics(capsys, tmp_path, gpt2_dir, corpus,
+                                                                                   monkeypatch):
+    """The checkpoint key holds the weights' digest: `--model ./ckpt` retrained in place scans again from 0."""
+    import shutil
+
+    import headvis.checkpoint as checkpoint
+    import headvis.pipeline as pipeline
+    from transformers import AutoModel
+
+    model_dir = tmp_path / "ckpt"
+    shutil.copytree(gpt2_dir, model_dir)
+    args = ["--model", str(model_dir), "--dataset", corpus, "--seq-len", "16", "--num-seqs", "24", "--batch-size", "4",
+            "--per-interval", "1", "--max-points", "20", "--out", str(tmp_path / "o")]
+    monkeypatch.setattr(checkpoint, "SAVE_EVERY_S", 0.0)
+    real_pass = pipeline.metric_pass
+
+    def killed_pass(*a, after_batch, **kw):
+        def after(acc):
+            after_batch(acc)
+            if int(acc.seq_seen.sum()) >= 12:
+                raise KeyboardInterrupt
+        real_pass(*a, after_batch=after, **kw)
+
+    monkeypatch.setattr("headvis.scan.metric_pass", killed_pass)
+    assert run_main(capsys, *args)[0] == 130
+    model = AutoModel.from_pretrained(model_dir)  # "retrained": one weight changed, same name, same shape
+    with torch.no_grad():
+        model.h[0].attn.c_attn.weight[0, 0] += 0.5
+    model.save_pretrained(model_dir)
+
+    seen = []
+    monkeypatch.setattr("headvis.scan.metric_pass", lambda lm, seqs, sel, fn, acc, **kw: (
+        seen.append(int(acc.seq_seen.sum())), real_pass(lm, seqs, sel, fn, acc, **kw)))
+    code = main(args)
+    printed = capsys.readouterr().out
+    assert code == 0 and "checkpoint of another scan was found and is discarded" in printed
+    assert seen == [0], "the old statistics were resumed"
+    digest = json.loads((tmp_path / "o" / "config.json").read_text())["model"]["weights_sha256"]
+    assert len(digest) == 64
+
+
+def test_heads_with_no_strong_edge_get_an_empty_projection(capsys, tmp_path, gpt2_dir, corpus):
+    """--min-weight 1.0 leaves every cloud empty: the scan still writes every umap file (no points, no rotation)."""
+    out = tmp_path / "o"
+    code, err = run_main(capsys, "--model", gpt2_dir, "--dataset", corpus, "--seq-len", "16", "--num-seqs", "8",
+                         "--min-weight", "1.0", "--out", str(out))
+    assert code == 0, err
+    umap = json.loads((out / "umap" / "L0H0.json").read_text())
+    assert umap["seq_idx"] == [] and umap["clusters"] == [] and umap["projected_points"] == []

@@ -8,6 +8,7 @@ matrices in float64, with code that shares nothing with the scanner.
 from __future__ import annotations
 
 import json
+import re
 import math
 import os
 import subprocess
@@ -310,7 +311,8 @@ def test_public_keys_are_frozen(scan_tree):
                                        {"key": "top_key_tokens", "label": "Top key tokens"}]
     assert list(config["statistics_display"]) == ["mean_max_activation", "n_sequences", "n_samples"]
     assert list(config["model"]) == ["name", "architecture", "n_layers", "n_heads", "n_kv_heads", "d_head", "d_model",
-                                     "causal"]
+                                     "causal", "weights_sha256"]
+    assert re.fullmatch("[0-9a-f]{64}", config["model"]["weights_sha256"])
     assert list(config["dataset"]) == ["name", "split", "text_column", "n_sequences", "seq_len", "n_tokens"]
     assert list(load(scan_tree / "scatter_data.json")[0]) == ["layer", "head", *METRIC_NAMES]
     head = load(scan_tree / "heads" / "L5H4.json")

@@ -125,5 +125,24 @@ def validate_tree(root: Path) -> int:
                 continue
             validate_file(path, schema)
             checked += 1
+    checked += _validate_store(root / "custom_sequences" / "store")
     _cross_file(root)
+    return checked
+
+
+def _validate_store(store: Path) -> int:
+    """custom_sequences/store/ (headvis.custom): each entry and record as the snapshot files would list it."""
+    import jsonschema
+
+    checked = 0
+    folders = sorted(p for p in store.iterdir() if p.is_dir() and not p.name.startswith(".")) if store.is_dir() else []
+    for folder in folders:
+        entry = _read(folder / "entry.json")
+        jsonschema.validate({"sequences": [entry]}, load_schema("custom_sequences.schema.json"))
+        _check(folder.name.endswith(f"-{entry['sequence_id']}"), f"{folder.name} holds {entry['sequence_id']}")
+        for path in sorted(folder.glob("L*H*.json")):
+            record = _read(path)
+            jsonschema.validate({"sequences": [record]}, load_schema("custom_head.schema.json"))
+            _check(record["sequence_id"] == entry["sequence_id"], f"{folder.name}/{path.name} names another sequence")
+        checked += 1
     return checked

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from browser import served
 from frontend_helpers import HEADS, LAYERS, Site, missing
 
 try:
@@ -480,7 +481,7 @@ def test_a_custom_prompt_is_added_shown_under_interval_minus_1_and_deleted(page,
     expect(page).to_have_url(re.compile(r"interval=-1$"), timeout=MODEL_TIMEOUT_MS)
     article = page.locator("article.sequence")
     expect(article).to_have_count(1)
-    custom = read(live.data / "custom_sequences" / "L3H4.json")["sequences"]
+    custom = served(live, "custom_sequences/L3H4.json")["sequences"]
     assert len(custom) == 1 and custom[0]["interval"] == -1
     assert article.get_attribute("data-seq") == custom[0]["sequence_id"]
     assert re.fullmatch(r"c[0-9a-f]+", custom[0]["sequence_id"])
@@ -489,8 +490,7 @@ def test_a_custom_prompt_is_added_shown_under_interval_minus_1_and_deleted(page,
 
     article.locator("button.delete").click()
     expect(page.locator("article.sequence")).to_have_count(0)
-    path = live.data / "custom_sequences" / "L3H4.json"
-    assert not path.exists() or read(path)["sequences"] == []
+    assert served(live, "custom_sequences/L3H4.json")["sequences"] == []
 
 
 def _edge_outside_the_cloud(data: Path, layer: int, head: int) -> tuple[dict, int, int]:

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from browser import served
+
 pytestmark = pytest.mark.slow
 
 HEAD_CASES = [(1, 0), (3, 4)]  # two of the scan's heads (conftest: layers 1, 3 x heads 0, 1, 4)
@@ -449,16 +451,16 @@ def test_custom_prompt_add_and_delete_round_trip(ref_live, ref_page):
     assert [c["status"] for c in calls if c["name"] == "add_custom_sequence"] == [200]
     assert sid.startswith("c")
 
-    mine = load(ref_live.data, f"custom_sequences/L{layer}H{head}.json")
+    mine = served(ref_live, f"custom_sequences/L{layer}H{head}.json")
     assert mine is not None, "no custom_sequences/L1H0.json after add_custom_sequence"
     assert [s["sequence_id"] for s in mine["sequences"]] == [sid]
     seq = mine["sequences"][0]
     assert seq["interval"] == -1 and seq["text"] == text and "created" in seq
     assert seq["seq_len"] == len(seq["tokens"]) == len(seq["token_ids"]) > 1
     assert seq["attention_indices"] and len(seq["attention_indices"]) == len(seq["attention_values"])
-    index = load(ref_live.data, "custom_sequences/index.json")
+    index = served(ref_live, "custom_sequences/index.json")
     assert [(s["sequence_id"], s["text"]) for s in index["sequences"]] == [(sid, text)]
-    theirs = load(ref_live.data, f"custom_sequences/L{other[0]}H{other[1]}.json")
+    theirs = served(ref_live, f"custom_sequences/L{other[0]}H{other[1]}.json")
     assert theirs and [s["sequence_id"] for s in theirs["sequences"]] == [sid], "not written for every head"
 
     # a reload reads it back from the static file (lib/customSequences.js)
@@ -473,7 +475,7 @@ def test_custom_prompt_add_and_delete_round_trip(ref_live, ref_page):
     assert [c["status"] for c in calls if c["name"] == "delete_custom_sequence"] == [200]
     for rel in (f"custom_sequences/L{layer}H{head}.json", f"custom_sequences/L{other[0]}H{other[1]}.json",
                 "custom_sequences/index.json"):
-        left = load(ref_live.data, rel)
+        left = served(ref_live, rel)
         assert left is None or left["sequences"] == [], f"{rel} still lists the deleted sequence"
     open_sequences(ref_page, ref_live, layer, head, "&interval=-1")
     assert ref_page.locator(".example").count() == 0

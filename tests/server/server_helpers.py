@@ -36,6 +36,12 @@ class Api:
         response = await self.client.post(endpoint(name), json={"context": self.context, **fields})
         return response.status, await response.json()
 
+    async def data_file(self, rel: str):
+        """GET /data/{rel} as a client reads the tree (custom sequences come from the server's store)."""
+        response = await self.client.get(f"/data/{rel}")
+        assert response.status == 200, (rel, response.status, await response.text())
+        return await response.json()
+
 
 def random_dictionary(path: Path, hook_name: str, d_in: int, *, d_sae: int = 256, k: int = 8, seed: int = 0) -> Path:
     """A random TopK SAE (unit decoder rows, W_enc = W_dec^T) saved as a SAELens folder at `path`."""

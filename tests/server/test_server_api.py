@@ -9,14 +9,16 @@ import re
 import numpy as np
 import pytest
 
+from headvis.custom import CustomFolder
 from headvis.io import read_json, write_json
+from headvis.lock import LOCK_NAME
 from headvis.schemas import validate_file, validate_tree
 from headvis.server import limits, store
 from headvis.server.app import create_app
 from headvis.server.compute import Edge
 from headvis.server.state import JOBS
 
-from server_helpers import HEADS, LAYERS, NUM_SEQS, SEQ_LEN, endpoint
+from server_helpers import HEADS, LAYERS, NUM_SEQS, SEQ_LEN, Api, endpoint
 
 pytestmark = pytest.mark.asyncio
 
@@ -30,23 +32,24 @@ CUSTOM_ID = re.compile(r"c[0-9a-f]{12}")
 SCANNED = [(layer, head) for layer in LAYERS for head in HEADS]
 
 
-def _index_ids(data) -> list[str]:
-    return [e["sequence_id"] for e in read_json(data / "custom_sequences" / "index.json")["sequences"]]
+async def _index_ids(api) -> list[str]:
+    return [e["sequence_id"] for e in (await api.data_file("custom_sequences/index.json"))["sequences"]]
 
 
-def _head_ids(data, layer: int, head: int) -> list[str]:
-    path = data / "custom_sequences" / f"L{layer}H{head}.json"
-    return [r["sequence_id"] for r in read_json(path)["sequences"]] if path.exists() else []
+async def _head_ids(api, layer: int, head: int) -> list[str]:
+    return [r["sequence_id"] for r in (await api.data_file(f"custom_sequences/L{layer}H{head}.json"))["sequences"]]
 
 
-def _no_custom_files(data) -> bool:
-    """Nothing custom: the index and every head file (the scan writes them empty) list no sequence."""
-    return (read_json(data / "custom_sequences" / "index.json") == {"sequences": []}
-            and all(read_json(p) == {"sequences": []} for p in (data / "custom_sequences").glob("L*H*.json")))
+async def _no_custom_files(api, data) -> bool:
+    """Nothing custom: the index and every head file list no sequence, as served and in the store."""
+    served = [await api.data_file("custom_sequences/index.json")]
+    served += [await api.data_file(f"custom_sequences/L{layer}H{head}.json") for layer, head in SCANNED]
+    return all(body == {"sequences": []} for body in served) and not CustomFolder(data / "custom_sequences").folders()
 
 
 def _leftovers(data) -> list[str]:
-    return sorted(p.name for p in data.rglob(".*"))
+    """Dotfiles left in the tree (temp files, half-added sequences); the tree's lock file is meant to stay."""
+    return sorted(p.name for p in data.rglob(".*") if p.name != LOCK_NAME)
 
 
 def _umap(data, layer: int, head: int) -> dict:
@@ -102,13 +105,12 @@ async def test_add_custom_sequence_writes_every_scanned_head_and_replies_with_th
     assert CUSTOM_ID.fullmatch(reply["sequence_id"]) and reply["interval"] == -1
     assert reply["text"] == "The cat sat on the mat. The cat"
     assert reply["tokens"][1:3] == ["The", " cat"] and len(reply["tokens"]) == len(reply["token_ids"]) == reply["seq_len"]
-    (entry,) = read_json(data / "custom_sequences" / "index.json")["sequences"]
+    (entry,) = (await api.data_file("custom_sequences/index.json"))["sequences"]
     assert set(entry) == INDEX_ENTRY_KEYS and entry["truncated"] is False
     assert {k: entry[k] for k in ("sequence_id", "text", "tokens", "token_ids", "created")} == \
         {k: reply[k] for k in ("sequence_id", "text", "tokens", "token_ids", "created")}
     for layer, head in SCANNED:
-        path = data / "custom_sequences" / f"L{layer}H{head}.json"
-        body = read_json(path)
+        body = await api.data_file(f"custom_sequences/L{layer}H{head}.json")
         assert set(body) == {"sequences"}
         (record,) = body["sequences"]
         assert set(record) == CUSTOM_RECORD_KEYS
@@ -145,7 +147,7 @@ async def test_long_text_is_cut_to_the_token_limit(api, data, monkeypatch):
     monkeypatch.setattr(api.client.app[JOBS].worker, "max_tokens", 16)
     status, reply = await api.post("add_custom_sequence", layer=1, head=0, text="one two three four five six " * 10)
     assert status == 200 and reply["seq_len"] == len(reply["token_ids"]) == 16
-    assert read_json(data / "custom_sequences" / "index.json")["sequences"][0]["truncated"] is True
+    assert (await api.data_file("custom_sequences/index.json"))["sequences"][0]["truncated"] is True
 
 
 async def test_delete_custom_sequence_removes_it_everywhere(api, data):
@@ -154,9 +156,9 @@ async def test_delete_custom_sequence_removes_it_everywhere(api, data):
     assert first["sequence_id"] != second["sequence_id"]
     status, reply = await api.post("delete_custom_sequence", layer=3, head=4, sequence_id=first["sequence_id"])
     assert (status, reply) == (200, {"deleted": first["sequence_id"]})
-    assert _index_ids(data) == [second["sequence_id"]]
+    assert await _index_ids(api) == [second["sequence_id"]]
     for layer, head in SCANNED:
-        assert _head_ids(data, layer, head) == [second["sequence_id"]]
+        assert await _head_ids(api, layer, head) == [second["sequence_id"]]
     status, reply = await api.post("delete_custom_sequence", layer=1, head=0, sequence_id=first["sequence_id"])
     assert status == 404 and set(reply) == {"detail"} and first["sequence_id"] in reply["detail"]
     validate_tree(data)
@@ -168,29 +170,40 @@ async def test_twelve_concurrent_adds_then_twelve_concurrent_deletes_lose_nothin
     assert all(status == 200 for status, _ in replies), replies
     ids = sorted(reply["sequence_id"] for _, reply in replies)
     assert len(set(ids)) == 12
-    assert sorted(_index_ids(data)) == ids
+    assert sorted(await _index_ids(api)) == ids
     for layer, head in SCANNED:
-        assert sorted(_head_ids(data, layer, head)) == ids
-    texts = [e["text"] for e in read_json(data / "custom_sequences" / "index.json")["sequences"]]
+        assert sorted(await _head_ids(api, layer, head)) == ids
+    texts = [e["text"] for e in (await api.data_file("custom_sequences/index.json"))["sequences"]]
     assert sorted(texts) == sorted(f"sequence number {i} says hello" for i in range(12))
 
     deletes = await asyncio.gather(*(api.post("delete_custom_sequence", layer=1, head=4, sequence_id=sid)
                                      for sid in ids))
     assert all(status == 200 for status, _ in deletes), deletes
-    assert _index_ids(data) == []
+    assert await _index_ids(api) == []
     for layer, head in SCANNED:
-        assert _head_ids(data, layer, head) == []
+        assert await _head_ids(api, layer, head) == []
     assert _leftovers(data) == []
 
 
 async def test_start_up_removes_records_of_an_interrupted_add(aiohttp_client, config, lm, data):
-    orphan = {"sequences": [{"sequence_id": "c000000000000", "interval": -1}]}
+    orphan = {"sequences": [{"sequence_id": "c000000000000", "interval": -1}]}  # a killed 0.2.0 add
     write_json(data / "custom_sequences" / "L1H0.json", orphan)
     (data / "custom_sequences" / ".L1H0.json.abc123.tmp").write_text("half")
     (data / "umap" / ".L1H0.json.def456.tmp").write_text("half")
-    await aiohttp_client(create_app(config, lm))
+    api = Api(await aiohttp_client(create_app(config, lm)), data)
     assert read_json(data / "custom_sequences" / "L1H0.json")["sequences"] == []
+    assert await _head_ids(api, 1, 0) == [] and await _index_ids(api) == []
     assert _leftovers(data) == []
+
+
+async def test_start_up_removes_a_killed_add_and_a_killed_delete(aiohttp_client, config, lm, data):
+    store_dir = data / "custom_sequences" / "store"
+    for name in (".add-c0123456789ab-x1y2", ".del-c0123456789ac-77-123"):
+        (store_dir / name).mkdir(parents=True)
+        write_json(store_dir / name / "L1H0.json", {"sequence_id": name[5:18]})
+    api = Api(await aiohttp_client(create_app(config, lm)), data)
+    assert await _head_ids(api, 1, 0) == [] and await _index_ids(api) == []
+    assert list(store_dir.iterdir()) == [] and _leftovers(data) == []
 
 
 async def test_custom_sequences_are_capped(api, monkeypatch):
@@ -255,7 +268,7 @@ async def test_bad_add_bodies_are_refused_with_a_message(api, data, case):
     reply = await response.json()
     assert response.status == status and message in reply["detail"], reply
     assert set(reply) == {"detail"}
-    assert _no_custom_files(data)
+    assert await _no_custom_files(api, data)
 
 
 async def test_a_body_over_the_request_limit_is_413(api):
@@ -283,7 +296,7 @@ async def test_a_context_the_server_did_not_issue_is_403(api, data, context):
         body["context"] = context
     response = await api.client.post(endpoint("add_custom_sequence"), json=body)
     assert response.status == 403 and "context" in (await response.json())["detail"]
-    assert _no_custom_files(data)
+    assert await _no_custom_files(api, data)
 
 
 @pytest.mark.parametrize("name", ["add_custom_sequence", "delete_custom_sequence", "save_umap_clusters",

@@ -1,0 +1,106 @@
+"""The scan's `--out`: checked before the work, built in a staging folder beside it, published under its lock.
+
+    target = ScanTarget.open(Path("data"))      # refuses a tree a server is serving
+    ... write the new tree into target.staging ...
+    target.publish(lambda old: carry_over(old, target.staging))
+
+- A symlinked `--out` stays a symlink: the scan works beside the link's
+  target and replaces the target.
+- The staging folder (`.{name}.staging-XXXX`) holds its own `TreeLock` for as
+  long as the scan runs, so the next scan can tell a killed scan's staging
+  folder (no live holder) from a running one's and removes only the former.
+- `publish` takes `--out`'s lock (waiting, with a message, if a server
+  started serving it during the scan), runs `before` on the old tree while no
+  one else can write it (the rescan carry-over of what people made), then
+  swaps the trees in one step (`headvis.io.publish_folder`).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from headvis.errors import HeadvisError
+from headvis.io import publish_folder
+from headvis.lock import TreeLock, TreeLocked, holder_text
+
+__all__ = ["STALE_AFTER_S", "ScanTarget", "remove_stale_staging"]
+
+STALE_AFTER_S = 60.0  # a staging folder younger than this may be a scan that has not taken its lock yet
+
+
+def remove_stale_staging(out: Path) -> int:
+    """Remove `.{name}.staging-*` and `.{name}.old-*` folders beside `out` that no live process holds."""
+    removed = 0
+    now = time.time()
+    for path in sorted([*out.parent.glob(f".{out.name}.staging-*"), *out.parent.glob(f".{out.name}.old-*")]):
+        try:
+            if not path.is_dir() or path.is_symlink() or now - path.stat().st_mtime < STALE_AFTER_S:
+                continue
+        except OSError:
+            continue
+        if TreeLock.holder(path) is None:
+            shutil.rmtree(path, ignore_errors=True)
+            removed += not path.exists()
+    return removed
+
+
+@dataclass
+class ScanTarget:
+    """`out` (resolved through a symlink), the staging folder beside it and the staging folder's lock."""
+
+    given: Path  # --out as typed
+    out: Path  # the folder replaced (the symlink's target for a symlinked --out)
+    staging: Path
+    _staging_lock: TreeLock
+
+    @classmethod
+    def open(cls, given: Path) -> "ScanTarget":
+        """Check `given` can be replaced, clean up after killed scans, make a locked staging folder."""
+        given = Path(given).expanduser()
+        out = given.resolve() if given.is_symlink() else given
+        if out.exists() and not out.is_dir():
+            raise HeadvisError(f"--out {given} exists and is not a folder")
+        if out.is_dir() and any(p.name != ".headvis.lock" for p in out.iterdir()) and not (out / "config.json").exists():
+            raise HeadvisError(f"--out {given} is a non-empty folder that is not a headvis data tree; "
+                               "refusing to replace it")
+        holder = TreeLock.holder(out) if out.is_dir() else None
+        if holder is not None:
+            raise HeadvisError(f"--out {given} is in use by {holder_text(holder)}; the scan would replace the tree "
+                               "under it: stop it first, or scan into another --out")
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            removed = remove_stale_staging(out)
+            staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
+        except OSError as e:
+            raise HeadvisError(f"cannot write to --out {given}: {e.strerror or e}") from e
+        if removed:
+            print(f"headvis: removed {removed} staging folder(s) left beside {given} by killed scans", flush=True)
+        return cls(given=given, out=out, staging=staging, _staging_lock=TreeLock(staging, "scan").acquire())
+
+    def publish(self, before: Callable[[Path | None], None] | None = None) -> None:
+        """Swap the staging folder in for `out` under `out`'s lock; `before(old tree or None)` runs first."""
+        lock = TreeLock(self.out, "scan")
+        self.out.mkdir(parents=True, exist_ok=True)  # an empty folder holds the lock of a first scan
+        try:
+            lock.acquire()
+        except TreeLocked as e:
+            print(f"headvis: {e}, which started during the scan; waiting for it to stop before replacing "
+                  f"--out (Ctrl-C gives up; the same command then resumes from the checkpoint)", flush=True)
+            lock.acquire(wait=True)
+        try:
+            if before is not None:
+                before(self.out if (self.out / "config.json").is_file() else None)
+            self._staging_lock.release()
+            publish_folder(self.staging, self.out)
+        finally:
+            lock.release()
+
+    def discard(self) -> None:
+        """Remove the staging folder (a failed or interrupted scan)."""
+        self._staging_lock.release()
+        shutil.rmtree(self.staging, ignore_errors=True)

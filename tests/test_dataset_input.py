@@ -1,0 +1,127 @@
+"""Local corpus files that are not UTF-8 text: one clear HeadvisError naming the file and where, never a crash.
+
+`iter_texts` is checked directly (the messages and what still reads), and
+once through `python -m headvis.scan`'s `main` with a tiny model (exit 2,
+one line, no traceback).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from headvis.datasets import iter_texts
+from headvis.errors import HeadvisError
+from headvis.scan import main
+
+
+def _jsonl(*lines: bytes) -> bytes:
+    return b"\n".join(lines) + b"\n"
+
+
+GOOD_ROW = json.dumps({"text": "fine"}).encode()
+
+
+# -- .jsonl
+
+def test_a_jsonl_byte_that_is_not_utf8_names_the_line_and_byte_offset(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    bad = b'{"text": "caf\xe9"}'  # Latin-1 e-acute: 0xe9 followed by '"' is not UTF-8
+    path.write_bytes(_jsonl(GOOD_ROW, GOOD_ROW, bad))
+    offset = 2 * (len(GOOD_ROW) + 1) + bad.index(b"\xe9")
+    texts = iter_texts(str(path))
+    assert [next(texts), next(texts)] == ["fine", "fine"]  # streamed: the good lines come before the error
+    with pytest.raises(HeadvisError) as error:
+        next(texts)
+    assert str(error.value) == (f"{path}:3: not UTF-8 (first bad byte at byte offset {offset} (0xe9)); "
+                                "a .jsonl dataset must be UTF-8")
+
+
+def test_a_utf16_jsonl_is_refused_at_its_first_line(tmp_path):
+    path = tmp_path / "utf16.jsonl"
+    path.write_bytes(json.dumps({"text": "hello"}).encode("utf-16"))  # BOM 0xff 0xfe first
+    with pytest.raises(HeadvisError, match=r"utf16\.jsonl:1: not UTF-8 \(first bad byte at byte offset 0 \(0xff\)\)"):
+        list(iter_texts(str(path)))
+
+
+def test_utf8_jsonl_with_crlf_and_non_ascii_text_still_reads(tmp_path):
+    path = tmp_path / "ok.jsonl"
+    rows = ["café", "日本語", "emoji 🙂"]
+    path.write_bytes(b"\r\n".join(json.dumps({"text": t}, ensure_ascii=False).encode() for t in rows) + b"\r\n\r\n")
+    assert list(iter_texts(str(path))) == rows
+
+
+def test_a_bad_file_inside_a_folder_is_named(tmp_path):
+    (tmp_path / "a.jsonl").write_bytes(_jsonl(GOOD_ROW))
+    (tmp_path / "b.jsonl").write_bytes(_jsonl(b'{"text": "\xff"}'))
+    with pytest.raises(HeadvisError, match=r"b\.jsonl:1: not UTF-8"):
+        list(iter_texts(str(tmp_path)))
+
+
+# -- .txt
+
+@pytest.mark.parametrize("data, message", [
+    (b"plain text then \xff\xfe garbage", "not UTF-8 (first bad byte at byte offset 16 (0xff))"),
+    (b"abc\xe2\x82", "not UTF-8 (first bad byte at byte offset 3 (0xe2))"),  # a truncated euro sign
+    ("utf-16 text".encode("utf-16-le"), "not a text file (NUL byte at byte offset 1)"),
+    (b"PK\x03\x04\x14\x00\x00\x00" + bytes(range(1, 32)), "not a text file (NUL byte at byte offset 5)"),  # a zip header
+    (bytes(range(1, 32)) * 8 + b"some text",  # valid UTF-8, but binary (25 of each 31 bytes count)
+     "not a text file (200 of its 257 characters are control characters)"),
+    ("ab\u0085\u0090\u009f".encode() * 20,  # C1 controls count too
+     "not a text file (60 of its 100 characters are control characters)"),
+], ids=["latin1-bytes", "truncated-utf8", "utf16", "zip", "c0-controls", "c1-controls"])
+def test_a_txt_that_is_not_utf8_text_is_refused(tmp_path, data, message):
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(data)
+    with pytest.raises(HeadvisError) as error:
+        list(iter_texts(str(path)))
+    assert str(error.value).startswith(f"{path}: {message}"), error.value
+    assert str(error.value).endswith("a .txt dataset must be UTF-8 text")
+
+
+def test_a_txt_of_real_text_reads_whole_and_exact(tmp_path):
+    text = ("Tabs\tand\r\nnewlines, \x1b[31mcoloured\x1b[0m logs, a form feed\f, "
+            "non-ASCII: café 日本語 🙂\n") * 50
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(text.encode())
+    # nothing replaced; newlines universal, as the scan read a .txt before (so old corpora give the same tokens)
+    assert list(iter_texts(str(path))) == [text.replace("\r\n", "\n")]
+
+
+def test_a_txt_just_under_the_control_share_still_reads(tmp_path):
+    text = "\x07" * 9 + "a" * 91  # 9 % control characters
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(text.encode())
+    assert list(iter_texts(str(path))) == [text]
+    path.write_bytes(("\x07" * 11 + "a" * 89).encode())  # 11 %
+    with pytest.raises(HeadvisError, match="11 of its 100 characters are control characters"):
+        list(iter_texts(str(path)))
+
+
+# -- through the command line
+
+@pytest.fixture
+def gpt2_dir(tiny_model_dir):
+    return str(tiny_model_dir("gpt2"))
+
+
+@pytest.mark.parametrize("name, data, expected", [
+    ("bad.jsonl", _jsonl(GOOD_ROW, b'{"text": "\xc0\xaf"}'), "bad.jsonl:2: not UTF-8 (first bad byte at byte offset"),
+    ("bad.txt", bytes(range(256)), "bad.txt: not a text file (NUL byte at byte offset 0)"),
+])
+def test_the_scan_reports_a_bad_corpus_in_one_line(capsys, tmp_path, gpt2_dir, name, data, expected):
+    corpus = tmp_path / name
+    corpus.write_bytes(data)
+    out = tmp_path / "out"
+    capsys.readouterr()  # the fixture's own output (saving the tiny model)
+    code = main(["--model", gpt2_dir, "--dataset", str(corpus), "--seq-len", "16", "--num-seqs", "2",
+                 "--device", "cpu", "--no-umap", "--out", str(out)])
+    err = capsys.readouterr().err
+    # progress bars (model loading, tokenizing) redraw with \r; what is left is the one message
+    lines = [line for line in re.split(r"[\r\n]", err) if line.startswith("headvis:")]
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("headvis: error: ") and expected in lines[0], err
+    assert "must be UTF-8" in lines[0] and "Traceback" not in err and "internal error" not in err
+    assert not out.exists()
