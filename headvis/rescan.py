@@ -39,6 +39,8 @@ from headvis.custom import CustomFolder
 from headvis.io import read_json, write_json
 from headvis.models import LoadedModel
 
+FORMAT_VERSION = 2  # the old trees whose files this module reads
+
 __all__ = ["carry_over", "same_model"]
 
 _SHAPE = ("name", "architecture", "n_layers", "n_heads", "n_kv_heads", "d_head", "d_model", "causal")
@@ -69,12 +71,49 @@ def carry_over(old: Path, new: Path, lm: LoadedModel, sequences: torch.Tensor, k
     """Carry the old tree's custom sequences, projected points and clusters into `new`; the lines to print.
 
     `sequences` (n_sequences, seq_len) are the new scan's token ids; `kept` the folder that receives, under a
-    time-stamped subfolder, whatever is not carried whole.
+    time-stamped subfolder, whatever is not carried whole. An old tree of another format, or one whose files
+    cannot be read, is carried not at all: its user folders are copied aside whole.
     """
+    try:
+        old_config = read_json(old / "config.json")
+        version = old_config.get("format_version") if isinstance(old_config, dict) else None
+        if version != FORMAT_VERSION:
+            return _all_aside(old, new, kept, f"the old tree is format_version {version}: nothing is carried")
+        return _carry(old, new, lm, sequences, kept, old_config)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as e:
+        return _all_aside(old, new, kept, f"the old tree's files could not be read ({type(e).__name__}: {e}); "
+                                          "nothing is carried")
+
+
+_USER_FOLDERS = ("custom_sequences", "custom", "umap")  # `custom/`: format 1's custom prompts
+
+
+def _all_aside(old: Path, new: Path, kept: Path, reason: str) -> list[str]:
+    """Undo any partial carry in `new`, copy the old tree's user folders aside whole."""
+    from headvis.server.tree import open_data_tree
+
+    heads = open_data_tree(new).scanned_heads
+    shutil.rmtree(new / "custom_sequences" / "store", ignore_errors=True)
+    CustomFolder(new / "custom_sequences").snapshot(heads)
+    for layer, head in heads:
+        path = new / "umap" / f"{_head_name(layer, head)}.json"
+        body = read_json(path)
+        if body.get("clusters") or body.get("projected_points"):
+            write_json(path, {**body, "clusters": [], "projected_points": []}, rounded=True)
+    present = [name for name in _USER_FOLDERS if (old / name).is_dir()]
+    if not present:
+        return [reason]
+    where = kept / dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    for name in present:
+        shutil.copytree(old / name, where / name, dirs_exist_ok=True)
+    return [reason, f"the old tree's {', '.join(f'{n}/' for n in present)} are kept in {where}"]
+
+
+def _carry(old: Path, new: Path, lm: LoadedModel, sequences: torch.Tensor, kept: Path, old_config: dict) -> list[str]:
     from headvis.server.compute import Edge, ModelWorker  # the server's code: one implementation of each record
     from headvis.server.tree import open_data_tree
 
-    old_config, new_config = read_json(old / "config.json"), read_json(new / "config.json")
+    new_config = read_json(new / "config.json")
     model_matches = same_model(old_config.get("model", {}), new_config["model"])
     tree = open_data_tree(new)
     worker = ModelWorker(lm, tree) if model_matches else None

@@ -214,3 +214,24 @@ def test_publishing_never_leaves_a_moment_without_out(tmp_path):
     assert watcher.wait(timeout=30) == 0
     assert watcher.stdout.read().strip() == "", "--out was missing while a tree was published"
     assert (out / "config.json").read_text() == "299"
+
+
+def test_a_rescan_over_a_format_1_or_unreadable_tree_copies_its_user_folders_aside(tiny, corpus, tmp_path, capsys):
+    out = tmp_path / "data"
+    _scan(tiny, corpus, out)
+    config = read_json(out / "config.json")
+    config["format_version"] = 1
+    write_json(out / "config.json", config)
+    (out / "custom").mkdir()
+    (out / "custom" / "prompt.json").write_text('{"text": "an old prompt"}')
+    lines = _scan(tiny, corpus, out, capsys)
+    assert lines[0] == "the old tree is format_version 1: nothing is carried"
+    (kept,) = (tmp_path / "data.kept").iterdir()
+    assert (kept / "custom" / "prompt.json").read_text() == '{"text": "an old prompt"}'
+    assert lines[1].endswith(f"are kept in {kept}")
+
+    (out / "config.json").write_text("{")  # a damaged old tree still gets replaced, its folders kept
+    lines = _scan(tiny, corpus, out, capsys)
+    assert lines[0].startswith("the old tree's files could not be read (JSONDecodeError")
+    assert len(list((tmp_path / "data.kept").iterdir())) in (1, 2)  # a second copy, or the same second's folder
+    validate_tree(out)
