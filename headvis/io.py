@@ -43,12 +43,18 @@ def round_sig(values: np.ndarray, digits: int = SIG_DIGITS) -> list:
     return out.tolist()
 
 
+_PLAIN = {int, str, bool, type(None)}  # JSON-ready as they are
+
+
 def _clean(obj: Any) -> Any:
     """Recursively round floats and turn numpy values into JSON-ready Python ones."""
     if isinstance(obj, dict):
         return {str(k): _clean(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        if obj and all(isinstance(v, float) for v in obj):
+        kinds = set(map(type, obj))
+        if kinds and kinds <= _PLAIN:  # token strings, token ids: nothing to round (one call, not one per item)
+            return list(obj)
+        if kinds == {float}:
             return round_sig(np.asarray(obj))
         return [_clean(v) for v in obj]
     if isinstance(obj, np.ndarray):

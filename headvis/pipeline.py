@@ -25,7 +25,7 @@ from headvis.backends import RowStatsFn
 from headvis.capture import CaptureSession, LayerCapture
 from headvis.metrics import RowStats
 from headvis.models import LoadedModel, output_projections
-from headvis.projection import VECTORS, fit_head, gpu_libraries
+from headvis.projection import VECTORS, batched_pca, fit_head, gpu_libraries
 from headvis.sampling import sparse_rows
 
 __all__ = ["HeadSelection", "ProjectionPoints", "Tokens", "fit_projections", "head_vectors", "metric_pass", "sequence_records"]
@@ -181,10 +181,10 @@ class ProjectionPoints:
         order = np.lexsort((cat["top_q"], cat["seq_idx"]))
         cat = {name: col[order] for name, col in cat.items()}
         d_head = cat["Q"].shape[1]
-        w = w_o[:, head * d_head : (head + 1) * d_head].detach().double().cpu()  # (d_model, d_head)
-        basis, r = torch.linalg.qr(w)  # (d_model, d_head), (d_head, d_head)
-        vectors = {"Q": cat["Q"], "K": cat["K"], "V": cat["V"], "O": cat["Z"].astype(np.float64) @ r.numpy().T}
-        return {name: cat[name] for name in ("seq_idx", "top_q", "top_k")}, vectors, {"O": basis.numpy()}
+        w = w_o[:, head * d_head : (head + 1) * d_head].detach().double().cpu().numpy()  # (d_model, d_head)
+        basis, r = np.linalg.qr(w)  # (d_model, d_head), (d_head, d_head); numpy: torch's is slow on 2 busy threads
+        vectors = {"Q": cat["Q"], "K": cat["K"], "V": cat["V"], "O": cat["Z"].astype(np.float64) @ r.T}
+        return {name: cat[name] for name in ("seq_idx", "top_q", "top_k")}, vectors, {"O": basis}
 
 
 def sequence_records(
@@ -291,22 +291,29 @@ def fit_projections(
     seed: int,
     on_head: Callable[[int, int, dict, dict, dict], None],
 ) -> None:
-    """Pass 3 (no forward pass): fit every head's gathered cloud; `on_head(layer, head, edges, fields, rotation)`."""
+    """Pass 3 (no forward pass): fit every head's gathered cloud; `on_head(layer, head, edges, fields, rotation)`.
+
+    PCA: one `batched_pca` call per layer over all its heads' Q/K/V/O clouds, on the model's device.
+    """
     w_o = output_projections(lm.model)
-    gpu = gpu_libraries() if lm.device.type == "cuda" else None
-    if lm.device.type == "cuda":
-        print("headvis: projections on the GPU with cuML" if gpu else
-              "headvis: projections on the CPU with scikit-learn (install headvis[gpu] for cuML)", flush=True)
-    keys = [(layer, head) for layer in selection.layers for head in selection.heads]
-    for layer, head in tqdm(keys, desc="pass 3: projections", unit="head"):
+    gpu = gpu_libraries() if lm.device.type == "cuda" and with_umap else None
+    if lm.device.type == "cuda" and with_umap:
+        print("headvis: UMAP on the GPU with cuML" if gpu else
+              "headvis: UMAP on the CPU with umap-learn (install headvis[gpu] for cuML)", flush=True)
+    for layer in tqdm(selection.layers, desc="pass 3: projections", unit="layer"):
         if layer not in w_o:
             raise RuntimeError(f"no output projection found for layer {layer}")
-        edges, vectors, bases = points.cloud(layer, head, w_o[layer])
-        if gpu is not None and vectors:
-            vectors = {name: torch.as_tensor(v, device=lm.device) for name, v in vectors.items()}
-        fields, rotation = fit_head(vectors, n_points=len(edges["seq_idx"]), with_umap=with_umap, seed=seed, gpu=gpu,
-                                    bases=bases)
-        on_head(layer, head, edges, fields, rotation)
+        clouds = {head: points.cloud(layer, head, w_o[layer]) for head in selection.heads}
+        tensors = {(head, name): torch.as_tensor(v, device=lm.device)
+                   for head, (_, vectors, _) in clouds.items() for name, v in vectors.items()}
+        keys = [key for key, t in tensors.items() if len(t)]
+        fitted = dict(zip(keys, batched_pca([tensors[key] for key in keys])))
+        for head, (edges, vectors, bases) in clouds.items():
+            pca = {name: fitted[(head, name)] for name in vectors if (head, name) in fitted}
+            inputs = {name: tensors[(head, name)] for name in vectors} if gpu is not None else vectors
+            fields, rotation = fit_head(inputs, n_points=len(edges["seq_idx"]), with_umap=with_umap, seed=seed,
+                                        gpu=gpu, bases=bases, pca=pca)
+            on_head(layer, head, edges, fields, rotation)
 
 
 assert set(VECTORS) == {"Q", "K", "V", "O"}

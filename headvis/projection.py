@@ -2,23 +2,28 @@
 
 The points are the head's strong attention edges gathered in pass 2
 (`headvis.pipeline.ProjectionPoints`). Each vector space is fitted on its
-own; PCA is computed directly in float64 (`_pca`, equal to scikit-learn's
-within float tolerance, tested). The PCA rotation (`mean`, `components`) is saved as JSON beside the
-head's file so that new edges can be projected later (`project_pca`).
+own. PCA: `batched_pca` fits every cloud of a layer (all heads, Q/K/V/O) in
+one batched eigendecomposition in torch, float64, on the scan's device;
+`_pca` is its per-cloud numpy reference; both equal scikit-learn's within
+float tolerance (tested). The PCA rotation (`mean`, `components`) is saved as
+JSON beside the head's file so that new edges can be projected later
+(`project_pca`).
 
-On CUDA, when cupy and cuML are installed (`pip install headvis[gpu]`), the
-fits run on the GPU: the vectors reach cuML through DLPack. Otherwise
-scikit-learn and umap-learn fit them on the CPU. The scan says once which.
+UMAP: on CUDA, when cupy and cuML are installed (`pip install headvis[gpu]`),
+cuML fits it on the GPU, the vectors handed over through DLPack; otherwise
+umap-learn on the CPU. The scan says once which.
 """
 
 from __future__ import annotations
 
+import contextlib
 from types import ModuleType
 
 import numpy as np
+import torch
 
-__all__ = ["COMPONENTS", "UMAP_MIN_POINTS", "UMAP_VIEW", "VECTORS", "GpuLibraries", "columns", "fit_head",
-           "gpu_libraries", "project_pca"]
+__all__ = ["COMPONENTS", "UMAP_MIN_POINTS", "UMAP_VIEW", "VECTORS", "GpuLibraries", "batched_pca", "columns",
+           "fit_head", "gpu_libraries", "project_pca"]
 
 GpuLibraries = tuple[ModuleType, ModuleType]  # (cupy, cuml)
 
@@ -69,6 +74,57 @@ def _pca(x: np.ndarray, seed: int) -> tuple[np.ndarray, dict]:
     return _pad(centred @ components.T), {"mean": mean, "components": components, "explained_variance_ratio": ratio}
 
 
+@contextlib.contextmanager
+def _small_linalg(device: torch.device):
+    """One CPU thread for batches of small matrices: with 2 threads on a busy 2-core machine, torch's eigh of
+    36 64 x 64 matrices took 740 ms, with one 38 ms (the threads wait on each other more than they work)."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def batched_pca(clouds: list[torch.Tensor]) -> list[tuple[np.ndarray, dict]]:
+    """`_pca` of many clouds at once: [(coords (n_i, 3), {mean, components, explained_variance_ratio})].
+
+    clouds: (n_i, dim) each, dim shared, on one device, n_i >= 1. Each cloud is centred and its covariance
+    X^T X formed; the clouds differ in n_i but not in dim, so the (b, dim, dim) covariances stack and one
+    `torch.linalg.eigh` call decomposes them all (float64). The top
+    min(3, n_i, dim) eigenvectors are the components, signs as scikit-learn's `svd_flip` sets them (each
+    component's largest-magnitude entry positive); ratios are eigenvalues over the total variance.
+    """
+    if not clouds:
+        return []
+    device = clouds[0].device
+    data = [c.to(torch.float64) for c in clouds]
+    means = [x.mean(0) for x in data]  # (dim,) each
+    centred = [x - m for x, m in zip(data, means)]
+    with _small_linalg(device):
+        cov = torch.stack([c.T @ c for c in centred])  # (b, dim, dim)
+        values, vectors = torch.linalg.eigh(cov)  # ascending
+    values = values.flip(-1).clamp_min(0.0)  # (b, dim) descending
+    vectors = vectors.flip(-1)[:, :, :COMPONENTS].transpose(1, 2)  # (b, <=3, dim): rows are components
+    totals = cov.diagonal(dim1=1, dim2=2).sum(-1)  # (b,) trace = total variance x (n - 1)
+    out = []
+    for i, (x, mean, c) in enumerate(zip(data, means, centred)):
+        n, dim = x.shape
+        k = min(COMPONENTS, n, dim)
+        components = vectors[i, :k]  # (k, dim)
+        pivot = components.abs().argmax(1)
+        components = components * torch.sign(components[torch.arange(k, device=device), pivot])[:, None]
+        total = float(totals[i])
+        ratio = (values[i, :k] / total).cpu().numpy() if total > 0 else np.zeros(k)
+        coords = (c @ components.T).cpu().numpy()
+        out.append((_pad(coords), {"mean": mean.cpu().numpy(), "components": components.cpu().numpy(),
+                                   "explained_variance_ratio": np.pad(ratio, (0, COMPONENTS - k))}))
+    return out
+
+
 def _umap(x: np.ndarray, seed: int) -> np.ndarray:
     import umap
 
@@ -88,28 +144,20 @@ def gpu_libraries() -> GpuLibraries | None:
     return cupy, cuml
 
 
-def _fit_gpu(x, libs: GpuLibraries, with_umap: bool, seed: int) -> tuple[np.ndarray, dict, np.ndarray | None]:
-    """PCA (and UMAP) with cuML on a device tensor handed over by DLPack; results back on the host."""
+def _umap_gpu(x, libs: GpuLibraries, seed: int) -> np.ndarray:
+    """UMAP with cuML on a device tensor handed over by DLPack; coordinates back on the host."""
     cupy, cuml = libs
     data = cupy.from_dlpack(x.contiguous())
-    n_components = min(COMPONENTS, data.shape[0], data.shape[1])
-    pca = cuml.PCA(n_components=n_components, output_type="numpy")
-    coords = _pad(np.asarray(pca.fit_transform(data), dtype=np.float64))
-    rotation = {name: np.asarray(getattr(pca, name + "_"), dtype=np.float64)
-                for name in ("mean", "components", "explained_variance_ratio")}
-    rotation["explained_variance_ratio"] = np.pad(rotation["explained_variance_ratio"], (0, COMPONENTS - n_components))
-    umap_coords = None
-    if with_umap:
-        n_neighbors = min(UMAP_VIEW["n_neighbors"], data.shape[0] - 1)
-        reducer = cuml.UMAP(n_components=COMPONENTS, n_neighbors=n_neighbors, min_dist=UMAP_VIEW["min_dist"],
-                            random_state=seed, output_type="numpy")
-        umap_coords = np.asarray(reducer.fit_transform(data), dtype=np.float64)
-    return coords, rotation, umap_coords
+    n_neighbors = min(UMAP_VIEW["n_neighbors"], data.shape[0] - 1)
+    reducer = cuml.UMAP(n_components=COMPONENTS, n_neighbors=n_neighbors, min_dist=UMAP_VIEW["min_dist"],
+                        random_state=seed, output_type="numpy")
+    return np.asarray(reducer.fit_transform(data), dtype=np.float64)
 
 
 def fit_head(vectors: dict, *, n_points: int, with_umap: bool, seed: int,
-             gpu: GpuLibraries | None = None, bases: dict[str, np.ndarray] | None = None) -> tuple[dict, dict]:
-    """Fit one head. vectors: Q/K/V/O -> (n_points, dim) array (a device tensor with `gpu`); {} when n_points = 0.
+             gpu: GpuLibraries | None = None, bases: dict[str, np.ndarray] | None = None,
+             pca: dict[str, tuple[np.ndarray, dict]] | None = None) -> tuple[dict, dict]:
+    """Fit one head. vectors: Q/K/V/O -> (n_points, dim) array or tensor; {} when n_points = 0.
 
     Returns (the umap file's `norms`, `pca`, `pca_explained_variance` and,
     when UMAP was fitted, `views` fields; the rotation Q/K/V/O -> {mean, components}).
@@ -117,9 +165,13 @@ def fit_head(vectors: dict, *, n_points: int, with_umap: bool, seed: int,
     UMAP_MIN_POINTS points; a smaller cloud gets no `views`. bases: name ->
     (dim, r) orthonormal columns when that vector is given as its (n, r)
     coordinates in them (O, see `ProjectionPoints.cloud`): the fit runs on the
-    coordinates and the rotation is mapped back to the full space.
+    coordinates and the rotation is mapped back to the full space. pca: name ->
+    a `batched_pca` result already computed for the vector (the scan fits a
+    layer at once); absent names are fitted here with `_pca`. gpu: (cupy,
+    cuML) for UMAP on a device tensor.
     """
     bases = bases or {}
+    pca = pca or {}
     if n_points == 0:
         empty = {f"d{i}": [] for i in range(COMPONENTS)}
         return ({"norms": [], "pca": {name: dict(empty) for name in VECTORS},
@@ -127,12 +179,9 @@ def fit_head(vectors: dict, *, n_points: int, with_umap: bool, seed: int,
     with_umap = with_umap and n_points >= UMAP_MIN_POINTS
     pca_part, ratios, rotation, embeddings = {}, {}, {}, {}
     for name in VECTORS:
-        if gpu is not None:
-            coords, rot, umap_coords = _fit_gpu(vectors[name], gpu, with_umap, seed)
-        else:
-            x = np.asarray(vectors[name], dtype=np.float64)
-            coords, rot = _pca(x, seed)
-            umap_coords = _umap(x, seed) if with_umap else None
+        v = vectors[name]
+        host = np.asarray(v.cpu() if isinstance(v, torch.Tensor) else v, dtype=np.float64)
+        coords, rot = pca[name] if name in pca else _pca(host, seed)
         pca_part[name] = columns(coords)
         ratios[name] = rot["explained_variance_ratio"]
         basis = bases.get(name)
@@ -142,9 +191,10 @@ def fit_head(vectors: dict, *, n_points: int, with_umap: bool, seed: int,
             rotation[name] = {"mean": np.asarray(rot["mean"]) @ basis.T,
                               "components": np.asarray(rot["components"]) @ basis.T}
         if with_umap:
+            umap_coords = _umap_gpu(torch.as_tensor(v), gpu, seed) if gpu is not None else _umap(host, seed)
             embeddings[name] = columns(umap_coords)
     q = vectors["Q"]
-    norms = np.linalg.norm(np.asarray(q.cpu() if hasattr(q, "cpu") else q, dtype=np.float64), axis=1)
+    norms = np.linalg.norm(np.asarray(q.cpu() if isinstance(q, torch.Tensor) else q, dtype=np.float64), axis=1)
     fields = {"norms": norms, "pca": pca_part, "pca_explained_variance": ratios}
     if with_umap:
         fields["views"] = [{**UMAP_VIEW, "embeddings": embeddings}]

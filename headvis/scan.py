@@ -37,7 +37,7 @@ from headvis.output import ScanTarget
 from headvis.pipeline import HeadSelection, ProjectionPoints, Tokens, fit_projections, metric_pass, sequence_records
 from headvis.projection import COMPONENTS, UMAP_VIEW, VECTORS
 from headvis.rescan import carry_over
-from headvis.sampling import choose_samples, interval_edges, assign_intervals
+from headvis.sampling import assign_intervals, choose_samples, interval_edges, sequence_priorities
 
 __all__ = ["FORMAT_VERSION", "METRIC_INFO", "ScanOptions", "main", "parse_selection", "run_scan"]
 
@@ -253,14 +253,14 @@ def run_scan(opts: ScanOptions, lm: LoadedModel | None = None) -> Path:
                     after_batch=checkpoint.maybe_save)
         checkpoint.save(acc)  # pass 1 is the long part: a failure after it resumes from here
 
-        rng = np.random.default_rng(opts.seed)
+        priority = sequence_priorities(opts.seed, n_seqs)
         tokens = Tokens(lm.tokenizer)
         results, wanted, edges_of = {}, {}, {}
         for layer in layers:
             for slot, head in enumerate(heads):
                 result = acc.result(layer, slot)
                 edges = interval_edges(result.seq_max, INTERVALS)
-                chosen = choose_samples(result.seq_max, edges, opts.per_interval, rng)
+                chosen = choose_samples(result.seq_max, edges, opts.per_interval, priority)
                 results[(layer, head)] = result
                 edges_of[(layer, head)] = edges
                 wanted[(layer, head)] = {sid: interval for sid, interval in chosen}

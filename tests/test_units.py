@@ -11,7 +11,7 @@ import torch
 from headvis.accumulate import HEAD_METRICS, ScanAccumulator
 from headvis.io import round_sig, write_json
 from headvis.metrics import ROW_METRICS, AttentionSpec, distance_bin_edges, ref_row_stats
-from headvis.sampling import assign_intervals, choose_samples, interval_edges, sparse_rows
+from headvis.sampling import assign_intervals, choose_samples, interval_edges, sequence_priorities, sparse_rows
 
 
 def test_public_metric_names_are_frozen():
@@ -31,25 +31,67 @@ def test_deciles_and_samples():
     assert edges[0] == values.min() and edges[-1] == values.max() and np.all(np.diff(edges) >= 0)
     member = assign_intervals(values)
     assert set(np.bincount(member)[1:]) <= {10, 11} and member[np.argmax(values)] == 10
-    chosen = choose_samples(values, edges, 3, np.random.default_rng(1))
+    chosen = choose_samples(values, edges, 3, sequence_priorities(1, len(values)))
     ids = [i for i, _ in chosen]
     assert len(ids) == len(set(ids)) == 30
     assert [i for i, interval in chosen if interval == 10] == list(np.argsort(-values)[:3])
     for i, interval in chosen:
         assert interval == 10 or member[i] == interval
-    assert chosen == choose_samples(values, edges, 3, np.random.default_rng(1)), "seeded"
+    assert chosen == choose_samples(values, edges, 3, sequence_priorities(1, len(values))), "seeded"
 
 
 def test_ties_still_fill_every_decile():
     values = np.array([0.5] * 20)
-    chosen = choose_samples(values, interval_edges(values), 2, np.random.default_rng(0))
+    chosen = choose_samples(values, interval_edges(values), 2, sequence_priorities(0, len(values)))
     assert sorted(i for i, _ in chosen) == list(range(20))
 
 
 def test_samples_when_fewer_sequences_than_slots():
     values = np.array([0.3, 0.9, 0.1])
-    chosen = choose_samples(values, interval_edges(values), 5, np.random.default_rng(0))
+    chosen = choose_samples(values, interval_edges(values), 5, sequence_priorities(0, len(values)))
     assert [i for i, _ in chosen] == [1, 0, 2] and chosen[0][1] == 10
+
+
+def test_priorities_are_uniform_per_id_and_independent_of_the_corpus_size():
+    small, large = sequence_priorities(7, 100), sequence_priorities(7, 20_000)
+    assert np.array_equal(small, large[:100]), "a sequence's priority depends on (seed, id) only"
+    assert not np.array_equal(small, sequence_priorities(8, 100))
+    assert 0.0 <= large.min() and large.max() < 1.0 and len(np.unique(large)) == len(large)
+    counts, _ = np.histogram(large, bins=10, range=(0, 1))
+    assert counts.min() > 1800 and counts.max() < 2200  # uniform: 2000 +- 4.5 sigma per tenth
+
+
+def test_each_decile_takes_its_lowest_priority_sequences():
+    rng = np.random.default_rng(3)
+    values = rng.random(200)
+    priority = sequence_priorities(0, 200)
+    chosen = choose_samples(values, interval_edges(values), 4, priority)
+    member = assign_intervals(values)
+    top = set(np.argsort(-values)[:4].tolist())
+    for interval in range(1, 10):
+        picked = {i for i, got in chosen if got == interval}
+        pool = [i for i in np.flatnonzero(member == interval) if i not in top]
+        assert picked == set(sorted(pool, key=lambda i: priority[i])[:4]), interval
+        shown = [i for i, got in chosen if got == interval]
+        assert shown == sorted(shown, key=lambda i: -values[i]), "shown by activation"
+
+
+def test_coordinated_samples_share_sequences_across_heads():
+    """Heads with unrelated activations still pick mostly the same sequences: the union stays small."""
+    rng = np.random.default_rng(0)
+    n, heads, per_interval = 4096, 64, 5
+    priority = sequence_priorities(0, n)
+    union_coordinated, union_independent = set(), set()
+    for h in range(heads):
+        values = rng.random(n)
+        edges = interval_edges(values)
+        union_coordinated |= {i for i, interval in choose_samples(values, edges, per_interval, priority)
+                              if interval < 10}
+        union_independent |= {i for i, interval in choose_samples(values, edges, per_interval, rng.random(n))
+                              if interval < 10}
+    # independent picks of 45 in 4096 per head: the union is 4096 (1 - (1 - 45/4096)^64), about 2070
+    assert len(union_independent) > 1900
+    assert len(union_coordinated) < 0.1 * len(union_independent)  # 110 here
 
 
 def test_sparse_rows_rule():
@@ -107,11 +149,9 @@ def test_accumulators_merge_to_the_single_pass_result():
     assert set(whole.state_dict()) >= {"metric_sum", "metric_count", "seq_max", "key_weight"}
 
 
-def test_gpu_projection_path_hands_tensors_over_by_dlpack(monkeypatch):
-    """The cuML path, with stand-ins for cupy and cuML (no GPU here): same numbers as scikit-learn."""
+def test_gpu_umap_path_hands_tensors_over_by_dlpack(monkeypatch):
+    """The cuML UMAP path, with stand-ins for cupy and cuML (no GPU here): each vector handed over as a tensor."""
     import types
-
-    from sklearn.decomposition import PCA
 
     from headvis.projection import fit_head
 
@@ -121,29 +161,54 @@ def test_gpu_projection_path_hands_tensors_over_by_dlpack(monkeypatch):
         handed.append(type(tensor).__name__)
         return np.from_dlpack(tensor)
 
-    class FakePCA:  # cuml.PCA's interface, computed by scikit-learn
-        def __init__(self, n_components, output_type):
-            assert output_type == "numpy"
-            self._pca = PCA(n_components=n_components)
+    class FakeUMAP:  # cuml.UMAP's interface: the first three columns stand for the embedding
+        def __init__(self, n_components, n_neighbors, min_dist, random_state, output_type):
+            assert (n_components, n_neighbors, output_type) == (3, 15, "numpy")
 
         def fit_transform(self, x):
-            coords = self._pca.fit_transform(x)
-            self.mean_, self.components_ = self._pca.mean_, self._pca.components_
-            self.explained_variance_ratio_ = self._pca.explained_variance_ratio_
-            return coords
+            return x[:, :3]
 
     cupy = types.SimpleNamespace(from_dlpack=from_dlpack)
-    cuml = types.SimpleNamespace(PCA=FakePCA)
+    cuml = types.SimpleNamespace(UMAP=FakeUMAP)
     g = torch.Generator().manual_seed(0)
-    vectors = {name: torch.randn(40, 6, generator=g) for name in ("Q", "K", "V", "O")}
-    fields, rotation = fit_head(vectors, n_points=40, with_umap=False, seed=0, gpu=(cupy, cuml))
+    vectors = {name: torch.randn(40, 6, generator=g, dtype=torch.float64) for name in ("Q", "K", "V", "O")}
+    fields, rotation = fit_head(vectors, n_points=40, with_umap=True, seed=0, gpu=(cupy, cuml))
     ref_fields, ref_rotation = fit_head({k: v.numpy() for k, v in vectors.items()}, n_points=40, with_umap=False, seed=0)
     assert handed == ["Tensor"] * 4
+    (view,) = fields["views"]
     for name in ("Q", "K", "V", "O"):
+        assert np.allclose(view["embeddings"][name]["d2"], vectors[name][:, 2].numpy())
         for d in ("d0", "d1", "d2"):
-            assert np.allclose(np.abs(fields["pca"][name][d]), np.abs(ref_fields["pca"][name][d]), atol=1e-5)
-        assert np.allclose(rotation[name]["mean"], ref_rotation[name]["mean"], atol=1e-6)
-    assert "views" not in fields
+            assert np.allclose(fields["pca"][name][d], ref_fields["pca"][name][d])
+        assert np.allclose(rotation[name]["mean"], ref_rotation[name]["mean"])
+
+
+def test_batched_pca_equals_the_reference_and_scikit_learn():
+    """One eigh call for clouds of many sizes: each equals `_pca` and scikit-learn (components with variance)."""
+    from sklearn.decomposition import PCA
+
+    from headvis.projection import _pca, batched_pca
+
+    rng = np.random.default_rng(0)
+    dim = 16
+    clouds = [rng.normal(size=(n, dim)) * np.linspace(3, 0.1, dim) + rng.normal(size=dim)
+              for n in (2000, 300, 17, 4, 2, 1)]
+    results = batched_pca([torch.as_tensor(x) for x in clouds])
+    for x, (coords, rotation) in zip(clouds, results):
+        ref_coords, ref_rotation = _pca(x, seed=0)
+        ratio = ref_rotation["explained_variance_ratio"]
+        live = (ratio > 1e-12)[: len(ref_rotation["components"])]  # a null-space direction is arbitrary in both
+        assert np.allclose(rotation["explained_variance_ratio"], ratio, atol=1e-12)
+        assert np.allclose(rotation["mean"], ref_rotation["mean"])
+        assert np.allclose(rotation["components"][live], ref_rotation["components"][live], atol=1e-8)
+        assert np.allclose(coords[:, : len(live)][:, live], ref_coords[:, : len(live)][:, live],
+                           atol=1e-8 * (1 + np.abs(ref_coords).max()))
+        assert coords.shape == (len(x), 3)
+        if len(x) >= 3:
+            ref = PCA(n_components=3, svd_solver="full").fit(x)
+            signs = np.sign((rotation["components"] * ref.components_).sum(1))
+            assert np.allclose(rotation["components"] * signs[:, None], ref.components_, atol=1e-6)
+            assert np.allclose(coords * signs, ref.transform(x), atol=1e-6 * (1 + np.abs(coords).max()))
 
 
 def test_backend_resolution_and_fallback(monkeypatch, capsys):
