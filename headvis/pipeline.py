@@ -13,7 +13,7 @@ PCA (and UMAP) per head on the gathered vectors, with no forward pass.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Container
 
 import numpy as np
 import torch
@@ -28,7 +28,8 @@ from headvis.models import LoadedModel, output_projections
 from headvis.projection import VECTORS, batched_pca, fit_head, gpu_libraries
 from headvis.sampling import sparse_rows
 
-__all__ = ["HeadSelection", "ProjectionPoints", "Tokens", "fit_projections", "head_vectors", "metric_pass", "sequence_records"]
+__all__ = ["HeadSelection", "KeptRows", "ProjectionPoints", "Tokens", "fit_projections", "head_vectors", "metric_pass",
+           "sequence_records"]
 
 
 @dataclass(frozen=True)
@@ -87,24 +88,34 @@ def metric_pass(
     batch_size: int,
     bin_edges: list[int],
     after_batch: Callable[[ScanAccumulator], None] | None = None,
+    keep: "KeptRows | None" = None,
 ) -> None:
     """Pass 1: every sequence (n, seq_len) not yet seen by `accumulator` through the model into it.
 
     `after_batch(accumulator)` runs after each batch (the scan saves its resume checkpoint there).
+    `keep`: the sequences whose records pass 2 would compute are kept here instead (their batches' row
+    statistics then include the top-K rows; the accumulated statistics are the same).
     """
     state: dict = {}
 
     def on_layer(capture: LayerCapture) -> None:
-        stats = _row_stats(fn, selection, capture, state["tokens"], top_k=0, bin_edges=bin_edges)
+        kept = keep is not None and state["kept"]
+        stats = _row_stats(fn, selection, capture, state["tokens"], top_k=keep.top_k if kept else 0,
+                           bin_edges=bin_edges)
         accumulator.update(capture.layer, state["ids"], state["tokens"], stats)
+        if kept:
+            keep.add(capture, selection, state["ids"].tolist(), stats)
 
     ids = [i for i in range(len(sequences)) if not accumulator.seq_seen[i]]
     with CaptureSession(lm.model, set(selection.layers), on_layer) as session:
         for batch in tqdm(_batches(ids, batch_size), desc="pass 1: metrics", unit="batch"):
             state["ids"] = torch.tensor(batch)
             state["tokens"] = sequences[batch].to(lm.device)
+            state["kept"] = keep is not None and any(i in keep.ids for i in batch)
             session.run(state["tokens"])
             accumulator.count_tokens(state["ids"], state["tokens"])  # marks the batch seen: last
+            if state["kept"]:
+                keep.held.update(i for i in batch if i in keep.ids)
             if after_batch is not None:
                 after_batch(accumulator)
 
@@ -165,6 +176,17 @@ class ProjectionPoints:
                 pick = slots == s
                 self._parts[(layer, heads[s])].append({name: col[pick] for name, col in columns.items()})
 
+    def restrict(self, shown: dict[tuple[int, int], set]) -> None:
+        """Keep, per head, only the edges of the sequences it shows (`KeptRows` gathered every kept one)."""
+        for key, parts in self._parts.items():
+            ids = np.fromiter(shown.get(key, ()), dtype=np.int64)
+            kept = []
+            for part in parts:
+                pick = np.isin(part["seq_idx"], ids)
+                if pick.any():
+                    kept.append({name: col[pick] for name, col in part.items()})
+            self._parts[key] = kept
+
     def cloud(self, layer: int, head: int, w_o: Tensor) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray],
                                                                   dict[str, np.ndarray]]:
         """(edges {seq_idx, top_q, top_k}: (n,) each, vectors {Q, K, V, O: (n, d_head)}, bases {O: (d_model, d_head)}).
@@ -185,6 +207,81 @@ class ProjectionPoints:
         basis, r = np.linalg.qr(w)  # (d_model, d_head), (d_head, d_head); numpy: torch's is slow on 2 busy threads
         vectors = {"Q": cat["Q"], "K": cat["K"], "V": cat["V"], "O": cat["Z"].astype(np.float64) @ r.T}
         return {name: cat[name] for name in ("seq_idx", "top_q", "top_k")}, vectors, {"O": basis}
+
+
+_Kept = tuple[np.ndarray, np.ndarray, float, list[int]]  # (attention_indices, attention_values, max, argmax)
+
+
+def _keep_rows(capture: LayerCapture, selection: HeadSelection, stats: RowStats, ids: list,
+               wanted: Callable[[int, int], Container], min_weight: float, out: dict[tuple[int, int], dict]) -> None:
+    """The record pieces of each (head, sequence) of one layer's batch that `wanted(layer, head)` holds."""
+    best, q, k = sequence_argmax(stats.max_nobos, stats.argmax_nobos)
+    top_values = stats.top_values.float().cpu().numpy()
+    top_indices = stats.top_indices.cpu().numpy()
+    for slot, head in enumerate(selection.heads):
+        per_head = wanted(capture.layer, head)
+        if not per_head:
+            continue
+        for b, sid in enumerate(ids):
+            if sid in per_head:
+                indices, values = sparse_rows(top_values[b, slot], top_indices[b, slot], min_weight)
+                out.setdefault((capture.layer, head), {})[sid] = (
+                    indices, values, float(best[b, slot]), [int(q[b, slot]), int(k[b, slot])])
+
+
+def _record(sid, interval: int, kept: _Kept, token_ids: list[int], tokens: Tokens) -> dict:
+    """A head file's per-sequence record (CONTRACT section 2 `sequences`)."""
+    indices, values, best, argmax = kept
+    return {
+        "sequence_id": sid,
+        "interval": interval,
+        "max_activation": best,
+        "tokens": tokens(token_ids),
+        "seq_len": len(token_ids),
+        "attention_indices": indices,
+        "attention_values": values,
+        "argmax": argmax,
+        "token_ids": token_ids,
+    }
+
+
+class KeptRows:
+    """What pass 2 would compute for `ids`, kept from pass 1 instead: every head's sparse rows, and the
+    projection edges of `points` (as if each kept sequence were a sample of every head; `restrict` drops
+    the edges of sequences a head does not show once the samples are chosen).
+
+    `held` lists the sequences actually kept: those pass 1 ran in this process (not those a resumed
+    checkpoint had already counted).
+    """
+
+    def __init__(self, ids: set[int], top_k: int, min_weight: float, points: ProjectionPoints):
+        self.ids = ids
+        self.top_k = top_k
+        self.min_weight = min_weight
+        self.points = points
+        self.held: set[int] = set()
+        self._rows: dict[tuple[int, int], dict[int, _Kept]] = {}
+
+    def add(self, capture: LayerCapture, selection: HeadSelection, ids: list[int], stats: RowStats) -> None:
+        _keep_rows(capture, selection, stats, ids, lambda layer, head: self.ids, self.min_weight, self._rows)
+        sampled = torch.tensor([[sid in self.ids] * len(selection.heads) for sid in ids])  # (batch, slot)
+        self.points.add(capture.layer, selection.heads, ids, sampled, stats, selection.slice(capture), capture.output)
+
+    def records(self, wanted: dict[tuple[int, int], dict], sequences: Tensor, tokens: Tokens) -> dict:
+        """(layer, head) -> {seq_id: record} of the wanted sequences that are held."""
+        out: dict[tuple[int, int], dict] = {}
+        for key, per_head in wanted.items():
+            rows = self._rows.get(key, {})
+            out[key] = {sid: _record(sid, interval, rows[sid], sequences[sid].tolist(), tokens)
+                        for sid, interval in per_head.items() if sid in self.held}
+        return out
+
+    @staticmethod
+    def bytes_per_sequence(n_heads: int, seq_len: int, top_k: int, edges: int, d_head: int) -> int:
+        """What one kept sequence costs, about: every head's sparse rows and projection edges."""
+        rows = seq_len * top_k * (8 + 4)  # int64 index + float32 value per kept entry, at most
+        points = edges * (4 * d_head * 4 + 3 * 8)  # Q, K, V, Z float32 + seq_idx, top_q, top_k
+        return n_heads * (rows + points)
 
 
 def sequence_records(
@@ -211,50 +308,32 @@ def sequence_records(
     With `points`, the same forward passes also gather every head's
     projection cloud (no pass of its own).
     """
-    records: dict[tuple[int, int], dict] = {key: {} for key in wanted}
+    kept: dict[tuple[int, int], dict] = {}
     needed = sorted({sid for per_head in wanted.values() for sid in per_head}, key=seq_ids.index)
     state: dict = {}
 
     def on_layer(capture: LayerCapture) -> None:
         stats = _row_stats(fn, selection, capture, state["tokens"], top_k=top_k, bin_edges=bin_edges)
-        best, q, k = sequence_argmax(stats.max_nobos, stats.argmax_nobos)
-        top_values = stats.top_values.float().cpu().numpy()
-        top_indices = stats.top_indices.cpu().numpy()
         if points is not None:
             sampled = torch.tensor([[sid in wanted.get((capture.layer, head), ()) for head in selection.heads]
                                     for sid in state["ids"]])  # (batch, slot)
             points.add(capture.layer, selection.heads, state["ids"], sampled, stats, selection.slice(capture),
                        capture.output)
-        for slot, head in enumerate(selection.heads):
-            per_head = wanted.get((capture.layer, head))
-            if not per_head:
-                continue
-            for b, sid in enumerate(state["ids"]):
-                if sid not in per_head:
-                    continue
-                indices, values = sparse_rows(top_values[b, slot], top_indices[b, slot], min_weight)
-                token_ids = state["token_lists"][b]
-                records[(capture.layer, head)][sid] = {
-                    "sequence_id": sid,
-                    "interval": per_head[sid],
-                    "max_activation": float(best[b, slot]),
-                    "tokens": tokens(token_ids),
-                    "seq_len": len(token_ids),
-                    "attention_indices": indices,
-                    "attention_values": values,
-                    "argmax": [int(q[b, slot]), int(k[b, slot])],
-                    "token_ids": token_ids,
-                }
+        _keep_rows(capture, selection, stats, state["ids"], lambda layer, head: wanted.get((layer, head)),
+                   min_weight, kept)
 
     rows = {sid: i for i, sid in enumerate(seq_ids)}
+    token_lists: dict = {}
     with CaptureSession(lm.model, set(selection.layers), on_layer) as session:
         batches = _batches(needed, batch_size)
-        for batch in tqdm(batches, desc="pass 2: samples", unit="batch", disable=not progress):
+        for batch in tqdm(batches, desc="pass 2: samples", unit="batch", disable=not progress or not batches):
             state["ids"] = batch
             state["tokens"] = sequences[[rows[s] for s in batch]].to(lm.device)
-            state["token_lists"] = state["tokens"].cpu().tolist()
+            token_lists.update(zip(batch, state["tokens"].cpu().tolist()))
             session.run(state["tokens"])
-    return records
+    return {key: {sid: _record(sid, interval, kept[key][sid], token_lists[sid], tokens)
+                  for sid, interval in per_head.items()}
+            for key, per_head in wanted.items()}
 
 
 def head_vectors(

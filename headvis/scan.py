@@ -34,7 +34,8 @@ from headvis.io import write_json
 from headvis.metrics import distance_bin_edges
 from headvis.models import DEFAULT_MODEL, LoadedModel, load_model, weights_sha256
 from headvis.output import ScanTarget
-from headvis.pipeline import HeadSelection, ProjectionPoints, Tokens, fit_projections, metric_pass, sequence_records
+from headvis.pipeline import (HeadSelection, KeptRows, ProjectionPoints, Tokens, fit_projections, metric_pass,
+                              sequence_records)
 from headvis.projection import COMPONENTS, UMAP_VIEW, VECTORS
 from headvis.rescan import carry_over
 from headvis.sampling import assign_intervals, choose_samples, interval_edges, sequence_priorities
@@ -110,6 +111,7 @@ class ScanOptions:
     seed: int = 0
     max_points: int = 2000  # projection-cloud edges per head at most
     resume: bool = True  # continue a killed scan of the same settings from its checkpoint
+    keep_memory: float = 1024.0  # MiB pass 1 may use to keep the rows of sequences it may show (0: keep none)
 
 
 def parse_selection(text: str, upper: int, what: str) -> list[int]:
@@ -136,6 +138,14 @@ def parse_selection(text: str, upper: int, what: str) -> list[int]:
     return sorted(chosen)
 
 
+def _kept_ids(opts: ScanOptions, priority: np.ndarray, n_heads: int, d_head: int, edges: int) -> set[int]:
+    """The sequences pass 1 keeps the rows of: the lowest priorities (the ones each decile takes first),
+    as many as --keep-memory holds."""
+    per_sequence = KeptRows.bytes_per_sequence(n_heads, opts.seq_len, opts.top_k, edges, d_head)
+    count = min(len(priority), int(opts.keep_memory * 2**20) // max(1, per_sequence))
+    return set(np.argsort(priority, kind="stable")[:count].tolist())
+
+
 def _validate(opts: ScanOptions) -> None:
     positive = {"--seq-len": opts.seq_len, "--num-seqs": opts.num_seqs, "--batch-size": opts.batch_size,
                 "--per-interval": opts.per_interval, "--top-k": opts.top_k, "--max-points": opts.max_points}
@@ -144,6 +154,8 @@ def _validate(opts: ScanOptions) -> None:
             raise HeadvisError(f"{flag} must be at least 1, not {value}")
     if opts.seq_len < 2:
         raise HeadvisError("--seq-len must be at least 2 (row 0 is skipped by every metric)")
+    if not opts.keep_memory >= 0:
+        raise HeadvisError(f"--keep-memory must be at least 0 (MiB), not {opts.keep_memory}")
     if not 0.0 <= opts.min_weight <= 1.0:
         raise HeadvisError(f"--min-weight must be in [0, 1], not {opts.min_weight}")
     if opts.device not in (None, "cpu", "cuda") and not str(opts.device).startswith("cuda:"):
@@ -249,11 +261,19 @@ def run_scan(opts: ScanOptions, lm: LoadedModel | None = None) -> Path:
         done = checkpoint.load(acc) if opts.resume else 0
         if done:
             print(f"headvis: resuming pass 1: {done} of {n_seqs} sequences already scanned", flush=True)
+        priority = sequence_priorities(opts.seed, n_seqs)
+        # every head shows the same number of sequences (deciles are cut by rank), so each one's share of
+        # --max-points is known before pass 1, and pass 1 can gather the projection edges of what it keeps
+        n_shown = len(choose_samples(np.arange(n_seqs, 0, -1), np.zeros(INTERVALS + 1), opts.per_interval, priority))
+        points = ProjectionPoints({(layer, head): math.ceil(opts.max_points / max(1, n_shown))
+                                   for layer in layers for head in heads}, opts.min_weight)
+        keep = KeptRows(_kept_ids(opts, priority, len(layers) * len(heads), info.d_head,
+                                  math.ceil(opts.max_points / max(1, n_shown))),
+                        opts.top_k, opts.min_weight, points)
         metric_pass(lm, sequences, selection, fn, acc, batch_size=opts.batch_size, bin_edges=bin_edges,
-                    after_batch=checkpoint.maybe_save)
+                    after_batch=checkpoint.maybe_save, keep=keep)
         checkpoint.save(acc)  # pass 1 is the long part: a failure after it resumes from here
 
-        priority = sequence_priorities(opts.seed, n_seqs)
         tokens = Tokens(lm.tokenizer)
         results, wanted, edges_of = {}, {}, {}
         for layer in layers:
@@ -264,12 +284,19 @@ def run_scan(opts: ScanOptions, lm: LoadedModel | None = None) -> Path:
                 results[(layer, head)] = result
                 edges_of[(layer, head)] = edges
                 wanted[(layer, head)] = {sid: interval for sid, interval in chosen}
-        ids = list(range(n_seqs))
-        points = ProjectionPoints({key: math.ceil(opts.max_points / max(1, len(per_head)))
-                                   for key, per_head in wanted.items()}, opts.min_weight)
-        records = sequence_records(lm, sequences, ids, wanted, selection, fn, top_k=opts.top_k,
-                                   min_weight=opts.min_weight, bin_edges=bin_edges,
-                                   batch_size=opts.batch_size, tokens=tokens, points=points)
+        # Pass 2: only the shown sequences pass 1 did not keep run through the model again.
+        points.restrict({key: set(per_head) for key, per_head in wanted.items()})
+        records = keep.records(wanted, sequences, tokens)
+        missing = {key: {sid: interval for sid, interval in per_head.items() if sid not in keep.held}
+                   for key, per_head in wanted.items()}
+        rerun = sequence_records(lm, sequences, list(range(n_seqs)), missing, selection, fn, top_k=opts.top_k,
+                                 min_weight=opts.min_weight, bin_edges=bin_edges, batch_size=opts.batch_size,
+                                 tokens=tokens, points=points)
+        for key, per_head in rerun.items():
+            records[key].update(per_head)
+        n_rerun = len({sid for per_head in missing.values() for sid in per_head})
+        print(f"headvis: pass 2 ran {n_rerun} of {len({s for p in wanted.values() for s in p})} shown sequences "
+              f"again ({len(keep.held)} kept from pass 1)", flush=True)
 
         scatter = []
         for (layer, head), result in results.items():
@@ -380,6 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=d.seed, help="seeds the decile samples and the projected points")
     p.add_argument("--max-points", type=int, default=d.max_points,
                    help="projection-cloud edges per head at most (an equal share from each sampled sequence)")
+    p.add_argument("--keep-memory", type=float, default=d.keep_memory, metavar="MIB",
+                   help="memory pass 1 may use to keep the rows of the sequences it may show, so that pass 2 runs "
+                        "fewer again (0: pass 2 runs every shown sequence)")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=d.resume,
                    help="continue a killed scan with the same settings from its checkpoint beside --out")
     return p

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from headvis.scan import build_parser, main, parse_selection
 FLAGS = {
     "--model", "--dataset", "--split", "--text-column", "--seq-len", "--num-seqs", "--batch-size", "--layers",
     "--heads", "--out", "--device", "--backend", "--top-k", "--min-weight", "--per-interval", "--umap",
-    "--no-umap", "--seed", "--max-points", "--resume", "--no-resume",
+    "--no-umap", "--seed", "--max-points", "--resume", "--no-resume", "--keep-memory",
 }
 
 
@@ -321,3 +322,27 @@ def test_heads_with_no_strong_edge_get_an_empty_projection(capsys, tmp_path, gpt
     assert code == 0, err
     umap = json.loads((out / "umap" / "L0H0.json").read_text())
     assert umap["seq_idx"] == [] and umap["clusters"] == [] and umap["projected_points"] == []
+
+
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+@pytest.mark.parametrize("keep, rerun", [("1024", "ran 0 of"), ("0.05", "kept from pass 1"), ("0", "(0 kept")])
+def test_pass_1_keeps_the_rows_it_can_and_the_tree_is_the_same(capsys, tmp_path, gpt2_dir, corpus, keep, rerun,
+                                                                 backend):
+    """--keep-memory only moves work between the passes: every file equals the two-pass scan's (--keep-memory 0)."""
+    args = ["--model", gpt2_dir, "--dataset", corpus, "--seq-len", "16", "--num-seqs", "40", "--batch-size", "4",
+            "--per-interval", "2", "--max-points", "30", "--backend", backend]
+    code, _ = run_main(capsys, *args, "--keep-memory", "0", "--out", str(tmp_path / "two_pass"))
+    assert code == 0
+    code = main([*args, "--keep-memory", keep, "--out", str(tmp_path / "kept")])
+    printed = capsys.readouterr().out
+    assert code == 0 and rerun in printed, printed
+    if keep == "0.05":  # a budget of some sequences: pass 2 runs some again, not all
+        ran, shown = (int(x) for x in re.search(r"pass 2 ran (\d+) of (\d+)", printed).groups())
+        assert 0 < ran < shown, printed
+    files = sorted(p.relative_to(tmp_path / "two_pass") for p in (tmp_path / "two_pass").rglob("*.json"))
+    assert files == sorted(p.relative_to(tmp_path / "kept") for p in (tmp_path / "kept").rglob("*.json"))
+    for rel in files:
+        a, b = (json.loads((tmp_path / tree / rel).read_text()) for tree in ("two_pass", "kept"))
+        if rel.name == "config.json":
+            a.pop("created"), b.pop("created")
+        assert a == b, rel
