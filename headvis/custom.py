@@ -28,18 +28,20 @@ killed server left them behind (`current` is False).
 
 from __future__ import annotations
 
-import json
+import errno
 import os
+import re
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
-from headvis.io import DIR_MODE, read_json, write_json
+from headvis.io import DIR_MODE, atomic_write_bytes, dumps, read_json, write_json
 
 __all__ = ["CustomFolder"]
 
 _ENTRY = "entry.json"
+_FOLDER = re.compile(r"[0-9]{20}-c[0-9a-f]{12}")  # {time_ns:020d}-{id}; anything else in store/ is not ours
 
 
 def _head_name(layer: int, head: int) -> str:
@@ -68,7 +70,7 @@ class CustomFolder:
         """The sequences' folders in add order."""
         if not self.store.is_dir():
             return []
-        return sorted(p for p in self.store.iterdir() if not p.name.startswith(".") and p.is_dir())
+        return sorted(p for p in self.store.iterdir() if _FOLDER.fullmatch(p.name) and p.is_dir())
 
     @staticmethod
     def sequence_id(folder: Path) -> str:
@@ -112,17 +114,21 @@ class CustomFolder:
     # -- what a client reads
     @staticmethod
     def index_bytes(entries: list[dict]) -> bytes:
-        return json.dumps({"sequences": entries}, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        return dumps({"sequences": entries})
 
     @staticmethod
     def head_bytes(layer: int, head: int, folders: list[Path]) -> bytes:
         """The contract's `L{l}H{h}.json` body from the stored records, joined as bytes (nothing parsed)."""
         parts = []
         for folder in folders:
+            path = folder / _head_name(layer, head)
             try:
-                parts.append((folder / _head_name(layer, head)).read_bytes())
+                part = path.read_bytes()
             except FileNotFoundError:  # deleted meanwhile, or added before this head was scanned
                 continue
+            if not (part.startswith(b"{") and part.endswith(b"}")):  # written whole by rename: changed since
+                raise OSError(errno.EBADMSG, "a stored custom record is damaged", str(path))
+            parts.append(part)
         return b'{"sequences":[' + b",".join(parts) + b"]}"
 
     # -- snapshot files, for a static host
@@ -138,8 +144,7 @@ class CustomFolder:
         """Rewrite every head's snapshot file, then index.json (last: it says the snapshot is complete)."""
         folders = self.folders()
         for layer, head in heads:
-            data = self.head_bytes(layer, head, folders)
-            write_json(self.head_snapshot(layer, head), json.loads(data), rounded=True)
+            atomic_write_bytes(self.head_snapshot(layer, head), self.head_bytes(layer, head, folders))
         write_json(self.index, {"sequences": self.entries(folders)}, rounded=True)
 
     def reconcile(self, heads: list[tuple[int, int]]) -> tuple[int, int]:

@@ -92,8 +92,15 @@ def _jsonl_rows(path: Path, text_column: str) -> Iterator[str]:
             if not isinstance(row, dict) or text_column not in row:
                 keys = sorted(row) if isinstance(row, dict) else type(row).__name__
                 raise HeadvisError(f"{path}:{line_no}: no text column {text_column!r} (found {keys})")
-            if isinstance(row[text_column], str):
-                yield row[text_column]
+            text = row[text_column]
+            if isinstance(text, str):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as e:  # JSON's "\ud800": a lone surrogate is no text
+                    raise HeadvisError(f"{path}:{line_no}: {text_column!r} holds a lone UTF-16 surrogate "
+                                       f"({text[e.start:e.end].encode('unicode_escape').decode()}), which is not "
+                                       "text") from e
+                yield text
 
 
 def _texts_from_file(path: Path, text_column: str) -> Iterator[str]:

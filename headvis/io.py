@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 
-__all__ = ["DIR_MODE", "FILE_MODE", "atomic_write_bytes", "publish_folder", "read_json", "round_sig", "write_json"]
+__all__ = ["DIR_MODE", "FILE_MODE", "atomic_write_bytes", "dumps", "publish_folder", "read_json", "round_sig",
+           "write_json"]
 
 SIG_DIGITS = 6
 
@@ -105,8 +107,32 @@ def write_json(path: Path, obj: Any, *, rounded: bool = False) -> None:
     JSON values (the server's growing custom files).
     """
     body = obj if rounded else _clean(obj)
-    text = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-    atomic_write_bytes(Path(path), text.encode("utf-8"))
+    atomic_write_bytes(Path(path), dumps(body))
+
+
+def dumps(body: Any) -> bytes:
+    """Compact UTF-8 JSON of a JSON-ready body; NaN and Infinity refused.
+
+    orjson: the scan writes hundreds of MB of JSON, which the standard library encodes at ~50 MB/s on this
+    CPU and orjson ~10x faster. A body orjson refuses (an integer past 64 bits) goes through `json`.
+    """
+    try:
+        data = orjson.dumps(body)
+    except (TypeError, orjson.JSONEncodeError):
+        return json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    if b"null" in data and _has_nan(body):  # orjson writes NaN as null; JSON has no NaN
+        raise ValueError("refusing to write NaN or Infinity")
+    return data
+
+
+def _has_nan(obj: Any) -> bool:
+    if isinstance(obj, float):
+        return not np.isfinite(obj)
+    if isinstance(obj, dict):
+        return any(_has_nan(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return any(_has_nan(v) for v in obj)
+    return False
 
 
 def read_json(path: Path) -> Any:

@@ -8,7 +8,8 @@
   target and replaces the target.
 - The staging folder (`.{name}.staging-XXXX`) holds its own `TreeLock` for as
   long as the scan runs, so the next scan can tell a killed scan's staging
-  folder (no live holder) from a running one's and removes only the former.
+  folder (no live holder) from a running one's and removes only the former
+  (made and locked under a lock of the parent folder, so never seen unlocked).
 - `publish` takes `--out`'s lock (waiting, with a message, if a server
   started serving it during the scan), runs `before` on the old tree while no
   one else can write it (the rescan carry-over of what people made), then
@@ -17,9 +18,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -28,22 +31,29 @@ from headvis.errors import HeadvisError
 from headvis.io import publish_folder
 from headvis.lock import TreeLock, TreeLocked, holder_text
 
-__all__ = ["STALE_AFTER_S", "ScanTarget", "remove_stale_staging"]
+__all__ = ["ScanTarget", "remove_stale_staging"]
 
-STALE_AFTER_S = 60.0  # a staging folder younger than this may be a scan that has not taken its lock yet
+
+@contextlib.contextmanager
+def _staging_guard(out: Path):
+    """A lock on `out`'s parent folder itself (flock works on a folder's descriptor, so no file is left behind),
+    held while a scan makes (and locks) its staging folder or cleans up: a clean-up never sees a staging
+    folder that exists but is not locked yet."""
+    fd = os.open(out.parent, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def remove_stale_staging(out: Path) -> int:
-    """Remove `.{name}.staging-*` and `.{name}.old-*` folders beside `out` that no live process holds."""
+    """Remove `.{name}.staging-*` and `.{name}.old-*` folders beside `out` that no live process holds.
+
+    Call it under `_staging_guard(out)`."""
     removed = 0
-    now = time.time()
     for path in sorted([*out.parent.glob(f".{out.name}.staging-*"), *out.parent.glob(f".{out.name}.old-*")]):
-        try:
-            if not path.is_dir() or path.is_symlink() or now - path.stat().st_mtime < STALE_AFTER_S:
-                continue
-        except OSError:
-            continue
-        if TreeLock.holder(path) is None:
+        if path.is_dir() and not path.is_symlink() and TreeLock.holder(path) is None:
             shutil.rmtree(path, ignore_errors=True)
             removed += not path.exists()
     return removed
@@ -72,15 +82,19 @@ class ScanTarget:
         if holder is not None:
             raise HeadvisError(f"--out {given} is in use by {holder_text(holder)}; the scan would replace the tree "
                                "under it: stop it first, or scan into another --out")
+        if out.is_dir() and not os.access(out, os.W_OK | os.X_OK):
+            raise HeadvisError(f"--out {given} is not writable (permissions): the scan could not replace it")
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
-            removed = remove_stale_staging(out)
-            staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
+            with _staging_guard(out):
+                removed = remove_stale_staging(out)
+                staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
+                lock = TreeLock(staging, "scan").acquire()
         except OSError as e:
             raise HeadvisError(f"cannot write to --out {given}: {e.strerror or e}") from e
         if removed:
             print(f"headvis: removed {removed} staging folder(s) left beside {given} by killed scans", flush=True)
-        return cls(given=given, out=out, staging=staging, _staging_lock=TreeLock(staging, "scan").acquire())
+        return cls(given=given, out=out, staging=staging, _staging_lock=lock)
 
     def publish(self, before: Callable[[Path | None], None] | None = None) -> None:
         """Swap the staging folder in for `out` under `out`'s lock; `before(old tree or None)` runs first."""

@@ -101,12 +101,16 @@ def batched_pca(clouds: list[torch.Tensor]) -> list[tuple[np.ndarray, dict]]:
     if not clouds:
         return []
     device = clouds[0].device
+    with _small_linalg(device):
+        return _batched_pca(clouds, device)
+
+
+def _batched_pca(clouds: list[torch.Tensor], device: torch.device) -> list[tuple[np.ndarray, dict]]:
     data = [c.to(torch.float64) for c in clouds]
     means = [x.mean(0) for x in data]  # (dim,) each
     centred = [x - m for x, m in zip(data, means)]
-    with _small_linalg(device):
-        cov = torch.stack([c.T @ c for c in centred])  # (b, dim, dim)
-        values, vectors = torch.linalg.eigh(cov)  # ascending
+    cov = torch.stack([c.T @ c for c in centred])  # (b, dim, dim)
+    values, vectors = torch.linalg.eigh(cov)  # ascending
     values = values.flip(-1).clamp_min(0.0)  # (b, dim) descending
     vectors = vectors.flip(-1)[:, :, :COMPONENTS].transpose(1, 2)  # (b, <=3, dim): rows are components
     totals = cov.diagonal(dim1=1, dim2=2).sum(-1)  # (b,) trace = total variance x (n - 1)

@@ -138,8 +138,10 @@ def _carry(old: Path, new: Path, lm: LoadedModel, sequences: torch.Tensor, kept:
         lines.append(f"carried {len(carried)} of {len(entries)} custom sequences, recomputed against the new scan")
     elif entries:
         aside.custom = True
-        lines.append(f"{len(entries)} custom sequences were made with another model "
-                     f"({old_config.get('model', {}).get('name')!r}); they are not recomputed")
+        was = old_config.get("model", {})
+        other = "other weights of" if was.get("name") == new_config["model"]["name"] else "another model,"
+        lines.append(f"{len(entries)} custom sequences were made with {other} {was.get('name')!r}; "
+                     "they are not recomputed")
 
     # -- projected points and clusters, head by head
     tokens_now = worker.tokens if worker is not None else None

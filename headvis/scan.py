@@ -214,11 +214,11 @@ def _write_error(e: OSError, out: Path) -> HeadvisError:
     """One line for a file error of the scan; --out is untouched (the new tree is built beside it)."""
     where = f" ({e.filename})" if e.filename else ""
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        what = f"the disk is full{where}"
+        what, fix = f"the disk is full{where}", "free some space or choose another --out"
     else:
-        what = f"cannot write{where}: {e.strerror or e}"
-    return HeadvisError(f"{what}; --out {out} is untouched; free some space or choose another --out, then run the "
-                        "same command again (it resumes from the checkpoint beside --out when pass 1 was saved)")
+        what, fix = f"cannot write{where}: {e.strerror or e}", "fix the permissions or choose another --out"
+    return HeadvisError(f"{what}; --out {out} is untouched; {fix}, then run the same command again (it resumes "
+                        "from the checkpoint beside --out when pass 1 was saved)")
 
 
 def _print_summary(n_seqs: int, n_tokens: int, n_heads: int, seconds: float, out: Path, backend: str) -> None:
@@ -270,8 +270,11 @@ def run_scan(opts: ScanOptions, lm: LoadedModel | None = None) -> Path:
         keep = KeptRows(_kept_ids(opts, priority, len(layers) * len(heads), info.d_head,
                                   math.ceil(opts.max_points / max(1, n_shown))),
                         opts.top_k, opts.min_weight, points)
+        clock = {"setup": time.perf_counter() - start}
+        mark = time.perf_counter()
         metric_pass(lm, sequences, selection, fn, acc, batch_size=opts.batch_size, bin_edges=bin_edges,
                     after_batch=checkpoint.maybe_save, keep=keep)
+        clock["pass 1"], mark = time.perf_counter() - mark, time.perf_counter()
         checkpoint.save(acc)  # pass 1 is the long part: a failure after it resumes from here
 
         tokens = Tokens(lm.tokenizer)
@@ -294,6 +297,7 @@ def run_scan(opts: ScanOptions, lm: LoadedModel | None = None) -> Path:
                                  tokens=tokens, points=points)
         for key, per_head in rerun.items():
             records[key].update(per_head)
+        clock["pass 2"], mark = time.perf_counter() - mark, time.perf_counter()
         n_rerun = len({sid for per_head in missing.values() for sid in per_head})
         print(f"headvis: pass 2 ran {n_rerun} of {len({s for p in wanted.values() for s in p})} shown sequences "
               f"again ({len(keep.held)} kept from pass 1)", flush=True)
@@ -306,8 +310,9 @@ def run_scan(opts: ScanOptions, lm: LoadedModel | None = None) -> Path:
                 bin_edges, tokens))
             scatter.append({"layer": layer, "head": head, **result.metrics})
         write_json(staging / "scatter_data.json", scatter)
+        clock["head files"], mark = time.perf_counter() - mark, time.perf_counter()
 
-        # Pass 3: projections of the clouds gathered in pass 2 (no forward pass).
+        # Pass 3: projections of the clouds gathered in passes 1 and 2 (no forward pass), written as they come.
         cloud_ids: set[int] = set()
 
         def on_head(layer: int, head: int, edges: dict, fields: dict, rotation: dict) -> None:
@@ -318,6 +323,7 @@ def run_scan(opts: ScanOptions, lm: LoadedModel | None = None) -> Path:
                        {"layer": layer, "head": head, "points": len(edges["seq_idx"]), **rotation})
 
         fit_projections(points, lm, selection, with_umap=opts.umap, seed=opts.seed, on_head=on_head)
+        clock["pass 3"], mark = time.perf_counter() - mark, time.perf_counter()
         write_json(staging / "umap" / "sequences.json",
                    {str(sid): tokens(sequences[sid].tolist()) for sid in sorted(cloud_ids)})
         write_json(staging / "custom_sequences" / "index.json", {"sequences": []})
@@ -378,7 +384,10 @@ def run_scan(opts: ScanOptions, lm: LoadedModel | None = None) -> Path:
     except BaseException:
         target.discard()
         raise
+    clock["rest"] = time.perf_counter() - mark  # the other files, the rescan's carry-over, the swap
     _print_summary(n_seqs, n_tokens, len(layers) * len(heads), time.perf_counter() - start, target.given, backend)
+    print("headvis: time by step: " + ", ".join(f"{step} {seconds:.1f} s" for step, seconds in clock.items()),
+          flush=True)
     return target.given
 
 

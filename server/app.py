@@ -218,7 +218,7 @@ async def _store(app: web.Application):
     yield
     try:
         await app[FILES].call(store.close)
-    except OSError as e:
+    except (OSError, ValueError) as e:
         log.warning("could not rewrite the custom_sequences/ snapshot files (%s); the next start does it",
                     e.strerror or e)
     await asyncio.to_thread(app[FILES].close)

@@ -44,13 +44,14 @@ from headvis.capture import CaptureSession, LayerCapture
 from headvis.datasets import prefix_token
 from headvis.dictionaries import capture_hooks
 from headvis.errors import HeadvisError
-from headvis.io import read_json, round_sig
+from headvis.io import round_sig
 from headvis.metrics import distance_bin_edges
 from headvis.models import LoadedModel, output_projections
 from headvis.pipeline import HeadSelection, Tokens, head_vectors, sequence_records
 from headvis.projection import COMPONENTS, VECTORS, project_pca
 from headvis.server.attributions import Served, describer
 from headvis.server.limits import MAX_PENDING_JOBS, MAX_TOKENS, NEIGHBOURS
+from headvis.server.store import checked_json
 from headvis.server.tree import DataTree
 
 __all__ = ["Edge", "ModelJobs", "ModelWorker", "check_model_matches", "custom_id", "interpolate_view", "json_ready"]
@@ -102,7 +103,7 @@ def _now() -> str:
 def _tree_json(path) -> dict:
     """A data-tree file the scan wrote; missing or unreadable is the tree's state (409), not a server bug."""
     try:
-        return read_json(path)
+        return checked_json(path)
     except FileNotFoundError as e:
         raise web.HTTPConflict(text=f"the data tree has no {path.parent.name}/{path.name}") from e
     except (OSError, ValueError) as e:

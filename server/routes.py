@@ -165,7 +165,7 @@ _CUSTOM_HEAD = re.compile(r"custom_sequences/L(0|[1-9][0-9]{0,5})H(0|[1-9][0-9]{
 
 async def data_file(request: web.Request) -> web.StreamResponse:
     """The data tree; its custom-sequence files come from the store (their files on disk are a snapshot)."""
-    tail = request.match_info["tail"]
+    tail = "/".join(part for part in request.match_info["tail"].split("/") if part)  # "a//b/", as "a/b" is served
     tree, store = request.app[TREE], request.app[STORE]
     body = None
     if tail == "custom_sequences/index.json":

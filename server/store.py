@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
@@ -38,23 +39,58 @@ from headvis.server.limits import MAX_CUSTOM_SEQUENCES, MAX_PROJECTED_POINTS
 from headvis.server.tree import DataTree
 from headvis.server.validation import number_text
 
-__all__ = ["CustomStore", "JsonFiles", "UmapStore", "find_edge"]
+__all__ = ["CustomStore", "JsonFiles", "UmapStore", "checked_json", "damaged", "find_edge"]
 
+
+log = logging.getLogger("headvis.server")
 
 Change = Callable[[Any], tuple[Any, Any]]  # old body -> (new body or None for "unchanged", result)
 
 
-def damaged(path: Path, error: BaseException) -> web.HTTPConflict:
+def damaged(path: Path, error: BaseException | str) -> web.HTTPConflict:
     """The 409 for a tree file that is not what the scan or the server wrote."""
-    reason = getattr(error, "strerror", None) or (error.msg if isinstance(error, ValueError) and hasattr(error, "msg")
-                                                  else type(error).__name__)
+    if isinstance(error, str):
+        reason = error
+    else:
+        reason = getattr(error, "strerror", None) or (error.msg if isinstance(error, ValueError) and hasattr(error, "msg")
+                                                      else type(error).__name__)
     return web.HTTPConflict(text=f"the data tree's {path.parent.name}/{path.name} is damaged ({reason}); "
                                  "restore it or re-scan")
 
 
+def _shape_problem(path: Path, body: Any) -> str | None:
+    """What the server relies on in a tree file and `body` lacks (the schemas hold the rest), or None."""
+    if not isinstance(body, dict):
+        return f"not a JSON object but {type(body).__name__}"
+    if path.parent.name == "umap" and path.name.startswith("L") and not path.name.endswith(".rotation.json"):
+        for key in ("seq_idx", "top_q", "top_k"):
+            if not isinstance(body.get(key), list):
+                return f"no `{key}` list"
+        if len({len(body[key]) for key in ("seq_idx", "top_q", "top_k")}) > 1:
+            return "`seq_idx`, `top_q` and `top_k` differ in length"
+        for key in ("projected_points", "clusters"):
+            if not isinstance(body.get(key, []), list) or not all(isinstance(x, dict) for x in body.get(key, [])):
+                return f"`{key}` is not a list of objects"
+    if path.parent.name == "heads":
+        sequences = body.get("sequences")
+        if not isinstance(sequences, list) or not all(
+                isinstance(x, dict) and {"sequence_id", "token_ids", "tokens"} <= set(x) for x in sequences):
+            return "`sequences` is not a list of sequence records"
+    return None
+
+
+def checked_json(path: Path) -> Any:
+    """A tree file read and checked for what the server uses (`_shape_problem`); 409 when it falls short."""
+    body = read_json(path)
+    problem = _shape_problem(path, body)
+    if problem is not None:
+        raise damaged(path, problem)
+    return body
+
+
 def _read_or(path: Path, default: Callable[[], Any]) -> Any:
     try:
-        return read_json(path)
+        return checked_json(path)
     except FileNotFoundError:
         return default()
     except (OSError, ValueError) as e:  # truncated, not UTF-8, a folder in its place
@@ -130,6 +166,20 @@ class JsonFiles:
         return future.result()
 
 
+def _forget(sequence_ids: set[str]) -> Change:
+    """The change that drops projected points of these custom sequences, and cluster points naming them."""
+
+    def change(body: dict) -> tuple[dict | None, None]:
+        points = [p for p in body.get("projected_points", []) if p["seq_idx"] not in sequence_ids]
+        clusters = [{**c, "points": [t for t in c["points"] if t[0] not in sequence_ids]}
+                    for c in body.get("clusters", [])]
+        if len(points) == len(body.get("projected_points", [])) and clusters == body.get("clusters", []):
+            return None, None
+        return {**body, "projected_points": points, "clusters": clusters}, None
+
+    return change
+
+
 def _stray_temp_files(folder: Path) -> list[Path]:
     """Temp files of `headvis.io.atomic_write_bytes` (`.NAME.XXXX.tmp`) left by a killed process."""
     return sorted(folder.glob(".*.tmp")) if folder.is_dir() else []
@@ -171,6 +221,8 @@ class CustomStore:
         if stale:
             self.folder.snapshot(self.tree.scanned_heads)
             self.folder.store.mkdir(exist_ok=True)
+        if self.forget_unlisted():
+            log.info("removed projected and cluster points of deleted custom sequences from the umap files")
         return removed, imported, stale
 
     def close(self) -> None:
@@ -228,20 +280,41 @@ class CustomStore:
             self._ids = frozenset(self._entries)
             raise
         self._dirty = True
-
-        def forget(body: dict) -> tuple[dict | None, None]:
-            """Projected points of the sequence, and cluster points naming it, leave the umap file too."""
-            points = [p for p in body.get("projected_points", []) if p["seq_idx"] != sequence_id]
-            clusters = [{**c, "points": [t for t in c["points"] if t[0] != sequence_id]} for c in body.get("clusters", [])]
-            if len(points) == len(body.get("projected_points", [])) and clusters == body.get("clusters", []):
-                return None, None
-            return {**body, "projected_points": points, "clusters": clusters}, None
-
-        await asyncio.gather(*(
-            self.files.update(self.tree.umap_head(layer, head), forget, dict)
+        # The delete is done. Its points in the umap files go next; a file that cannot be changed now (a full
+        # disk, a damaged file) keeps them until the next start-up removes points of unlisted sequences.
+        results = await asyncio.gather(*(
+            self.files.update(self.tree.umap_head(layer, head), _forget({sequence_id}), dict)
             for layer, head in self.tree.scanned_heads
             if self.tree.umap_head(layer, head).exists()
-        ))
+        ), return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        for error in failed:
+            if not isinstance(error, (OSError, web.HTTPException)):
+                raise error
+        if failed:
+            log.warning("deleted %s, but %d umap files keep its points for now (%s); the next start removes them",
+                        sequence_id, len(failed), failed[0])
+
+    def forget_unlisted(self) -> int:
+        """At start-up (on a thread): drop projected and cluster points of custom sequences no longer listed."""
+        changed = 0
+        for layer, head in self.tree.scanned_heads:
+            path = self.tree.umap_head(layer, head)
+            try:
+                body = read_json(path)
+            except (OSError, ValueError):
+                continue  # a damaged umap file is reported when it is used
+            if not isinstance(body, dict):
+                continue
+            named = {p.get("seq_idx") for p in body.get("projected_points", []) if isinstance(p, dict)}
+            named |= {t[0] for c in body.get("clusters", []) if isinstance(c, dict) for t in c.get("points", [])
+                      if isinstance(t, list) and t}
+            gone = {x for x in named if isinstance(x, str) and x not in self._ids}
+            if gone:
+                new, _ = _forget(gone)(body)
+                write_json(path, new, rounded=True)
+                changed += 1
+        return changed
 
 
 def find_edge(umap: dict, seq_idx: int | str, query_pos: int, key_pos: int) -> dict | None:

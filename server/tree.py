@@ -143,6 +143,8 @@ def _config_problem(config: dict) -> str | None:
                 return f"{name}.{i} {_listed([layer, head])} names layer {layer}, past model.n_layers {model['n_layers']}"
             if head >= model["n_heads"]:
                 return f"{name}.{i} {_listed([layer, head])} names head {head}, past model.n_heads {model['n_heads']}"
+    if config["top_k"] > config["dataset"]["seq_len"]:
+        return f"top_k {str(config['top_k'])[:20]} is more than dataset.seq_len {config['dataset']['seq_len']}"
     scanned = {tuple(pair) for pair in config["heads"]}
     for i, pair in enumerate(config["umap_heads"]):
         if tuple(pair) not in scanned:
@@ -151,6 +153,10 @@ def _config_problem(config: dict) -> str | None:
         return (f"layers {_listed(sorted(config['layers']))} are not the layers of `heads` "
                 f"{_listed(sorted({layer for layer, _ in scanned}))}")
     return None
+
+
+def _no_constant(name: str):
+    raise json.JSONDecodeError(f"{name} is not a number JSON allows", name, 0)
 
 
 def open_data_tree(path: str | Path) -> DataTree:
@@ -162,13 +168,15 @@ def open_data_tree(path: str | Path) -> DataTree:
     if not config_path.is_file():
         raise HeadvisError(f"--data {path}: not a headvis data tree (no config.json; run python -m headvis.scan first)")
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
+        config = json.loads(config_path.read_text(encoding="utf-8"), parse_constant=_no_constant)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise HeadvisError(f"--data {path}: config.json is not readable JSON ({e})") from e
+    except RecursionError as e:
+        raise HeadvisError(f"--data {path}: config.json is nested too deeply to be a headvis config") from e
     if not isinstance(config, dict):
         raise HeadvisError(f"--data {path}: config.json is not a JSON object; re-scan with python -m headvis.scan")
     version = config.get("format_version")
-    if version != FORMAT_VERSION:
+    if version != FORMAT_VERSION or type(version) is not int:  # 2.0 is not format 2
         found = "has no format_version (format 1)" if version is None else f"has format_version {json.dumps(version)[:20]}"
         raise HeadvisError(f"--data {path}: config.json {found}, and this server reads format {FORMAT_VERSION} only; "
                            f"re-scan it: python -m headvis.scan --out {path}")

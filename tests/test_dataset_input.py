@@ -125,3 +125,10 @@ def test_the_scan_reports_a_bad_corpus_in_one_line(capsys, tmp_path, gpt2_dir, n
     assert len(lines) == 1 and lines[0].startswith("headvis: error: ") and expected in lines[0], err
     assert "must be UTF-8" in lines[0] and "Traceback" not in err and "internal error" not in err
     assert not out.exists()
+
+
+def test_a_jsonl_text_with_a_lone_surrogate_is_refused_naming_the_line(tmp_path):
+    path = tmp_path / "surrogate.jsonl"
+    path.write_text('{"text": "fine"}\n{"text": "bad \\ud800 here"}\n', encoding="utf-8")
+    with pytest.raises(HeadvisError, match=r"surrogate.jsonl:2: 'text' holds a lone UTF-16 surrogate \(\\ud800\)"):
+        list(iter_texts(str(path)))

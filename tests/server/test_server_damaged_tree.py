@@ -9,6 +9,7 @@ server started).
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -60,7 +61,19 @@ DAMAGES = {
     "model without n_heads": (lambda c: c["model"].pop("n_heads"), "model: missing field 'n_heads'"),
     "n_layers differs from the model's": (_set("n_layers", 31), "n_layers 31 differs from model.n_layers 30"),
     "created with a trailing newline": (_set("created", "2026-01-01T00:00:00Z\n"), "created must match"),
+    "top_k past the sequence": (_set("top_k", 10**30), "top_k 10000000000000000000 is more than dataset.seq_len 32"),
 }
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"format_version": 2.0}', "has format_version 2.0"),
+    ('{"format_version": 2, "min_weight": NaN}', "config.json is not readable JSON (NaN is not a number JSON allows"),
+    ('[' * 100_000 + ']' * 100_000, "nested too deeply"),
+])
+def test_a_config_json_python_would_read_but_json_does_not_allow_is_refused(data, text, message):
+    (data / "config.json").write_text(text)
+    with pytest.raises(HeadvisError, match=re.escape(message)):
+        open_data_tree(data)
 
 
 def _damage(data, change) -> None:
