@@ -26,6 +26,10 @@ def round_sig(values: np.ndarray, digits: int = SIG_DIGITS) -> list:
     k / 10**n with exact integers k and 10**n is correctly rounded by IEEE
     division, so the result prints with at most `digits` digits.
     """
+    return _round_array(values, digits).tolist()
+
+
+def _round_array(values: np.ndarray, digits: int = SIG_DIGITS) -> np.ndarray:
     x = np.asarray(values, dtype=np.float64)
     if not np.all(np.isfinite(x)):
         raise ValueError("refusing to write NaN or Infinity")
@@ -42,34 +46,76 @@ def round_sig(values: np.ndarray, digits: int = SIG_DIGITS) -> list:
     scale_big = 10.0 ** (-shift[big])
     r[big] = np.round(y[big] / scale_big) * scale_big
     out[nz] = r
-    return out.tolist()
+    return out
 
 
 _PLAIN = {int, str, bool, type(None)}  # JSON-ready as they are
 
 
-def _clean(obj: Any) -> Any:
-    """Recursively round floats and turn numpy values into JSON-ready Python ones."""
+class _Rounder:
+    """Every float of one body, rounded in one `_round_array` call (~40 us each alone; a scan file holds thousands)."""
+
+    def __init__(self) -> None:
+        self.parts: list[np.ndarray] = []
+        self.fixups: list[tuple[Any, Any, int, tuple, bool]] = []  # (container, key, start, shape, scalar)
+        self.size = 0
+
+    def defer(self, container: Any, key: Any, values: np.ndarray, scalar: bool) -> None:
+        a = np.asarray(values, dtype=np.float64)
+        container[key] = None
+        self.parts.append(a.ravel())
+        self.fixups.append((container, key, self.size, a.shape, scalar))
+        self.size += a.size
+
+    def finish(self) -> None:
+        if not self.parts:
+            return
+        flat = _round_array(np.concatenate(self.parts))
+        for container, key, start, shape, scalar in self.fixups:
+            piece = flat[start : start + int(np.prod(shape))]
+            container[key] = float(piece[0]) if scalar else piece.reshape(shape).tolist()
+
+
+def _clean_into(container: Any, key: Any, obj: Any, rounder: _Rounder) -> None:
+    """container[key] = obj made JSON-ready: numpy values to Python ones, floats rounded (by `rounder`)."""
     if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
+        out: dict = {}
+        container[key] = out
+        for k, v in obj.items():
+            _clean_into(out, str(k), v, rounder)
+    elif isinstance(obj, (list, tuple)):
         kinds = set(map(type, obj))
-        if kinds and kinds <= _PLAIN:  # token strings, token ids: nothing to round (one call, not one per item)
-            return list(obj)
-        if kinds == {float}:
-            return round_sig(np.asarray(obj))
-        return [_clean(v) for v in obj]
-    if isinstance(obj, np.ndarray):
+        if kinds and kinds <= _PLAIN:  # token strings, token ids: nothing to round
+            container[key] = list(obj)
+        elif kinds == {float}:
+            rounder.defer(container, key, np.asarray(obj), False)
+        else:
+            items: list = [None] * len(obj)
+            container[key] = items
+            for i, v in enumerate(obj):
+                _clean_into(items, i, v, rounder)
+    elif isinstance(obj, np.ndarray):
         if obj.dtype.kind == "f":
-            return round_sig(obj)
-        return obj.tolist()
-    if isinstance(obj, (float, np.floating)):
-        return round_sig(np.asarray([float(obj)]))[0]
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    return obj
+            rounder.defer(container, key, obj, False)
+        else:
+            container[key] = obj.tolist()
+    elif isinstance(obj, (float, np.floating)):
+        rounder.defer(container, key, np.asarray([float(obj)]), True)
+    elif isinstance(obj, np.integer):
+        container[key] = int(obj)
+    elif isinstance(obj, np.bool_):
+        container[key] = bool(obj)
+    else:
+        container[key] = obj
+
+
+def _clean(obj: Any) -> Any:
+    """`obj` with floats rounded and numpy values turned into JSON-ready Python ones."""
+    holder: dict = {}
+    rounder = _Rounder()
+    _clean_into(holder, "body", obj, rounder)
+    rounder.finish()
+    return holder["body"]
 
 
 def _umask() -> int:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 __all__ = ["COMPONENTS", "UMAP_MIN_POINTS", "UMAP_VIEW", "VECTORS", "GpuLibraries", "batched_pca", "columns",
-           "fit_head", "gpu_libraries", "project_pca"]
+           "fit_head", "gpu_libraries", "project_pca", "small_linalg"]
 
 GpuLibraries = tuple[ModuleType, ModuleType]  # (cupy, cuml)
 
@@ -75,7 +75,7 @@ def _pca(x: np.ndarray, seed: int) -> tuple[np.ndarray, dict]:
 
 
 @contextlib.contextmanager
-def _small_linalg(device: torch.device):
+def small_linalg(device: torch.device):
     """One CPU thread for batches of small matrices: with 2 threads on a busy 2-core machine, torch's eigh of
     36 64 x 64 matrices took 740 ms, with one 38 ms (the threads wait on each other more than they work)."""
     if device.type != "cpu":
@@ -101,7 +101,7 @@ def batched_pca(clouds: list[torch.Tensor]) -> list[tuple[np.ndarray, dict]]:
     if not clouds:
         return []
     device = clouds[0].device
-    with _small_linalg(device):
+    with small_linalg(device):
         return _batched_pca(clouds, device)
 
 
