@@ -93,17 +93,16 @@ def metric_pass(
     """Pass 1: every sequence (n, seq_len) not yet seen by `accumulator` through the model into it.
 
     `after_batch(accumulator)` runs after each batch (the scan saves its resume checkpoint there).
-    `keep`: the sequences whose records pass 2 would compute are kept here instead (their batches' row
+    `keep`: what pass 2 would compute for the sequences it may show is kept here instead (the row
     statistics then include the top-K rows; the accumulated statistics are the same).
     """
     state: dict = {}
 
     def on_layer(capture: LayerCapture) -> None:
-        kept = keep is not None and state["kept"]
-        stats = _row_stats(fn, selection, capture, state["tokens"], top_k=keep.top_k if kept else 0,
+        stats = _row_stats(fn, selection, capture, state["tokens"], top_k=keep.top_k if keep is not None else 0,
                            bin_edges=bin_edges)
         accumulator.update(capture.layer, state["ids"], state["tokens"], stats)
-        if kept:
+        if keep is not None:
             keep.add(capture, selection, state["ids"].tolist(), stats)
 
     ids = [i for i in range(len(sequences)) if not accumulator.seq_seen[i]]
@@ -111,11 +110,8 @@ def metric_pass(
         for batch in tqdm(_batches(ids, batch_size), desc="pass 1: metrics", unit="batch"):
             state["ids"] = torch.tensor(batch)
             state["tokens"] = sequences[batch].to(lm.device)
-            state["kept"] = keep is not None and any(i in keep.ids for i in batch)
             session.run(state["tokens"])
             accumulator.count_tokens(state["ids"], state["tokens"])  # marks the batch seen: last
-            if state["kept"]:
-                keep.held.update(i for i in batch if i in keep.ids)
             if after_batch is not None:
                 after_batch(accumulator)
 
@@ -216,9 +212,12 @@ _Kept = tuple[np.ndarray, np.ndarray, float, list[int]]  # (attention_indices, a
 
 
 def _keep_rows(capture: LayerCapture, selection: HeadSelection, stats: RowStats, ids: list,
-               wanted: Callable[[int, int], Container], min_weight: float, out: dict[tuple[int, int], dict]) -> None:
-    """The record pieces of each (head, sequence) of one layer's batch that `wanted(layer, head)` holds."""
-    best, q, k = sequence_argmax(stats.max_nobos, stats.argmax_nobos)
+               wanted: Callable[[int, int], Container], min_weight: float, out: dict[tuple[int, int], dict],
+               argmax: tuple[Tensor, Tensor, Tensor] | None = None) -> None:
+    """The record pieces of each (head, sequence) of one layer's batch that `wanted(layer, head)` holds.
+
+    argmax: `sequence_argmax` of the stats, when the caller has it already."""
+    best, q, k = argmax if argmax is not None else sequence_argmax(stats.max_nobos, stats.argmax_nobos)
     top_values = stats.top_values.float().cpu().numpy()
     top_indices = stats.top_indices.cpu().numpy()
     for slot, head in enumerate(selection.heads):
@@ -249,25 +248,52 @@ def _record(sid, interval: int, kept: _Kept, token_ids: list[int], tokens: Token
 
 
 class KeptRows:
-    """What pass 2 would compute for `ids`, kept from pass 1 instead: every head's sparse rows, and the
-    projection edges of `points` (as if each kept sequence were a sample of every head; `restrict` drops
-    the edges of sequences a head does not show once the samples are chosen).
+    """What pass 2 would compute, kept from pass 1 instead: sparse rows and the projection edges of `points`.
 
-    `held` lists the sequences actually kept: those pass 1 ran in this process (not those a resumed
-    checkpoint had already counted).
+    Two kinds of (head, sequence) are kept: every head's rows of the sequences in `ids` (the lowest
+    priorities, which the deciles take first), and each head's running top `per_interval` sequences by
+    max activation (its top interval), replaced as better ones come. Pass 2 then runs only the shown
+    (head, sequence) pairs that are not held (`holds`): those of a resumed checkpoint's sequences, and
+    any that these rules missed. Edges are gathered for every kept pair; `ProjectionPoints.restrict`
+    drops the ones of sequences a head does not show.
     """
 
-    def __init__(self, ids: set[int], top_k: int, min_weight: float, points: ProjectionPoints):
+    def __init__(self, ids: set[int], top_k: int, min_weight: float, points: ProjectionPoints, per_interval: int):
         self.ids = ids
         self.top_k = top_k
         self.min_weight = min_weight
         self.points = points
-        self.held: set[int] = set()
+        self.per_interval = per_interval
         self._rows: dict[tuple[int, int], dict[int, _Kept]] = {}
+        self._top: dict[tuple[int, int], list[tuple[float, int]]] = {}  # (max activation, id), best first
+
+    def holds(self, key: tuple[int, int], sid: int) -> bool:
+        return sid in self._rows.get(key, {})
+
+    @property
+    def held(self) -> set[int]:
+        """Every sequence some head holds."""
+        return {sid for rows in self._rows.values() for sid in rows}
 
     def add(self, capture: LayerCapture, selection: HeadSelection, ids: list[int], stats: RowStats) -> None:
-        _keep_rows(capture, selection, stats, ids, lambda layer, head: self.ids, self.min_weight, self._rows)
-        sampled = torch.tensor([[sid in self.ids] * len(selection.heads) for sid in ids])  # (batch, slot)
+        best, q, k = sequence_argmax(stats.max_nobos, stats.argmax_nobos)
+        values = best.float().cpu().numpy()  # (batch, slot)
+        wanted: dict[int, set[int]] = {}
+        for slot, head in enumerate(selection.heads):
+            key = (capture.layer, head)
+            old = self._top.get(key, [])
+            ranked = sorted(old + [(float(values[b, slot]), sid) for b, sid in enumerate(ids)],
+                            key=lambda item: (-item[0], item[1]))[: self.per_interval]  # the scan's order
+            self._top[key] = ranked
+            top = {sid for _, sid in ranked}
+            rows = self._rows.setdefault(key, {})
+            for _, sid in old:  # displaced from the top, and not kept for the deciles: drop its rows
+                if sid not in top and sid not in self.ids:
+                    rows.pop(sid, None)
+            wanted[head] = {sid for sid in ids if sid in self.ids or sid in top}
+        _keep_rows(capture, selection, stats, ids, lambda layer, head: wanted[head], self.min_weight, self._rows,
+                   argmax=(best, q, k))
+        sampled = torch.tensor([[sid in wanted[head] for head in selection.heads] for sid in ids])  # (batch, slot)
         self.points.add(capture.layer, selection.heads, ids, sampled, stats, selection.slice(capture), capture.output)
 
     def records(self, wanted: dict[tuple[int, int], dict], sequences: Tensor, tokens: Tokens) -> dict:
@@ -276,7 +302,7 @@ class KeptRows:
         for key, per_head in wanted.items():
             rows = self._rows.get(key, {})
             out[key] = {sid: _record(sid, interval, rows[sid], sequences[sid].tolist(), tokens)
-                        for sid, interval in per_head.items() if sid in self.held}
+                        for sid, interval in per_head.items() if sid in rows}
         return out
 
     @staticmethod

@@ -139,10 +139,12 @@ def parse_selection(text: str, upper: int, what: str) -> list[int]:
 
 
 def _kept_ids(opts: ScanOptions, priority: np.ndarray, n_heads: int, d_head: int, edges: int) -> set[int]:
-    """The sequences pass 1 keeps the rows of: the lowest priorities (the ones each decile takes first),
-    as many as --keep-memory holds."""
+    """The sequences pass 1 keeps every head's rows of: the lowest priorities (the ones each decile takes
+    first), as many as --keep-memory holds beside each head's running top interval (per_interval sequences'
+    worth; the churn of a top that is replaced is not counted)."""
     per_sequence = KeptRows.bytes_per_sequence(n_heads, opts.seq_len, opts.top_k, edges, d_head)
-    count = min(len(priority), int(opts.keep_memory * 2**20) // max(1, per_sequence))
+    room = int(opts.keep_memory * 2**20) - opts.per_interval * per_sequence
+    count = min(len(priority), max(0, room) // max(1, per_sequence))
     return set(np.argsort(priority, kind="stable")[:count].tolist())
 
 
@@ -269,11 +271,11 @@ def run_scan(opts: ScanOptions, lm: LoadedModel | None = None) -> Path:
                                    for layer in layers for head in heads}, opts.min_weight)
         keep = KeptRows(_kept_ids(opts, priority, len(layers) * len(heads), info.d_head,
                                   math.ceil(opts.max_points / max(1, n_shown))),
-                        opts.top_k, opts.min_weight, points)
+                        opts.top_k, opts.min_weight, points, opts.per_interval)
         clock = {"setup": time.perf_counter() - start}
         mark = time.perf_counter()
         metric_pass(lm, sequences, selection, fn, acc, batch_size=opts.batch_size, bin_edges=bin_edges,
-                    after_batch=checkpoint.maybe_save, keep=keep)
+                    after_batch=checkpoint.maybe_save, keep=keep if opts.keep_memory > 0 else None)
         clock["pass 1"], mark = time.perf_counter() - mark, time.perf_counter()
         checkpoint.save(acc)  # pass 1 is the long part: a failure after it resumes from here
 
@@ -288,9 +290,10 @@ def run_scan(opts: ScanOptions, lm: LoadedModel | None = None) -> Path:
                 edges_of[(layer, head)] = edges
                 wanted[(layer, head)] = {sid: interval for sid, interval in chosen}
         # Pass 2: only the shown sequences pass 1 did not keep run through the model again.
-        points.restrict({key: set(per_head) for key, per_head in wanted.items()})
+        # the edges pass 1 gathered stay for the pairs it holds; the others' come again from pass 2
+        points.restrict({key: {sid for sid in per_head if keep.holds(key, sid)} for key, per_head in wanted.items()})
         records = keep.records(wanted, sequences, tokens)
-        missing = {key: {sid: interval for sid, interval in per_head.items() if sid not in keep.held}
+        missing = {key: {sid: interval for sid, interval in per_head.items() if not keep.holds(key, sid)}
                    for key, per_head in wanted.items()}
         rerun = sequence_records(lm, sequences, list(range(n_seqs)), missing, selection, fn, top_k=opts.top_k,
                                  min_weight=opts.min_weight, bin_edges=bin_edges, batch_size=opts.batch_size,
@@ -300,7 +303,7 @@ def run_scan(opts: ScanOptions, lm: LoadedModel | None = None) -> Path:
         clock["pass 2"], mark = time.perf_counter() - mark, time.perf_counter()
         n_rerun = len({sid for per_head in missing.values() for sid in per_head})
         print(f"headvis: pass 2 ran {n_rerun} of {len({s for p in wanted.values() for s in p})} shown sequences "
-              f"again ({len(keep.held)} kept from pass 1)", flush=True)
+              "again (pass 1 kept the rest)", flush=True)
 
         scatter = []
         for (layer, head), result in results.items():
