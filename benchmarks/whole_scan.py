@@ -59,6 +59,41 @@ def _steps(stdout: str) -> dict[str, float]:
     return {name: float(s) for name, s in re.findall(r"([a-z0-9 ]+?) ([0-9.]+) s", line.split(":", 2)[-1])}
 
 
+def measure_whole(versions: list[tuple[str, Path]], seq_len: int, small: int, large: int, batch_size: int,
+                  reps: int) -> dict:
+    """{"times": name -> n -> [s], "steps": name -> step -> s (at `large`), "marginal": name -> s / sequence}."""
+    times: dict[str, dict[int, list[float]]] = {}
+    steps: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="whole-scan-") as tmp:
+        for _ in range(reps):
+            for n in (small, large):
+                seconds, _ = _run([sys.executable, "-c", _FORWARD, str(n), str(seq_len), str(batch_size)],
+                                  versions[-1][1])
+                times.setdefault("forward", {}).setdefault(n, []).append(seconds)
+                for name, folder in versions:
+                    seconds, out = _run([sys.executable, "-m", "headvis.scan", "--num-seqs", str(n), "--seq-len",
+                                         str(seq_len), "--batch-size", str(batch_size), "--no-resume",
+                                         "--out", f"{tmp}/{name}-{n}"], folder)
+                    times.setdefault(name, {}).setdefault(n, []).append(seconds)
+                    if n == large:
+                        steps[name] = _steps(out)
+                    print(f"{name} n={n}: {seconds:.1f} s", flush=True)
+    marginal = {name: (statistics.median(t[large]) - statistics.median(t[small])) / (large - small)
+                for name, t in times.items()}
+    return {"times": times, "steps": steps, "marginal": marginal}
+
+
+def table(result: dict, small: int, large: int) -> str:
+    times, steps, marginal = result["times"], result["steps"], result["marginal"]
+    lines = ["| run | time at %d (s) | time at %d (s) | marginal s / sequence | / plain forward | steps at %d (s) |"
+             % (small, large, large), "|---|---|---|---|---|---|"]
+    for name, t in times.items():
+        split = ", ".join(f"{k} {v:.1f}" for k, v in steps.get(name, {}).items()) or "-"
+        lines.append(f"| {name} | {statistics.median(t[small]):.1f} | {statistics.median(t[large]):.1f} | "
+                     f"{marginal[name]:.3f} | {marginal[name] / marginal['forward']:.2f} | {split} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="append", required=True, metavar="NAME=DIR")
@@ -69,40 +104,15 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=1)
     args = parser.parse_args()
     versions = [(spec.partition("=")[0], Path(spec.partition("=")[2])) for spec in args.version]
-    times: dict[str, dict[int, list[float]]] = {}
-    steps: dict[str, dict[str, float]] = {}
-    with tempfile.TemporaryDirectory(prefix="whole-scan-") as tmp:
-        for _ in range(args.reps):
-            for n in (args.small, args.large):
-                seconds, _ = _run([sys.executable, "-c", _FORWARD, str(n), str(args.seq_len), str(args.batch_size)],
-                                  versions[-1][1])
-                times.setdefault("forward", {}).setdefault(n, []).append(seconds)
-                for name, folder in versions:
-                    seconds, out = _run([sys.executable, "-m", "headvis.scan", "--num-seqs", str(n), "--seq-len",
-                                         str(args.seq_len), "--batch-size", str(args.batch_size), "--no-resume",
-                                         "--out", f"{tmp}/{name}-{n}"], folder)
-                    times.setdefault(name, {}).setdefault(n, []).append(seconds)
-                    if n == args.large:
-                        steps[name] = _steps(out)
-                    print(f"{name} n={n}: {seconds:.1f} s", flush=True)
-    span = args.large - args.small
-    marginal = {name: (statistics.median(t[args.large]) - statistics.median(t[args.small])) / span
-                for name, t in times.items()}
-    lines = ["| run | time at %d (s) | time at %d (s) | marginal s / sequence | / plain forward | steps at %d (s) |"
-             % (args.small, args.large, args.large), "|---|---|---|---|---|---|"]
-    for name, t in times.items():
-        split = ", ".join(f"{k} {v:.1f}" for k, v in steps.get(name, {}).items()) or "-"
-        lines.append(f"| {name} | {statistics.median(t[args.small]):.1f} | {statistics.median(t[args.large]):.1f} | "
-                     f"{marginal[name]:.3f} | {marginal[name] / marginal['forward']:.2f} | {split} |")
-    table = "\n".join(lines)
-    print(table)
+    result = measure_whole(versions, args.seq_len, args.small, args.large, args.batch_size, args.reps)
+    text = table(result, args.small, args.large)
+    print(text)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "whole_scan_cpu.json").write_text(json.dumps({"times": times, "steps": steps, "marginal": marginal},
-                                                            indent=1))
+    (RESULTS / "whole_scan_cpu.json").write_text(json.dumps(result, indent=1))
     (RESULTS / "whole_scan_cpu.md").write_text(
         f"# The whole scan against the plain forward (CPU, this 2-core machine)\n\n`python benchmarks/whole_scan.py "
         f"--seq-len {args.seq_len} --small {args.small} --large {args.large} --reps {args.reps}`: default model, "
-        f"all 270 heads, default backend, PCA; whole processes; medians.\n\n{table}\n")
+        f"all 270 heads, default backend, PCA; whole processes; medians.\n\n{text}\n")
 
 
 if __name__ == "__main__":
