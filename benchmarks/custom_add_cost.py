@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -33,9 +32,10 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 
+from versions import add_version_argument, environment, parse_versions, write_results
+
 WORDS = ("the model reads every token and each head attends to earlier positions while the residual "
          "stream carries what was written before so induction heads copy patterns they have seen").split()
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def _text(i: int, words: int) -> str:
@@ -51,7 +51,7 @@ def _written(pid: int) -> int:
 
 
 def _start(data: Path, pythonpath: Path) -> tuple[subprocess.Popen, dict]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(pythonpath.resolve())}
+    env = environment(pythonpath)
     process = subprocess.Popen([sys.executable, "-m", "headvis.serve", "--data", str(data), "--port", "0"],
                                stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env, cwd="/")
     deadline = time.monotonic() + 300
@@ -117,23 +117,19 @@ def _table(runs: list[dict], window: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, type=Path, help="a scanned tree (copied; never changed)")
-    parser.add_argument("--version", action="append", required=True, metavar="NAME=DIR",
-                        help="a headvis to measure: DIR goes first on PYTHONPATH (repeatable)")
+    add_version_argument(parser)
     parser.add_argument("--adds", type=int, default=24)
     parser.add_argument("--words", type=int, default=100, help="words per custom text")
     parser.add_argument("--window", type=int, default=4, help="adds averaged at the start and at the end")
     parser.add_argument("--warmup", type=int, default=1, help="adds made first and not reported (compilation)")
     args = parser.parse_args()
     runs = []
-    for spec in args.version:
-        name, _, folder = spec.partition("=")
+    for name, folder in parse_versions(args.version):
         print(f"{name}: {args.adds} adds ...", flush=True)
-        runs.append(run(args.data, name, Path(folder), args.adds, args.words, args.warmup))
+        runs.append(run(args.data, name, folder, args.adds, args.words, args.warmup))
     table = _table(runs, args.window)
     print(table)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "custom_add_cost_cpu.json").write_text(json.dumps(runs, indent=1))
-    (RESULTS / "custom_add_cost_cpu.md").write_text(
+    write_results("custom_add_cost_cpu", runs,
         f"# add_custom_sequence cost as custom sequences accumulate (CPU)\n\n"
         f"`python benchmarks/custom_add_cost.py --data DATA --adds {args.adds} --words {args.words}`, after "
         f"{args.warmup} unreported add(s); first and last {args.window} adds averaged; written bytes: the server "

@@ -19,8 +19,6 @@ benchmarks/results/whole_scan_cpu.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import re
 import statistics
 import subprocess
@@ -29,7 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from versions import add_version_argument, environment, parse_versions, write_results
+
 
 _FORWARD = r"""
 import sys, time, torch
@@ -45,7 +44,7 @@ with torch.inference_mode():
 
 
 def _run(cmd: list[str], pythonpath: Path) -> tuple[float, str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(pythonpath.resolve())}
+    env = environment(pythonpath)
     start = time.perf_counter()
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd="/")
     seconds = time.perf_counter() - start
@@ -96,20 +95,18 @@ def table(result: dict, small: int, large: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--version", action="append", required=True, metavar="NAME=DIR")
+    add_version_argument(parser)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--small", type=int, default=8)
     parser.add_argument("--large", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--reps", type=int, default=1)
     args = parser.parse_args()
-    versions = [(spec.partition("=")[0], Path(spec.partition("=")[2])) for spec in args.version]
+    versions = parse_versions(args.version)
     result = measure_whole(versions, args.seq_len, args.small, args.large, args.batch_size, args.reps)
     text = table(result, args.small, args.large)
     print(text)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "whole_scan_cpu.json").write_text(json.dumps(result, indent=1))
-    (RESULTS / "whole_scan_cpu.md").write_text(
+    write_results("whole_scan_cpu", result,
         f"# The whole scan against the plain forward (CPU, this 2-core machine)\n\n`python benchmarks/whole_scan.py "
         f"--seq-len {args.seq_len} --small {args.small} --large {args.large} --reps {args.reps}`: default model, "
         f"all 270 heads, default backend, PCA; whole processes; medians.\n\n{text}\n")

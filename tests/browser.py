@@ -59,6 +59,27 @@ def checked_page(browser, *, width: int, timeout_ms: int, what: str) -> Iterator
     assert not errors, f"uncaught script errors in {what}: {errors}"
 
 
+@contextlib.contextmanager
+def serving_static(folder: Path) -> Iterator[Site]:
+    """A plain static file server over `folder` (a built frontend with data/ beside it) on a free loopback port,
+    in a thread: static mode, as any web host serves the tree."""
+    import functools
+    import http.server
+    import threading
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, format, *args):  # noqa: A002 (the stdlib's name)
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder)))
+    threading.Thread(target=server.serve_forever, name="headvis-test-static", daemon=True).start()
+    try:
+        yield Site(url=f"http://127.0.0.1:{server.server_address[1]}/", data=folder / "data")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def served(site: Site, rel: str):
     """GET {site}/data/{rel} as the page reads it, parsed; None for a 404 (custom files come from the server's store)."""
     import json

@@ -25,11 +25,8 @@ Everything is skipped, with the reason, when `frontend/dist` is not built or
 
 from __future__ import annotations
 
-import functools
-import http.server
 import shutil
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,7 +34,7 @@ import pytest
 
 from frontend_helpers import (CHROMIUM, DIST, HEADS, LAYERS, NUM_SEQS, PER_INTERVAL, SEQ_LEN, Site,
                               missing)
-from browser import checked_page, chromium, serving as serve_in_thread
+from browser import checked_page, chromium, serving as serve_in_thread, serving_static
 from headvis.scan import ScanOptions, run_scan
 
 
@@ -123,19 +120,6 @@ def live_attr(described_scan, dictionaries, smollm, tmp_path) -> Iterator[Site]:
         yield site
 
 
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format, *args):  # noqa: A002 (the stdlib's name)
-        pass
-
-
-def serve_folder(folder: Path) -> tuple[http.server.ThreadingHTTPServer, str]:
-    """A plain static file server over `folder` on a free loopback port, running in a thread."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
-                                             functools.partial(_QuietHandler, directory=str(folder)))
-    threading.Thread(target=server.serve_forever, name="headvis-test-static", daemon=True).start()
-    return server, f"http://127.0.0.1:{server.server_address[1]}/"
-
-
 @pytest.fixture
 def static_site(scan, tmp_path) -> Iterator[Site]:
     """dist/ with the scan next to it as data/, no server (server_config.json is {})."""
@@ -143,9 +127,5 @@ def static_site(scan, tmp_path) -> Iterator[Site]:
     shutil.copytree(DIST, folder)
     shutil.copytree(scan, folder / "data")
     (folder / "data" / "server_config.json").write_text("{}")
-    server, url = serve_folder(folder)
-    try:
-        yield Site(url=url, data=folder / "data")
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving_static(folder) as site:
+        yield site

@@ -27,22 +27,18 @@ with the reason, and fail instead when `CI` is set.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import hashlib
-import http.server
 import os
 import shutil
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 import browser
-from browser import CHROMIUM, Site, checked_page, chromium
+from browser import CHROMIUM, Site, checked_page, chromium, serving_static
 
 REF_SRC = Path(__file__).resolve().parents[2].parent / "shared" / "reference-frontend"
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "headvis" / "reference-frontend"
@@ -145,23 +141,6 @@ def ref_page(ref_browser):
         yield opened
 
 
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format, *args):  # noqa: A002 (the stdlib's name)
-        pass
-
-
-@contextlib.contextmanager
-def _static(folder: Path) -> Iterator[Site]:
-    """A plain static file server over `folder` (its data/ beside the dist files), in a thread."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(folder)))
-    threading.Thread(target=server.serve_forever, name="headvis-reference-static", daemon=True).start()
-    try:
-        yield Site(url=f"http://127.0.0.1:{server.server_address[1]}/", data=folder / "data")
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 @pytest.fixture(scope="module")
 def ref_static(ref_dist, ref_scan, tmp_path_factory) -> Iterator[Site]:
     """dist/'s files with the scan beside them as data/, no server (server_config.json is {})."""
@@ -169,7 +148,7 @@ def ref_static(ref_dist, ref_scan, tmp_path_factory) -> Iterator[Site]:
     shutil.copytree(ref_dist, folder)
     shutil.copytree(ref_scan, folder / "data")
     (folder / "data" / "server_config.json").write_text("{}")
-    with _static(folder) as site:
+    with serving_static(folder) as site:
         yield site
 
 
@@ -224,5 +203,5 @@ def ref_attr_static(ref_dist, ref_described, tmp_path) -> Iterator[Site]:
     shutil.copytree(ref_dist, folder)
     shutil.copytree(ref_described, folder / "data")
     (folder / "data" / "server_config.json").write_text("{}")
-    with _static(folder) as site:
+    with serving_static(folder) as site:
         yield site
