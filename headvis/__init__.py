@@ -4,5 +4,5 @@ Entry points: `python -m headvis.scan` (writes the static `data/` tree) and
 `python -m headvis.serve` (serves it, with the live endpoints).
 """
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 __all__ = ["__version__"]

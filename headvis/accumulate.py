@@ -81,6 +81,7 @@ class HeadResult:
     seq_max: np.ndarray  # (n_sequences,) max_activation per sequence
     seq_argmax: np.ndarray  # (n_sequences, 2) [q, k]; [-1, -1] where no k >= 1 exists
     dist_hist: np.ndarray  # (n_bins,) normalized to sum 1 (all zero if nothing counted)
+    dist_hist_no_sink: np.ndarray  # (n_bins,) the same without column 0 (the sink), normalized to sum 1
     key_weight: np.ndarray  # (vocab,) attention received as key (column 0 excluded)
     query_max_sum: np.ndarray  # (vocab,) sum of the row's largest weight outside column 0
     query_count: np.ndarray  # (vocab,) occurrences as query (rows q >= 1)
@@ -93,7 +94,13 @@ class ScanAccumulator:
     accumulator indexes them 0..n_heads-1 in scan order).
     """
 
-    def __init__(self, layers: list[int], n_heads: int, n_sequences: int, vocab_size: int, n_bins: int):
+    def __init__(self, layers: list[int], n_heads: int, n_sequences: int, vocab_size: int, n_bins: int,
+                 bin_edges: list[int] | None = None):
+        """bin_edges: the distance histogram's edges (`distance_bin_edges`); without them the histogram
+        without the sink column (`dist_hist_no_sink`) is the whole one."""
+        if bin_edges is not None and len(bin_edges) != n_bins + 1:
+            raise ValueError(f"{len(bin_edges)} bin edges for {n_bins} bins")
+        self.bin_edges = torch.tensor(bin_edges, dtype=torch.int64) if bin_edges is not None else None
         self.layers = list(layers)
         self.n_heads = n_heads
         n_layers, m = len(self.layers), len(ROW_SUMS)
@@ -104,6 +111,7 @@ class ScanAccumulator:
         self.seq_argmax = torch.full((n_layers, n_sequences, n_heads, 2), -1, dtype=torch.int32)
         self.seq_seen = torch.zeros(n_sequences, dtype=torch.bool)
         self.dist_hist = torch.zeros(n_layers, n_heads, n_bins, **f64)
+        self.sink_hist = torch.zeros(n_layers, n_heads, n_bins, **f64)  # p[q, 0] summed in the bin of q - 0
         self.key_weight = torch.zeros(n_layers, n_heads, vocab_size, **f64)
         self.query_max_sum = torch.zeros(n_layers, n_heads, vocab_size, **f64)
         self.query_count = torch.zeros(vocab_size, dtype=torch.int64)
@@ -142,12 +150,18 @@ class ScanAccumulator:
             received = stats.key_weight[:, :, rows].permute(1, 0, 2).reshape(self.n_heads, -1).double().cpu()
             self.key_weight[li].index_add_(1, tokens, received)
         self.dist_hist[li] += stats.dist_hist[:, :, rows].double().sum((0, 2)).cpu()
+        if self.bin_edges is not None and token_ids.shape[1] > 1:
+            distance = torch.arange(1, token_ids.shape[1])  # row q's column 0 lies q - 0 = q away
+            bins = torch.searchsorted(self.bin_edges, distance, right=True) - 1
+            sink = stats.metrics["bos_score"][:, :, rows].double().sum(0).cpu()  # (head, pos-1)
+            self.sink_hist[li].index_add_(1, bins, sink)
 
     def merge(self, other: "ScanAccumulator") -> None:
         """Add another accumulator over a disjoint set of sequences."""
         if self.layers != other.layers or self.seq_max.shape != other.seq_max.shape:
             raise ValueError("accumulators of different scans cannot be merged")
-        for name in ("metric_sum", "metric_count", "dist_hist", "key_weight", "query_max_sum", "query_count"):
+        for name in ("metric_sum", "metric_count", "dist_hist", "sink_hist", "key_weight", "query_max_sum",
+                     "query_count"):
             getattr(self, name).add_(getattr(other, name))
         mine = other.seq_seen
         self.seq_max[:, mine] = other.seq_max[:, mine]
@@ -156,7 +170,7 @@ class ScanAccumulator:
 
     def state_dict(self) -> dict[str, Tensor]:
         names = ("metric_sum", "metric_count", "seq_max", "seq_argmax", "seq_seen",
-                 "dist_hist", "key_weight", "query_max_sum", "query_count")
+                 "dist_hist", "sink_hist", "key_weight", "query_max_sum", "query_count")
         return {name: getattr(self, name) for name in names}
 
     def result(self, layer: int, head_slot: int) -> HeadResult:
@@ -177,11 +191,14 @@ class ScanAccumulator:
         metrics = {name: metrics[name] for name in HEAD_METRICS}
         hist = self.dist_hist[li, head_slot]
         total = float(hist.sum())
+        rest = (hist - self.sink_hist[li, head_slot]).clamp(min=0.0)  # float rounding may leave a tiny negative
+        rest_total = float(rest.sum())
         return HeadResult(
             metrics=metrics,
             seq_max=seq_max.numpy(),
             seq_argmax=self.seq_argmax[li, :, head_slot].numpy(),
             dist_hist=(hist / total).numpy() if total > 0 else hist.numpy(),
+            dist_hist_no_sink=(rest / rest_total).numpy() if rest_total > 0 else rest.numpy(),
             key_weight=self.key_weight[li, head_slot].numpy(),
             query_max_sum=self.query_max_sum[li, head_slot].numpy(),
             query_count=self.query_count.numpy(),

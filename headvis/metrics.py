@@ -115,6 +115,18 @@ def _composite_key(pattern: Tensor) -> Tensor:
     return (bits << _INDEX_BITS) - index
 
 
+def drop_light_entries(top_values: Tensor, top_indices: Tensor, min_weight: float) -> None:
+    """In place: top-K entries after each row's first whose weight is below `min_weight` -> 0 / -1.
+
+    The rule of `headvis.sampling.sparse_rows` (float32 compare), applied by every backend to its output.
+    """
+    if min_weight <= 0 or top_values.shape[-1] < 2:
+        return
+    light = top_values[..., 1:] < min_weight
+    top_values[..., 1:].masked_fill_(light, 0.0)
+    top_indices[..., 1:].masked_fill_(light, -1)
+
+
 def allowed_keys(
     spec: AttentionSpec, q_start: int, q_end: int, key_pos: int, device: torch.device
 ) -> Tensor:
@@ -191,9 +203,14 @@ def ref_row_stats(
     *,
     top_k: int,
     bin_edges: list[int],
+    min_weight: float = 0.0,
     q_chunk: int = 128,
 ) -> RowStats:
     """Every row quantity of one layer, `q_chunk` query rows at a time.
+
+    Top-K entries after a row's first that weigh less than `min_weight` are
+    left out (0 / -1), as the head files leave them out: every backend
+    applies `drop_light_entries`, so that a kernel need not rank them.
 
     query: (batch, head, query_pos, d_head), key: (batch, kv_head, key_pos,
     d_head) post-RoPE and not repeated, token_ids: (batch, key_pos). Peak extra
@@ -289,6 +306,7 @@ def ref_row_stats(
             top_values[:, :, rows, :k_eff] = values
             top_indices[:, :, rows, :k_eff] = torch.where(values > 0, chosen, -1)
 
+    drop_light_entries(top_values, top_indices, min_weight)
     return RowStats(
         metrics=out,
         induction_counted=ind_counted,

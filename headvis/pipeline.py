@@ -26,7 +26,7 @@ from headvis.capture import CaptureSession, LayerCapture
 from headvis.metrics import RowStats
 from headvis.models import LoadedModel, output_projections
 from headvis.projection import VECTORS, batched_pca, fit_head, gpu_libraries, small_linalg
-from headvis.sampling import sparse_rows
+from headvis.sampling import sparse_rows_batched
 
 __all__ = ["HeadSelection", "KeptRows", "ProjectionPoints", "Tokens", "fit_projections", "head_vectors", "metric_pass",
            "sequence_records"]
@@ -73,9 +73,10 @@ def _batches(ids: list[int], batch_size: int) -> list[list[int]]:
     return [ids[i : i + batch_size] for i in range(0, len(ids), batch_size)]
 
 
-def _row_stats(fn: RowStatsFn, selection: HeadSelection, capture: LayerCapture, tokens: Tensor, *, top_k: int, bin_edges: list[int]) -> RowStats:
+def _row_stats(fn: RowStatsFn, selection: HeadSelection, capture: LayerCapture, tokens: Tensor, *, top_k: int,
+               bin_edges: list[int], min_weight: float = 0.0) -> RowStats:
     query, key, _ = selection.slice(capture)
-    return fn(query, key, tokens, capture.spec, top_k=top_k, bin_edges=bin_edges)
+    return fn(query, key, tokens, capture.spec, top_k=top_k, bin_edges=bin_edges, min_weight=min_weight)
 
 
 def metric_pass(
@@ -100,7 +101,7 @@ def metric_pass(
 
     def on_layer(capture: LayerCapture) -> None:
         stats = _row_stats(fn, selection, capture, state["tokens"], top_k=keep.top_k if keep is not None else 0,
-                           bin_edges=bin_edges)
+                           bin_edges=bin_edges, min_weight=keep.min_weight if keep is not None else 0.0)
         accumulator.update(capture.layer, state["ids"], state["tokens"], stats)
         if keep is not None:
             keep.add(capture, selection, state["ids"].tolist(), stats)
@@ -218,17 +219,21 @@ def _keep_rows(capture: LayerCapture, selection: HeadSelection, stats: RowStats,
 
     argmax: `sequence_argmax` of the stats, when the caller has it already."""
     best, q, k = argmax if argmax is not None else sequence_argmax(stats.max_nobos, stats.argmax_nobos)
-    top_values = stats.top_values.float().cpu().numpy()
-    top_indices = stats.top_indices.cpu().numpy()
+    pairs = []  # (slot, head, b, sid) of every wanted pair
     for slot, head in enumerate(selection.heads):
         per_head = wanted(capture.layer, head)
-        if not per_head:
-            continue
-        for b, sid in enumerate(ids):
-            if sid in per_head:
-                indices, values = sparse_rows(top_values[b, slot], top_indices[b, slot], min_weight)
-                out.setdefault((capture.layer, head), {})[sid] = (
-                    indices, values, float(best[b, slot]), [int(q[b, slot]), int(k[b, slot])])
+        if per_head:
+            pairs.extend((slot, head, b, sid) for b, sid in enumerate(ids) if sid in per_head)
+    if not pairs:
+        return
+    slots = torch.tensor([p[0] for p in pairs])
+    rows_b = torch.tensor([p[2] for p in pairs])
+    top_values = stats.top_values[rows_b, slots].float().cpu().numpy()  # (pairs, query_pos, top_k)
+    top_indices = stats.top_indices[rows_b, slots].cpu().numpy()
+    best, q, k = (t[rows_b, slots].cpu().numpy() for t in (best, q, k))
+    for i, (indices, values) in enumerate(sparse_rows_batched(top_values, top_indices, min_weight)):
+        _, head, _, sid = pairs[i]
+        out.setdefault((capture.layer, head), {})[sid] = (indices, values, float(best[i]), [int(q[i]), int(k[i])])
 
 
 def _record(sid, interval: int, kept: _Kept, token_ids: list[int], tokens: Tokens) -> dict:
@@ -342,7 +347,8 @@ def sequence_records(
     state: dict = {}
 
     def on_layer(capture: LayerCapture) -> None:
-        stats = _row_stats(fn, selection, capture, state["tokens"], top_k=top_k, bin_edges=bin_edges)
+        stats = _row_stats(fn, selection, capture, state["tokens"], top_k=top_k, bin_edges=bin_edges,
+                           min_weight=min_weight)
         if points is not None:
             sampled = torch.tensor([[sid in wanted.get((capture.layer, head), ()) for head in selection.heads]
                                     for sid in state["ids"]])  # (batch, slot)

@@ -22,7 +22,8 @@ import hashlib
 
 import numpy as np
 
-__all__ = ["assign_intervals", "choose_samples", "interval_edges", "sequence_priorities", "sparse_rows"]
+__all__ = ["assign_intervals", "choose_samples", "interval_edges", "sequence_priorities", "sparse_rows",
+           "sparse_rows_batched"]
 
 
 def sequence_priorities(seed: int, n_sequences: int) -> np.ndarray:
@@ -92,11 +93,25 @@ def sparse_rows(top_values: np.ndarray, top_indices: np.ndarray, min_weight: flo
     unused. Keeps each row's top_k, drops weights below min_weight, always
     keeps the row's largest; values stay the true probabilities.
     """
-    seq_len = top_values.shape[0]
+    (indices, values), = sparse_rows_batched(top_values[None], top_indices[None], min_weight)
+    return indices, values
+
+def sparse_rows_batched(top_values: np.ndarray, top_indices: np.ndarray, min_weight: float) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`sparse_rows` of many (head, sequence) pairs at once: top_values/top_indices (pairs, query_pos, top_k).
+
+    One mask, one sort of each row's few entries by key and one split for all pairs (a scan keeps
+    thousands per layer), the same rule and order as `sparse_rows`; each pair's arrays are its own copies.
+    """
+    n_pairs, seq_len, top_k = top_indices.shape
     keep = (top_indices >= 0) & (top_values >= min_weight)
-    keep[:, 0] |= top_indices[:, 0] >= 0
-    rows = np.broadcast_to(np.arange(seq_len)[:, None], top_indices.shape)
-    flat = rows[keep].astype(np.int64) * seq_len + top_indices[keep].astype(np.int64)
-    values = top_values[keep]
-    order = np.argsort(flat, kind="stable")
-    return flat[order], values[order]
+    keep[:, :, 0] |= top_indices[:, :, 0] >= 0
+    # one int64 per entry, key in the high half (left out: seq_len, after every key), its slot in the low
+    # half: a plain sort of each row orders its entries by key and says where each came from
+    key = np.where(keep, top_indices, seq_len).astype(np.int64)
+    packed = np.sort((key << 32) | np.arange(top_k, dtype=np.int64), axis=-1)
+    key = packed >> 32
+    kept = key < seq_len
+    flat = (np.arange(seq_len, dtype=np.int64)[None, :, None] * seq_len + key)[kept]  # pair, row, key order
+    values = np.take_along_axis(top_values, packed & 0xFFFFFFFF, axis=-1)[kept]
+    bounds = np.cumsum(np.count_nonzero(kept.reshape(n_pairs, -1), axis=1))[:-1]
+    return [(i.copy(), v.copy()) for i, v in zip(np.split(flat, bounds), np.split(values, bounds))]

@@ -209,6 +209,7 @@ def _head_file(layer: int, head: int, result, edges: np.ndarray, records: list[d
         "metrics": result.metrics,
         "interval_edges": edges,
         "interval_counts": counts,
+        "qk_distance_histogram_no_sink": {"bin_edges": bin_edges, "bin_values": result.dist_hist_no_sink},
     }
 
 
@@ -254,7 +255,7 @@ def run_scan(opts: ScanOptions, lm: LoadedModel | None = None) -> Path:
         selection = HeadSelection(layers, heads, info.n_heads, info.n_kv_heads)
         bin_edges = distance_bin_edges(opts.seq_len, info.causal)
         vocab = max(info.vocab_size, int(sequences.max()) + 1)
-        acc = ScanAccumulator(layers, len(heads), n_seqs, vocab, len(bin_edges) - 1)
+        acc = ScanAccumulator(layers, len(heads), n_seqs, vocab, len(bin_edges) - 1, bin_edges=bin_edges)
         settings = {"headvis": headvis.__version__, "model": opts.model, "dataset": opts.dataset,
                     "split": opts.split, "text_column": opts.text_column, "layers": layers, "heads": heads,
                     "backend": backend, "device": str(lm.device), "weights_sha256": weights,

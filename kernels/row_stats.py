@@ -33,7 +33,7 @@ try:
 except ImportError as error:  # the optional `triton` extra
     raise ImportError("headvis.kernels.row_stats needs triton: pip install 'headvis[triton]'") from error
 
-from headvis.metrics import ROW_METRICS, AttentionSpec, RowStats
+from headvis.metrics import ROW_METRICS, AttentionSpec, RowStats, drop_light_entries
 
 __all__ = ["is_available", "tri_row_stats"]
 
@@ -614,6 +614,7 @@ def tri_row_stats(
     *,
     top_k: int,
     bin_edges: list[int],
+    min_weight: float = 0.0,
     block_m: int = 64,
     block_n: int = 32,
     num_warps: int = 4,
@@ -721,6 +722,7 @@ def tri_row_stats(
         seq_len, n_heads, group, window, float(spec.scaling), softcap, plane,
         BLOCK_M=block_m, BLOCK_N=block_n, **common, **launch,
     )
+    drop_light_entries(top_values, top_indices, min_weight)
     return RowStats(
         metrics={name: metrics[i] for i, name in enumerate(ROW_METRICS)},
         induction_counted=counted[0].bool(),

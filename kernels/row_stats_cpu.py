@@ -2,14 +2,21 @@
 
 The torch reference (`headvis.metrics.ref_row_stats`) makes ~25 passes over
 each (batch, head, rows, keys) block of scores. Here BLAS computes the scores
-of `q_chunk` query rows (`headvis.metrics.chunk_scores`), torch's vectorized
-exp their exponentials, and one compiled loop per (batch, head) reads each row
-three times: for the count, sum and two largest of the allowed scores, for
-everything else, and for the column sums, accumulating in float64. Same
-inputs, outputs and conventions as the reference (ties: lowest key index).
+of `q_chunk` query rows (`headvis.metrics.chunk_scores`), masked in place, and
+torch's vectorized exp their exponentials; one compiled loop per (batch, head)
+then reads each row in short loops that LLVM vectorizes: integer maxima over
+the scores' bits (an order-preserving int32 key: max, runner-up and ties for
+the margin; non-negative floats order like their bits, for the argmax), float64
+sums that may be reassociated (`reassoc` only: count, mean, the weighted sums,
+the histogram's bins as contiguous key ranges, the column sums), and the
+induction and duplicate keys read from per-sequence token groups (~1% of the
+pairs on real text) instead of comparing tokens at every pair. Top-K ranks
+only keys whose weight can be shown (at least `min_weight`, or the row's
+largest). Same inputs, outputs and conventions as the reference (ties:
+lowest key index).
 
 Row formulas, with m = max(row max, sink), d_k = s_k - m, e_k = exp(d_k),
-Z = sum e_k (+ exp(sink - m)), p_k = e_k / Z (a third pass adds the column sums):
+Z = sum e_k (+ exp(sink - m)), p_k = e_k / Z:
   pattern_entropy  = ln(Z) * sum p_k - (sum e_k d_k) / Z   (both terms >= 0: no cancellation)
   logit_std        = sqrt(sum (s_k - mean)^2 / n)          (two passes: no E[s^2] - E[s]^2)
   top_logit_margin = s_(1) - s_(2), the two largest allowed scores, a tie counted twice (0 when n < 2)
@@ -25,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from headvis.metrics import ROW_METRICS, AttentionSpec, RowStats, allowed_keys, chunk_scores
+from headvis.metrics import ROW_METRICS, AttentionSpec, RowStats, allowed_keys, chunk_scores, drop_light_entries
 
 try:
     import numba
@@ -47,109 +54,126 @@ _SLOT = {name: i for i, name in enumerate(ROW_METRICS)}
     "qk_distance_sq"))
 
 
+# Vectorizable reductions: `reassoc` lets LLVM split each sum / max into SIMD lanes (a different, equally
+# exact-in-float64 summation order); no other fast-math flag, so infinities and NaN keep their meaning.
+_VEC = {"reassoc", "nsz"}
+
+
+_INT_MIN = np.int32(-(2**31))
+_MAGNITUDE = np.int32(0x7FFFFFFF)
+
+
+@numba.njit(cache=True, nogil=True)
+def _order_key(bits):  # pragma: no cover - compiled
+    """float32 bits -> an int32 that orders like the float (-inf lowest); its own inverse."""
+    return bits ^ ((bits >> 31) & _MAGNITUDE)
+
+
+@numba.njit(cache=True, nogil=True)
+def _max_key(s_bits, lo, hi):  # pragma: no cover - compiled
+    """The order key of the largest score in s[lo:hi] (integer max: vectorizes without fast-math)."""
+    best = _INT_MIN
+    for k in range(lo, hi):
+        best = max(best, _order_key(s_bits[k]))
+    return best
+
+
+@numba.njit(fastmath=_VEC, cache=True, nogil=True)
+def _count_sum_runner_up(s, s_bits, lo, hi, top):  # pragma: no cover - compiled
+    """Over the allowed scores s[lo:hi] (not allowed: -inf) with largest order key `top`: their count, their
+    sum, how many equal the largest, and the order key of the largest below it."""
+    n = 0
+    total = 0.0
+    n_top = 0
+    second = _INT_MIN
+    for k in range(lo, hi):
+        x = s[k]
+        ok = x > -np.inf
+        key = _order_key(s_bits[k])
+        n += 1 if ok else 0
+        total += np.float64(x) if ok else 0.0
+        n_top += 1 if key == top else 0
+        second = max(second, key if key < top else _INT_MIN)
+    return n, total, n_top, second
+
+
+@numba.njit(fastmath=_VEC, cache=True, nogil=True)
+def _weighted_sums(s, e, lo, hi, q, shift, mean):  # pragma: no cover - compiled
+    """z = sum e, sum e (s - shift), sum (s - mean)^2, sum e |q-k|, sum e (q-k)^2 over the allowed keys."""
+    z = 0.0
+    ed = 0.0
+    var = 0.0
+    dist = 0.0
+    dist_sq = 0.0
+    for k in range(lo, hi):
+        x = s[k]
+        ok = x > -np.inf
+        w = np.float64(e[k])
+        d = np.float64(x) - shift if ok else 0.0
+        c = np.float64(x) - mean if ok else 0.0
+        gap = np.float64(abs(q - k))
+        z += w
+        ed += w * d
+        var += c * c
+        dist += w * gap
+        dist_sq += w * (gap * gap)
+    return z, ed, var, dist, dist_sq
+
+
+@numba.njit(fastmath=_VEC, cache=True, nogil=True)
+def _range_sum(e, lo, hi):  # pragma: no cover - compiled
+    total = 0.0
+    for k in range(lo, hi):
+        total += np.float64(e[k])
+    return total
+
+
+@numba.njit(cache=True, nogil=True)
+def _range_max_bits(e_bits, lo, hi):  # pragma: no cover - compiled
+    """The bits of the largest of e[lo:hi] >= 0 (non-negative floats order like their bits)."""
+    best = np.int32(0)
+    for k in range(lo, hi):
+        best = max(best, e_bits[k])
+    return best
+
+
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _rows_kernel(scores, exps, shifts, q_start, causal, window, key_valid, tokens, prev_tokens, sinks, edges, top_k,
-                 metrics, ind_counted, dup_counted, margin_counted, max_nobos, argmax_nobos, hist, key_weight,
-                 top_values, top_indices):  # pragma: no cover - compiled
+def _rows_kernel(scores, scores_bits, exps, exps_bits, shifts, q_start, causal, window, key_valid, order, group_start, n_dup, n_ind, sinks,
+                 edges, top_k, min_weight, metrics, ind_counted, dup_counted, margin_counted, max_nobos, argmax_nobos,
+                 hist, key_weight, top_values, top_indices):  # pragma: no cover - compiled
     batch, heads, rows, keys = scores.shape
     n_bins = edges.shape[0] - 1
     has_valid = key_valid.shape[1] > 0
     for bh in numba.prange(batch * heads):
         b = bh // heads
         h = bh % heads
-        weights = np.zeros(keys, dtype=np.float64)
-        bins_e = np.zeros(n_bins, dtype=np.float64)
-        best_e = np.empty(max(top_k, 1), dtype=np.float64)
+        best_e = np.empty(max(top_k, 1), dtype=np.float32)
         best_k = np.empty(max(top_k, 1), dtype=np.int64)
+        as_bits = np.empty(2, dtype=np.int32)  # order keys back to floats, through a view
+        as_float = as_bits.view(np.float32)
         for r in range(rows):
             q = q_start + r
-            # the allowed keys form the range [k_lo, k_hi), thinned by key_valid
-            k_hi = min(q + 1, keys) if causal else keys
+            s = scores[b, h, r]  # masked: -inf where the key is not allowed
+            s_bits = scores_bits[b, h, r]
+            e = exps[b, h, r]  # exp(s - shift): 0 where not allowed
+            e_bits = exps_bits[b, h, r]
+            k_hi = min(q + 1, keys) if causal else keys  # the allowed keys lie in [k_lo, k_hi)
             k_lo = 0
             if window > 0:
                 k_lo = max(0, q - window + 1)
                 if not causal:
                     k_hi = min(keys, q + window)
-            # pass 1: count, sum and max of the allowed scores (plain reductions: the loop vectorizes)
-            n = 0
-            total_s = 0.0
-            m = -np.inf
-            for k in range(k_lo, k_hi):
-                if has_valid and not key_valid[b, k]:
-                    continue
-                s = scores[b, h, r, k]
-                n += 1
-                total_s += s
-                m = max(m, s)
+            top = _max_key(s_bits, k_lo, k_hi)
+            n, total_s, n_top, second = _count_sum_runner_up(s, s_bits, k_lo, k_hi, top)
             if n == 0:
                 continue  # a fully padded row: every output stays 0 / -1
+            as_bits[0] = _order_key(top)
+            as_bits[1] = _order_key(second)
+            m = np.float64(as_float[0])
+            m2 = np.float64(as_float[1])
             mean = total_s / n
-            shift = shifts[b, h, r]  # max(row max, sink); exps = exp(scores - shift), 0 where not allowed
-            # pass 2: exponentials and everything that is a weighted sum of them
-            z = 0.0
-            ed = 0.0
-            var = 0.0
-            dist = 0.0
-            dist_sq = 0.0
-            ind = 0.0
-            dup = 0.0
-            has_ind = False
-            has_dup = False
-            e_max = 0.0
-            k_max = -1
-            m2 = -np.inf  # the largest score below the max; n_top: how often the max occurs
-            n_top = 0
-            filled = 0
-            tok_q = tokens[b, q]
-            bins_e[:] = 0.0
-            bin_i = n_bins - 1  # keys ascend, so q-k descends through the bins
-            while bin_i > 0 and edges[bin_i] > q - k_lo:
-                bin_i -= 1
-            for k in range(k_lo, k_hi):
-                while bin_i > 0 and edges[bin_i] > q - k:
-                    bin_i -= 1
-                if has_valid and not key_valid[b, k]:
-                    weights[k] = 0.0
-                    continue
-                s = scores[b, h, r, k]
-                d = s - shift
-                e = exps[b, h, r, k]
-                weights[k] = e
-                if edges[bin_i] <= q - k < edges[bin_i + 1]:
-                    bins_e[bin_i] += e
-                z += e
-                ed += e * d
-                var += (s - mean) * (s - mean)
-                if s == m:
-                    n_top += 1
-                elif s > m2:
-                    m2 = s
-                dist += e * abs(q - k)
-                dist_sq += e * ((q - k) * (q - k))
-                if k < q and tokens[b, k] == tok_q:
-                    dup += e
-                    has_dup = True
-                if 1 <= k < q and prev_tokens[b, k] == tok_q:
-                    ind += e
-                    has_ind = True
-                if k >= 1 and e > e_max:  # strict: the lowest index wins ties
-                    e_max = e
-                    k_max = k
-                if top_k > 0 and e > 0.0:
-                    if filled < top_k:
-                        j = filled
-                        filled += 1
-                    elif e > best_e[top_k - 1]:
-                        j = top_k - 1
-                    else:
-                        j = -1
-                    if j >= 0:  # insertion sort, strict compare: earlier keys stay ahead on ties
-                        while j > 0 and best_e[j - 1] < e:
-                            best_e[j] = best_e[j - 1]
-                            best_k[j] = best_k[j - 1]
-                            j -= 1
-                        best_e[j] = e
-                        best_k[j] = k
+            shift = np.float64(shifts[b, h, r])  # max(row max, sink)
+            z, ed, var, dist, dist_sq = _weighted_sums(s, e, k_lo, k_hi, q, shift, mean)
             sink_e = math.exp(sinks[h] - shift) if sinks.shape[0] > 0 else 0.0
             z_all = z + sink_e
             inv = 1.0 / z_all
@@ -162,27 +186,104 @@ def _rows_kernel(scores, exps, shifts, q_start, causal, window, key_valid, token
             if n >= 2:  # a tie for the max gives margin 0
                 metrics[_MARGIN, b, h, q] = 0.0 if n_top >= 2 else m - m2
                 margin_counted[b, h, q] = True
+            # duplicate / induction keys from the token groups: order[b, gs:gs+n_dup] are the earlier positions
+            # holding this row's token (ascending); the first n_ind of them, plus one, are the induction keys
+            gs = group_start[b, q]
+            dup = 0.0
+            has_dup = False
+            for j in range(gs, gs + n_dup[b, q]):
+                k = order[b, j]
+                if k >= k_lo and (not has_valid or key_valid[b, k]):
+                    dup += e[k]
+                    has_dup = True
+            ind = 0.0
+            has_ind = False
+            for j in range(gs, gs + n_ind[b, q]):
+                k = order[b, j] + 1
+                if k >= k_lo and (not has_valid or key_valid[b, k]):
+                    ind += e[k]
+                    has_ind = True
             metrics[_IND, b, h, q] = ind * inv
             metrics[_DUP, b, h, q] = dup * inv
             ind_counted[b, h, q] = has_ind
             dup_counted[b, h, q] = has_dup
             if k_lo == 0:
-                metrics[_BOS, b, h, q] = weights[0] * inv
+                metrics[_BOS, b, h, q] = e[0] * inv
             if k_lo <= q < k_hi:
-                metrics[_SELF, b, h, q] = weights[q] * inv
+                metrics[_SELF, b, h, q] = e[q] * inv
             if k_lo <= q - 1 < k_hi:
-                metrics[_PREV, b, h, q] = weights[q - 1] * inv
-            if k_max >= 0:
-                max_nobos[b, h, q] = e_max * inv
-                argmax_nobos[b, h, q] = k_max
-            for j in range(filled):
-                top_values[b, h, q, j] = best_e[j] * inv
-                top_indices[b, h, q, j] = best_k[j]
+                metrics[_PREV, b, h, q] = e[q - 1] * inv
+            # the largest weight outside column 0 (first index on ties)
+            lo1 = max(k_lo, 1)
+            best_bits = _range_max_bits(e_bits, lo1, k_hi)
+            e_top = e[0] if k_lo == 0 else np.float32(0.0)  # the row's largest weight, column 0 included
+            if best_bits > 0:
+                for k in range(lo1, k_hi):
+                    if e_bits[k] == best_bits:
+                        max_nobos[b, h, q] = e[k] * inv
+                        argmax_nobos[b, h, q] = k
+                        e_top = max(e_top, e[k])
+                        break
+            # distance histogram: bin i holds keys with edges[i] <= q - k < edges[i + 1], a contiguous range
             for i in range(n_bins):
-                hist[b, h, q, i] = bins_e[i] * inv
-            if q >= 1:  # pass 3: column sums need the row's final normalizer
+                lo = max(k_lo, q - edges[i + 1] + 1)
+                hi = min(k_hi, q - edges[i] + 1)
+                if lo < hi:
+                    hist[b, h, q, i] = _range_sum(e, lo, hi) * inv
+            if top_k > 0:  # insertion, strict compare: earlier keys stay ahead on ties
+                # only keys that may be shown are ranked: weight >= min_weight, or the row's largest
+                floor = min(np.float32(min_weight * z_all * (1.0 - 1e-6)), e_top)
+                filled = 0
                 for k in range(k_lo, k_hi):
-                    key_weight[b, h, k] += weights[k] * inv
+                    x = e[k]
+                    if x < floor or x <= 0.0:
+                        continue
+                    if filled < top_k:
+                        j = filled
+                        filled += 1
+                    elif x > best_e[top_k - 1]:
+                        j = top_k - 1
+                    else:
+                        continue
+                    while j > 0 and best_e[j - 1] < x:
+                        best_e[j] = best_e[j - 1]
+                        best_k[j] = best_k[j - 1]
+                        j -= 1
+                    best_e[j] = x
+                    best_k[j] = k
+                    if filled == top_k:
+                        floor = max(floor, best_e[top_k - 1])
+                for j in range(filled):
+                    top_values[b, h, q, j] = best_e[j] * inv
+                    top_indices[b, h, q, j] = best_k[j]
+            if q >= 1:  # column sums need the row's final normalizer
+                row_kw = key_weight[b, h]
+                for k in range(k_lo, k_hi):
+                    row_kw[k] += e[k] * inv
+
+
+def _token_groups(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per sequence, positions grouped by token: (order, group_start, n_dup, n_ind), each (batch, seq_len).
+
+    order[b] lists the positions sorted by (token, position); row q's group starts at group_start[b, q];
+    the n_dup[b, q] positions before q in its group are its duplicate keys (k < q, same token), and the
+    first n_ind[b, q] of them (those <= q - 2) plus one its induction keys (1 <= k < q, token before k
+    equal to q's). Sparse on real text (~1% of pairs), so the kernel never compares every pair.
+    """
+    batch, seq_len = tokens.shape
+    order = np.argsort(tokens, axis=1, kind="stable")
+    ranked = np.take_along_axis(tokens, order, axis=1)
+    index = np.broadcast_to(np.arange(seq_len), (batch, seq_len))
+    new_group = np.ones((batch, seq_len), np.bool_)
+    new_group[:, 1:] = ranked[:, 1:] != ranked[:, :-1]
+    start_sorted = np.maximum.accumulate(np.where(new_group, index, 0), axis=1)
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, index, axis=1)  # rank[b, q]: q's place in order[b]
+    group_start = np.take_along_axis(start_sorted, rank, axis=1)
+    n_dup = rank - group_start
+    repeat = np.zeros((batch, seq_len), np.int64)
+    repeat[:, 1:] = tokens[:, 1:] == tokens[:, :-1]  # q - 1 is in q's group: not an induction source
+    return order, group_start, n_dup, n_dup - repeat
 
 
 def cpu_row_stats(
@@ -193,9 +294,13 @@ def cpu_row_stats(
     *,
     top_k: int,
     bin_edges: list[int],
+    min_weight: float = 0.0,
     q_chunk: int = 64,
 ) -> RowStats:
-    """`ref_row_stats` fused on the CPU. query (batch, head, pos, d_head), key (batch, kv_head, pos, d_head)."""
+    """`ref_row_stats` fused on the CPU. query (batch, head, pos, d_head), key (batch, kv_head, pos, d_head).
+
+    `min_weight` also bounds the top-K ranking: keys below it (but the row's largest) are never ranked.
+    """
     batch, n_heads, seq_len, _ = query.shape
     if key.shape[2] != seq_len or token_ids.shape != (batch, seq_len) or n_heads % key.shape[1]:
         raise ValueError(f"shape mismatch: query {tuple(query.shape)}, key {tuple(key.shape)}, tokens {tuple(token_ids.shape)}")
@@ -211,7 +316,7 @@ def cpu_row_stats(
     top_values = np.zeros((batch, n_heads, seq_len, top_k), f64)
     top_indices = np.full((batch, n_heads, seq_len, top_k), -1, np.int64)
     tokens = token_ids.cpu().numpy().astype(np.int64)
-    prev_tokens = np.concatenate([np.full((batch, 1), -1, np.int64), tokens[:, :-1]], axis=1)
+    order, group_start, n_dup, n_ind = _token_groups(tokens)
     key_valid = spec.key_valid.cpu().numpy().astype(np.bool_) if spec.key_valid is not None else np.zeros((batch, 0), np.bool_)
     sinks = spec.sinks.float().cpu().numpy().astype(f64) if spec.sinks is not None else np.zeros(0, f64)
     edges = np.asarray(bin_edges, dtype=np.int64)
@@ -219,18 +324,22 @@ def cpu_row_stats(
     for q_start in range(0, seq_len, q_chunk):
         q_end = min(q_start + q_chunk, seq_len)
         k_end = q_end if spec.causal else seq_len  # causal: later keys are never allowed
-        scores = chunk_scores(query, key[:, :, :k_end], spec, q_start, q_end)  # (batch, head, rows, k_end)
+        scores = chunk_scores(query, key[:, :, :k_end], spec, q_start, q_end)  # (batch, head, rows, k_end), fresh
         # exp is the costly part of a row: torch's vectorized exp does it, the loop does the rest.
-        masked = scores.masked_fill(~allowed_keys(spec, q_start, q_end, k_end, scores.device), -math.inf)
-        shift = masked.amax(-1, keepdim=True)
+        scores.masked_fill_(~allowed_keys(spec, q_start, q_end, k_end, scores.device), -math.inf)
+        shift = scores.amax(-1, keepdim=True)
         shift = torch.where(torch.isfinite(shift), shift, 0.0)
         if spec.sinks is not None:
             shift = torch.maximum(shift, spec.sinks.float().to(shift.device)[None, :, None, None])
-        exps = torch.exp(masked - shift)
-        _rows_kernel(scores.contiguous().numpy(), exps.numpy(), shift[..., 0].contiguous().numpy(), q_start, spec.causal, window, key_valid, tokens, prev_tokens,
-                     sinks, edges, top_k, metrics, ind_counted, dup_counted, margin_counted, max_nobos, argmax_nobos, hist,
-                     key_weight, top_values, top_indices)
+        exps = torch.sub(scores, shift).exp_()
+        scores_np, exps_np = scores.contiguous().numpy(), exps.numpy()
+        _rows_kernel(scores_np, scores_np.view(np.int32), exps_np, exps_np.view(np.int32),
+                     shift[..., 0].contiguous().numpy(), q_start, spec.causal, window, key_valid, order, group_start,
+                     n_dup, n_ind, sinks, edges, top_k, float(min_weight), metrics, ind_counted,
+                     dup_counted, margin_counted, max_nobos, argmax_nobos, hist, key_weight, top_values, top_indices)
     as_f32 = lambda a: torch.from_numpy(a.astype(np.float32))  # noqa: E731 - one conversion, used 6 times
+    values, indices = as_f32(top_values), torch.from_numpy(top_indices)
+    drop_light_entries(values, indices, min_weight)
     return RowStats(
         metrics={name: as_f32(metrics[i]) for i, name in enumerate(ROW_METRICS)},
         induction_counted=torch.from_numpy(ind_counted),
@@ -240,6 +349,6 @@ def cpu_row_stats(
         argmax_nobos=torch.from_numpy(argmax_nobos),
         dist_hist=as_f32(hist),
         key_weight=as_f32(key_weight),
-        top_values=as_f32(top_values),
-        top_indices=torch.from_numpy(top_indices),
+        top_values=values,
+        top_indices=indices,
     )

@@ -192,3 +192,32 @@ def test_single_token_sequences_count_no_row(backend):
     for m in metrics:
         assert all(m[name] is None for name in HEAD_METRICS if name != "mean_max_activation"), m
         assert m["mean_max_activation"] == 0.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal", [True, False])
+def test_distance_histogram_without_the_sink_is_the_rest_of_the_mass(backend, causal):
+    """dist_hist_no_sink: the pattern's mass by q - k over keys k >= 1 (rows q >= 1), normalized; float64 brute force."""
+    batch, n_heads, seq_len, d = 2, 3, 19, 8
+    g = torch.Generator().manual_seed(5)
+    query, key = torch.randn(batch, n_heads, seq_len, d, generator=g), torch.randn(batch, n_heads, seq_len, d, generator=g)
+    key[:, :, 0] *= 4  # a strong sink column
+    tokens = torch.randint(0, 9, (batch, seq_len), generator=g)
+    spec = AttentionSpec(causal=causal, scaling=d**-0.5)
+    edges = distance_bin_edges(seq_len, causal)
+    _, fn = resolve_backend(backend, torch.device("cpu"))
+    acc = ScanAccumulator([0], n_heads, batch, 9, len(edges) - 1, bin_edges=edges)
+    acc.update(0, torch.arange(batch), tokens, fn(query, key, tokens, spec, top_k=0, bin_edges=edges))
+    scores = (query.double() @ key.double().transpose(-1, -2)) * d**-0.5
+    if causal:
+        scores = scores.masked_fill(torch.ones(seq_len, seq_len, dtype=torch.bool).triu(1), -torch.inf)
+    p = scores.softmax(-1)
+    distance = torch.arange(seq_len)[:, None] - torch.arange(seq_len)[None, :]
+    bins = (torch.searchsorted(torch.tensor(edges), distance, right=True) - 1).clamp(min=0)  # later keys: p = 0
+    for h in range(n_heads):
+        want = torch.zeros(len(edges) - 1, dtype=torch.float64)
+        mass = p[:, h, 1:, 1:].sum(0)  # rows q >= 1, keys k >= 1
+        want.index_add_(0, bins[1:, 1:].reshape(-1), mass.reshape(-1))
+        got = acc.result(0, h)
+        assert got.dist_hist_no_sink == pytest.approx((want / want.sum()).numpy(), abs=2e-6)
+        assert got.dist_hist.sum() == pytest.approx(1.0) and got.dist_hist_no_sink.sum() == pytest.approx(1.0)

@@ -291,7 +291,7 @@ METRIC_NAMES = ["pattern_entropy", "previous_token_score", "self_attention_score
                 "logit_z_score", "qk_distance_variance", "key_token_entropy", "query_token_entropy",
                 "mean_max_activation"]
 HEAD_KEYS = ["sequences", "qk_distance_histogram", "top_query_tokens", "top_key_tokens", "histogram", "statistics",
-             "layer", "head", "metrics", "interval_edges", "interval_counts"]
+             "layer", "head", "metrics", "interval_edges", "interval_counts", "qk_distance_histogram_no_sink"]
 SEQUENCE_KEYS = ["sequence_id", "interval", "max_activation", "tokens", "seq_len", "attention_indices",
                  "attention_values", "argmax", "token_ids"]
 TOKEN_KEYS = ["id", "weight", "count", "token"]
@@ -320,6 +320,7 @@ def test_public_keys_are_frozen(scan_tree):
     assert list(head["sequences"][0]) == SEQUENCE_KEYS
     assert list(head["top_query_tokens"][0]) == list(head["top_key_tokens"][0]) == TOKEN_KEYS
     assert list(head["qk_distance_histogram"]) == list(head["histogram"]) == ["bin_edges", "bin_values"]
+    assert list(head["qk_distance_histogram_no_sink"]) == ["bin_edges", "bin_values"]
     umap = load(scan_tree / "umap" / "L5H4.json")
     assert list(umap) == UMAP_KEYS and list(umap["pca"]) == ["Q", "K", "V", "O"]
     assert list(umap["pca"]["Q"]) == ["d0", "d1", "d2"]

@@ -12,6 +12,7 @@ from headvis.accumulate import HEAD_METRICS, ScanAccumulator
 from headvis.io import round_sig, write_json
 from headvis.metrics import ROW_METRICS, AttentionSpec, distance_bin_edges, ref_row_stats
 from headvis.sampling import assign_intervals, choose_samples, interval_edges, sequence_priorities, sparse_rows
+from headvis.sampling import sparse_rows_batched
 
 
 def test_public_metric_names_are_frozen():
@@ -100,6 +101,25 @@ def test_sparse_rows_rule():
     flat, vals = sparse_rows(values, indices, min_weight=0.01)
     assert flat.tolist() == [0, 3, 4, 8]  # row 2 keeps only its largest although below min_weight
     assert vals.tolist() == [1.0, 0.6, 0.395, 0.004]
+
+
+def test_sparse_rows_batched_is_the_rule_pair_by_pair():
+    rng = np.random.default_rng(0)
+    pairs, seq_len, top_k = 7, 12, 4
+    values = -np.sort(-rng.dirichlet(np.ones(seq_len) * 0.3, size=(pairs, seq_len))[..., :top_k], axis=-1)
+    indices = np.array([[rng.permutation(seq_len)[:top_k] for _ in range(seq_len)] for _ in range(pairs)])
+    values[values < 1e-4] = 0.0
+    indices[values == 0.0] = -1
+    values[2] = 0.0  # a pair with nothing kept (all unused)
+    indices[2] = -1
+    got = sparse_rows_batched(values.astype(np.float32), indices, 0.05)
+    assert len(got) == pairs
+    for p, (flat, vals) in enumerate(got):
+        expected = sorted((q * seq_len + indices[p, q, j], np.float32(values[p, q, j]))
+                          for q in range(seq_len) for j in range(top_k)
+                          if indices[p, q, j] >= 0 and (j == 0 or np.float32(values[p, q, j]) >= np.float32(0.05)))
+        assert flat.tolist() == [e[0] for e in expected] and vals.tolist() == [e[1] for e in expected]
+    assert got[2][0].size == 0
 
 
 @pytest.mark.parametrize("x, expected", [

@@ -263,6 +263,18 @@ def test_ties_in_groups() -> None:
     assert_equal("top_indices[..., 0]", best_group, tri.top_indices[0, 0, :, 0])
 
 
+def test_light_entries_left_out_alike() -> None:
+    """min_weight: every backend leaves out the same top-K entries (those after a row's first below it)."""
+    case = Case(1, 2, 1, 40, 16)
+    query, key, tokens, spec, edges = make_inputs(case, torch.float32)
+    tri = tri_row_stats(query, key, tokens, spec, top_k=8, bin_edges=edges, min_weight=0.05, block_m=16, block_n=16)
+    ref = ref_row_stats(query, key, tokens, spec, top_k=8, bin_edges=edges, min_weight=0.05)
+    assert_equal("top_indices", ref.top_indices, tri.top_indices)
+    assert_close("top_values", ref.top_values, tri.top_values, ATOL[torch.float32])
+    full = ref_row_stats(query, key, tokens, spec, top_k=8, bin_edges=edges)
+    assert (ref.top_indices[..., 1:] == -1).sum() > (full.top_indices[..., 1:] == -1).sum(), "something left out"
+
+
 def test_rows_without_keys_are_zero() -> None:
     """All keys padded: every output 0, indices -1, no NaN (with and without sinks)."""
     case = Case(1, 2, 1, 20, 16, padding=True)

@@ -19,10 +19,10 @@ def assert_close(name: str, ref: torch.Tensor, got: torch.Tensor, atol: float) -
     assert err <= atol, f"{name}: max abs error {err:.3g} > {atol}"
 
 
-def compare(query, key, tokens, spec, top_k, q_chunk=64):
+def compare(query, key, tokens, spec, top_k, q_chunk=64, min_weight=0.0):
     edges = distance_bin_edges(query.shape[2], spec.causal)
-    ref = ref_row_stats(query, key, tokens, spec, top_k=top_k, bin_edges=edges)
-    got = cpu_row_stats(query, key, tokens, spec, top_k=top_k, bin_edges=edges, q_chunk=q_chunk)
+    ref = ref_row_stats(query, key, tokens, spec, top_k=top_k, bin_edges=edges, min_weight=min_weight)
+    got = cpu_row_stats(query, key, tokens, spec, top_k=top_k, bin_edges=edges, q_chunk=q_chunk, min_weight=min_weight)
     for name in ROW_METRICS:
         scale = 1 + ref.metrics[name].abs().max().item() if ref.metrics[name].numel() else 1
         assert_close(name, ref.metrics[name], got.metrics[name], 3e-6 * scale * max(1, query.shape[2] / 16))
@@ -48,8 +48,8 @@ CASES = [  # batch, heads, kv heads, T, d_head, causal, window, softcap, padded,
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}-H{c[1]}-KV{c[2]}-T{c[3]}-D{c[4]}-"
                          + ("causal" if c[5] else "bidir") + (f"-win{c[6]}" if c[6] else "")
                          + ("-softcap" if c[7] else "") + ("-pad" if c[8] else "") + ("-sinks" if c[9] else ""))
-@pytest.mark.parametrize("top_k", [0, 1, 8])
-def test_cpu_matches_reference(case, top_k):
+@pytest.mark.parametrize("top_k, min_weight", [(0, 0.0), (1, 0.0), (8, 0.0), (8, 0.05)])
+def test_cpu_matches_reference(case, top_k, min_weight):
     batch, heads, kv, seq_len, d_head, causal, window, softcap, padded, sinks = case
     g = torch.Generator().manual_seed(seq_len + 7 * heads)
     query = torch.randn(batch, heads, seq_len, d_head, generator=g)
@@ -62,7 +62,10 @@ def test_cpu_matches_reference(case, top_k):
         key_valid[1] = False  # a fully padded sequence: zeros, -1, no NaN
     spec = AttentionSpec(causal=causal, scaling=d_head**-0.5, window=window, softcap=softcap, key_valid=key_valid,
                          sinks=torch.randn(heads, generator=g) if sinks else None)
-    got = compare(query, key, tokens, spec, top_k)
+    got = compare(query, key, tokens, spec, top_k, min_weight=min_weight)
+    if min_weight:  # light entries after a row's first are left out, and something is left out
+        light = got.top_values[..., 1:] < min_weight
+        assert (got.top_indices[..., 1:][light] == -1).all() and (got.top_indices[..., 1:] == -1).sum() > 0
     for name in ROW_METRICS:
         assert torch.isfinite(got.metrics[name]).all(), name
 
