@@ -227,8 +227,12 @@ async def _store(app: web.Application):
 async def _server_config(app: web.Application):
     """Advertise the server in server_config.json; put static-only back at shutdown."""
     tree = app[TREE]
+    # what this server can do, so that a frontend offers no control that can only fail (headvis >= 0.4;
+    # other readers ignore it): the scanned layers whose QK / OV attributions it computes
+    capabilities = {"attribution_layers": app[DICTIONARIES].layers()}
     try:
-        write_json(tree.server_config, {"server_url": app[CONFIG].url, "context": app[CONTEXT]})
+        write_json(tree.server_config, {"server_url": app[CONFIG].url, "context": app[CONTEXT],
+                                        "capabilities": capabilities})
     except OSError as e:
         raise HeadvisError(f"cannot write {tree.server_config}: {e.strerror or e}") from e
     yield

@@ -177,6 +177,10 @@ class ServedDictionaries:
         return ServedDictionaries([replace(s, dictionary=s.dictionary.to(device)) for s in self._by_stream.values()],
                                   self.tree)
 
+    def layers(self) -> list[int]:
+        """The scanned layers with a source dictionary: those whose attributions this server computes."""
+        return sorted(s.stream for s in self._by_stream.values() if s.stream in self.tree.layers)
+
     def source(self, layer: int) -> Served | None:
         """The dictionary of layer `layer`'s attention input (QK both sides, OV's value side)."""
         return self._by_stream.get(layer)
@@ -191,7 +195,7 @@ class ServedDictionaries:
             raise web.HTTPNotImplemented(text=ATTRIBUTIONS_UNAVAILABLE)
         source = self.source(layer)
         if source is None:
-            layers = sorted(s.stream for s in self._by_stream.values() if s.stream in self.tree.layers)
+            layers = self.layers()
             served = f"layers {', '.join(map(str, layers))}" if layers else "no scanned layer"
             raise web.HTTPNotFound(text=(
                 f"no dictionary reads layer {layer}'s attention input (blocks.{layer}.hook_resid_pre); this server "

@@ -77,7 +77,8 @@ def _edge_body(seq_idx, query_pos: int, key_pos: int) -> dict:
 async def test_server_config_is_written_on_start_and_put_back_on_shutdown(aiohttp_client, config, lm, data):
     client = await aiohttp_client(create_app(config, lm))
     written = read_json(data / "server_config.json")
-    assert set(written) == {"server_url", "context"}
+    assert set(written) == {"server_url", "context", "capabilities"}
+    assert written["capabilities"] == {"attribution_layers": []}  # no dictionary: no attribution offered
     assert written["server_url"] == "http://127.0.0.1:8765"
     assert set(written["context"]) == {"setup", "token"} and len(written["context"]["token"]) >= 32
     validate_file(data / "server_config.json", "server_config.schema.json")

@@ -139,6 +139,11 @@ async def test_ov_without_a_target_dictionary_projects_onto_the_heads_output_dir
     validate_tree(data)
 
 
+async def test_server_config_names_the_layers_with_attributions(both_api, data):
+    """Layer 1's input dictionary is served (L1out only adds OV's target): attributions of layer 1 only."""
+    assert read_json(data / "server_config.json")["capabilities"] == {"attribution_layers": [1]}
+
+
 async def test_ov_with_a_target_dictionary_lists_its_features(both_api, data):
     seq_idx = _first_shown(data, 1, 0)
     status, reply = await both_api.post("ov_attributions", layer=1, head=0, **_edge(seq_idx, 10, 2))

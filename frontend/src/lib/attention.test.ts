@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { argmax, columnWeights, keyMaxima, queryMaxima, rowWeights, shade } from './attention';
+import { argmax, columnWeights, entries, keyMaxima, queryMaxima, rowWeights, shade, strongest } from './attention';
 
 // seq_len 3: row 0 = [1], row 1 = [0.6, 0.4], row 2 = [0.2, 0.7, 0.1] (the contract's example)
 const seq = {
@@ -49,8 +49,8 @@ describe('argmax', () => {
 
 describe('shade', () => {
   it('at rest with max: row maxima, or with transpose column maxima, the strongest pair outlined', () => {
-    expect(shade(seq, 'max', false, null)).toEqual({ weights: queryMaxima(seq), query: 2, key: 1 });
-    expect(shade(seq, 'max', true, null)).toEqual({ weights: keyMaxima(seq), query: 2, key: 1 });
+    expect(shade(seq, 'max', false, null)).toEqual({ weights: queryMaxima(seq), shades: queryMaxima(seq), query: 2, key: 1 });
+    expect(shade(seq, 'max', true, null)).toEqual({ weights: keyMaxima(seq), shades: keyMaxima(seq), query: 2, key: 1 });
   });
   it('at rest with pairwise_max: only the query of the strongest pair, shaded by max_activation', () => {
     for (const transpose of [false, true]) {
@@ -61,14 +61,46 @@ describe('shade', () => {
   });
   it('focused: the row of a query, or with transpose the column of a key, in every reduction', () => {
     for (const reduction of ['max', 'pairwise_max'] as const) {
-      expect(shade(seq, reduction, false, 1)).toEqual({ weights: rowWeights(seq, 1), query: 1, key: 0 });
-      expect(shade(seq, reduction, true, 1)).toEqual({ weights: columnWeights(seq, 1), query: 2, key: 1 });
+      expect(shade(seq, reduction, false, 1)).toMatchObject({ weights: rowWeights(seq, 1), query: 1, key: 0 });
+      expect(shade(seq, reduction, true, 1)).toMatchObject({ weights: columnWeights(seq, 1), query: 2, key: 1 });
     }
   });
   it('marks nothing when the sequence has no strongest pair', () => {
     const single = { seq_len: 1, attention_indices: [0], attention_values: [1], argmax: [-1, -1] as [number, number],
       max_activation: 0 };
-    expect(shade(single, 'pairwise_max', false, null)).toEqual({ weights: new Float64Array(1), query: -1, key: -1 });
+    expect(shade(single, 'pairwise_max', false, null)).toMatchObject({ weights: new Float64Array(1), query: -1, key: -1 });
     expect(shade(single, 'max', false, null)).toMatchObject({ query: -1, key: -1 });
+  });
+});
+
+describe('shade with sinks hidden', () => {
+  it('leaves column 0 out of a row and rescales the rest to its largest', () => {
+    const { weights, shades, query, key } = shade(seq, 'max', false, 1, false);
+    expect([...weights]).toEqual([0, 0.4, 0]);
+    expect([...shades]).toEqual([0, 1, 0]);
+    expect([query, key]).toEqual([1, 1]); // the strongest key outside column 0
+    expect([...shade(seq, 'max', false, 2, false).shades]).toEqual([0, 1, 0.1 / 0.7]);
+  });
+  it('shows nothing for the column of key 0, and rescales the resting maxima', () => {
+    expect([...shade(seq, 'max', true, 0, false).weights]).toEqual([0, 0, 0]);
+    expect([...shade(seq, 'max', false, null, false).shades]).toEqual([0, 0.4 / 0.7, 1]);
+    expect([...shade(seq, 'max', false, 1, true).shades]).toEqual([0.6, 0.4, 0]); // shown: the stored weights
+  });
+});
+
+describe('strongest and entries', () => {
+  it('list the heaviest positions first, lower position on ties, zeros out', () => {
+    expect(strongest([0.1, 0.5, 0, 0.5, 0.2], 3)).toEqual([1, 3, 4]);
+    expect(strongest([0, 0], 3)).toEqual([]);
+  });
+  it('read the stored cells, column 0 left out when asked', () => {
+    const all = entries(seq, true);
+    expect([...all.q]).toEqual([0, 1, 1, 2, 2, 2]);
+    expect([...all.k]).toEqual([0, 0, 1, 0, 1, 2]);
+    expect(all.top).toBe(1);
+    const rest = entries(seq, false);
+    expect([...rest.k]).toEqual([1, 1, 2]);
+    expect([...rest.value]).toEqual([0.4, 0.7, 0.1]);
+    expect(rest.top).toBe(0.7);
   });
 });

@@ -75,7 +75,8 @@ export function argmax(weights: ArrayLike<number>): number {
 export type Reduction = 'max' | 'pairwise_max';
 
 export interface Shading {
-  weights: Float64Array; // (seq_len,) each token's background
+  weights: Float64Array; // (seq_len,) each token's stored weight (0 where left out)
+  shades: Float64Array; // (seq_len,) each token's background in [0, 1]: the weight, or with sinks hidden rescaled
   query: number; // the position outlined as the query, -1 for none
   key: number; // the position outlined as the key, -1 for none
 }
@@ -91,7 +92,27 @@ export interface Shading {
  * column's strongest query outlined).
  */
 export function shade(seq: Pattern & Pick<SequenceRecord, 'argmax' | 'max_activation'>, reduction: Reduction,
-  transpose: boolean, focus: number | null): Shading {
+  transpose: boolean, focus: number | null, sinks = true): Shading {
+  const stored = storedShading(seq, reduction, transpose, focus);
+  if (sinks) return { ...stored, shades: stored.weights };
+  // sinks hidden: column 0 leaves a row view (and a column view of key 0 is empty), and the shading is
+  // rescaled to the largest weight left, so that a head that parks most of its attention on BOS still reads
+  const weights = Float64Array.from(stored.weights);
+  if (focus !== null && !transpose) weights[0] = 0;
+  if (focus === 0 && transpose) weights.fill(0);
+  const marks = focus === null ? stored : transpose ? { query: argmax(weights), key: focus } : { query: focus, key: argmax(weights) };
+  return { weights, shades: rescaled(weights), query: marks.query, key: marks.key };
+}
+
+/** Weights over their largest (all zero stays zero). */
+export function rescaled(weights: Float64Array): Float64Array {
+  let top = 0;
+  for (const w of weights) top = Math.max(top, w);
+  return top > 0 ? weights.map((w) => w / top) : weights;
+}
+
+function storedShading(seq: Pattern & Pick<SequenceRecord, 'argmax' | 'max_activation'>, reduction: Reduction,
+  transpose: boolean, focus: number | null): Omit<Shading, 'shades'> {
   if (focus !== null) {
     const weights = transpose ? columnWeights(seq, focus) : rowWeights(seq, focus);
     return transpose ? { weights, query: argmax(weights), key: focus } : { weights, query: focus, key: argmax(weights) };
@@ -103,4 +124,32 @@ export function shade(seq: Pattern & Pick<SequenceRecord, 'argmax' | 'max_activa
   const weights = new Float64Array(seq.seq_len);
   if (valid) weights[q] = seq.max_activation;
   return { weights, ...marks };
+}
+
+/** The `n` largest weights' positions, heaviest first (ties: the lower position), zeros left out. */
+export function strongest(weights: ArrayLike<number>, n: number): number[] {
+  const positions: number[] = [];
+  for (let i = 0; i < weights.length; i++) if (weights[i] > 0) positions.push(i);
+  return positions.sort((a, b) => weights[b] - weights[a] || a - b).slice(0, n);
+}
+
+/** The stored entries of a pattern as (q, k, value), column 0 left out unless `sinks`, and their largest value. */
+export function entries(seq: Pattern, sinks: boolean): { q: Int32Array; k: Int32Array; value: Float64Array; top: number } {
+  const { seq_len, attention_indices: indices, attention_values: values } = seq;
+  const q = new Int32Array(indices.length);
+  const k = new Int32Array(indices.length);
+  const value = new Float64Array(indices.length);
+  let n = 0;
+  let top = 0;
+  for (let i = 0; i < indices.length; i++) {
+    const row = Math.floor(indices[i] / seq_len);
+    const key = indices[i] - row * seq_len;
+    if (!sinks && key === 0) continue;
+    q[n] = row;
+    k[n] = key;
+    value[n] = values[i];
+    top = Math.max(top, values[i]);
+    n++;
+  }
+  return { q: q.subarray(0, n), k: k.subarray(0, n), value: value.subarray(0, n), top };
 }

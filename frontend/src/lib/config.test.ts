@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { gridAxes, hasUmap, isScanned, metricInfo, scannedHeads } from './config';
+import { gridAxes, hasUmap, isScanned, metricInfo, parseHeadName, scannedHeads } from './config';
 import type { HeadId } from './types';
 
 const heads: HeadId[] = [[3, 4], [1, 0], [3, 0], [1, 4]];
@@ -27,5 +27,16 @@ describe('metricInfo', () => {
     expect(metricInfo(config, 'bos_score')).toEqual({ label: 'BOS', description: 'p[q, 0]' });
     expect(metricInfo(config, 'induction_score')).toEqual({ label: 'induction_score', description: '' });
     expect(metricInfo({}, 'x')).toEqual({ label: 'x', description: '' });
+  });
+});
+
+describe('parseHeadName', () => {
+  it('reads the ways people write a head', () => {
+    for (const text of ['L17H5', 'l17h5', ' L17 H5 ', '17.5', '17/5', '17 5', '17:5', 'L17.H5']) {
+      expect(parseHeadName(text)).toEqual({ layer: 17, head: 5 });
+    }
+  });
+  it('refuses anything else', () => {
+    for (const text of ['', 'L17', 'H5', 'L17H', '17', 'x17h5', 'L-1H2', '1.5.2']) expect(parseHeadName(text)).toBeNull();
   });
 });

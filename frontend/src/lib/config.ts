@@ -32,3 +32,9 @@ export function gridAxes(config: Pick<Config, 'heads'>): { layers: number[]; hea
 export function metricInfo(config: Pick<Config, 'metric_labels' | 'metric_descriptions'>, name: string) {
   return { label: config.metric_labels?.[name] ?? name, description: config.metric_descriptions?.[name] ?? '' };
 }
+
+/** "L17H5", "l17 h5", "17.5", "17/5" or "17 5" -> {layer: 17, head: 5}; null for anything else. */
+export function parseHeadName(text: string): HeadRef | null {
+  const match = /^\s*(?:l\s*)?(\d{1,4})\s*(?:h|\.|\/|:|\s)\s*(?:h\s*)?(\d{1,4})\s*$/i.exec(text);
+  return match ? { layer: Number(match[1]), head: Number(match[2]) } : null;
+}

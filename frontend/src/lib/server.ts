@@ -52,7 +52,9 @@ export function apiBase(advertised: string, page: URL, dev = false): string {
 }
 
 export class Server {
-  constructor(readonly base: string, readonly context: unknown) {}
+  /** attributionLayers: the layers whose attributions the server computes (server_config.json's
+   * `capabilities`, headvis >= 0.4); null when the server does not say (then every layer is offered). */
+  constructor(readonly base: string, readonly context: unknown, readonly attributionLayers: number[] | null = null) {}
 
   /** The reply of the endpoint `name`; throws ServerError with the message to show. */
   async post<T>(name: Endpoint, fields: Record<string, unknown>): Promise<T> {
@@ -86,7 +88,10 @@ export class Server {
 export async function connectServer(): Promise<Server | null> {
   const config = await loadServerConfig();
   if (!config || typeof config.server_url !== 'string' || !config.server_url) return null;
-  return new Server(apiBase(config.server_url, new URL(location.href), import.meta.env.DEV), config.context ?? {});
+  const layers = config.capabilities?.attribution_layers;
+  const attributionLayers = Array.isArray(layers) && layers.every((l) => Number.isInteger(l)) ? (layers as number[]) : null;
+  return new Server(apiBase(config.server_url, new URL(location.href), import.meta.env.DEV), config.context ?? {},
+    attributionLayers);
 }
 
 const isIndex = (value: unknown): value is number => Number.isInteger(value) && (value as number) >= 0;

@@ -31,7 +31,7 @@ export interface Config {
   // headvis additions
   headvis_version?: string;
   created?: string;
-  model?: { architecture: string; n_kv_heads: number; d_head: number; d_model: number; causal: boolean };
+  model?: { architecture: string; n_kv_heads: number; d_head: number; d_model: number; causal: boolean; weights_sha256?: string };
   dataset?: { name: string; split: string; text_column: string; n_sequences: number; seq_len: number; n_tokens: number };
   layers?: number[];
   sequences_per_interval?: number;
@@ -80,6 +80,7 @@ export interface HeadFile {
   interval_edges: number[]; // (n_intervals + 1,) ascending
   interval_counts: number[]; // (n_intervals,)
   qk_distance_histogram: Binned; // attention mass by q - k, sums to 1
+  qk_distance_histogram_no_sink?: Binned; // the same without column 0 (headvis >= 0.4)
   top_query_tokens: TopToken[];
   top_key_tokens: TopToken[];
   histogram: Binned; // counts of every scanned sequence's max_activation, bins over [0, 1]
@@ -235,4 +236,5 @@ export type AttributionManifest = Record<string, Record<AttributionKind, [query_
 export interface ServerConfig {
   server_url?: string;
   context?: unknown; // forwarded verbatim, never interpreted
+  capabilities?: { attribution_layers?: unknown[] }; // headvis >= 0.4: what the server can do
 }

@@ -29,6 +29,18 @@ describe('parseRoute', () => {
       { kind: 'overview', x: 'bos_score', y: 'pattern_entropy', grid: 'self_attention_score' });
   });
 
+  it('reads the sink switch, the pinned row and its cell, and the head table order', () => {
+    expect(parseRoute('?layer=1&head=2&sinks=hide')).toEqual(headRoute(1, 2, { sinks: false }));
+    expect(parseRoute('?layer=1&head=2&sinks=show')).toEqual(headRoute(1, 2));
+    expect(parseRoute('?layer=1&head=2&seq=7&pin=12')).toEqual(headRoute(1, 2, { pin: { seq: 7, pos: 12 } }));
+    expect(parseRoute('?layer=1&head=2&seq=c1a2&pin=3&cell=3,1')).toEqual(
+      headRoute(1, 2, { pin: { seq: 'c1a2', pos: 3, cell: { q: 3, k: 1 } } }));
+    expect(parseRoute('?layer=1&head=2&seq=7')).toEqual(headRoute(1, 2)); // no token: no pin
+    expect(parseRoute('?layer=1&head=2&seq=7&pin=2&cell=2')).toEqual(headRoute(1, 2, { pin: { seq: 7, pos: 2 } }));
+    expect(parseRoute('?sort=bos_score&order=asc')).toEqual({ kind: 'overview', sort: 'bos_score', order: 'asc' });
+    expect(parseRoute('?sort=bos_score&order=up')).toEqual({ kind: 'overview', sort: 'bos_score' });
+  });
+
   it('reads the projection extras, the vector in either case', () => {
     expect(parseRoute('?layer=1&head=2&tab=umap&vector=k&view=umap1&dims=d2,d0&color=cluster')).toEqual(
       headRoute(1, 2, { tab: 'umap', vector: 'K', view: 'umap1', dims: [2, 0], color: 'cluster' }));
@@ -57,6 +69,9 @@ describe('routeQuery', () => {
     { kind: 'overview', x: 'bos_score', grid: 'self_attention_score' },
     headRoute(0, 0),
     headRoute(0, 0, { interval: 10 }),
+    headRoute(3, 1, { sinks: false, pin: { seq: 4, pos: 9, cell: { q: 9, k: 2 } } }),
+    headRoute(3, 1, { pin: { seq: 'c9', pos: 0 } }),
+    { kind: 'overview', sort: 'induction_score', order: 'asc' },
     headRoute(29, 8, { tab: 'umap', vector: 'O', view: 'umap0', dims: [1, 2], color: 'cluster' }),
     headRoute(29, 8, { tab: 'umap', view: 'pca', color: 'distance' }),
     headRoute(3, 4, { tab: 'metrics', interval: 7 }),

@@ -6,8 +6,11 @@
  *      &reduction=max|pairwise_max&transpose=true  how the sequences are shaded
  *   ?layer=L&head=H&attr=qk&seq=ID&qpos=P&kpos=P   one attribution (attr: qk | ov)
  *
- * Extras beyond the contract: `x`, `y`, `grid` on the overview; `vector`,
- * `view`, `dims`, `color` on the umap tab. Defaults are left out of the URL,
+ * Extras beyond the contract: `x`, `y`, `grid`, `sort`, `order` on the
+ * overview; `vector`, `view`, `dims`, `color` on the umap tab; on a head,
+ * `sinks=hide` (column 0 left out of the shading, rows, heatmaps and the
+ * distance histogram) and `seq=ID&pin=P` (sequence ID's token P pinned: its
+ * row, or with `transpose` its column), with `&cell=Q,K` the cell (Q, K) selected. Defaults are left out of the URL,
  * except `tab`, which head links always carry. An absent `interval` is the
  * highest one, an absent `view` the head's first UMAP view (PCA when it has none).
  */
@@ -32,6 +35,15 @@ export interface OverviewRoute {
   x?: string;
   y?: string;
   grid?: string;
+  sort?: string; // the head table's sort metric; absent: by layer and head
+  order?: 'asc'; // absent: descending
+}
+
+/** A pinned token `pos` of sequence `seq` (its row, transposed its column) and optionally a selected cell. */
+export interface Pin {
+  seq: number | string;
+  pos: number;
+  cell?: { q: number; k: number };
 }
 
 export interface HeadRoute {
@@ -46,6 +58,8 @@ export interface HeadRoute {
   view?: string; // "pca", or "umap{i}" for the head file's views[i]; absent: umap0 when there is one, else pca
   dims: Dims;
   color: ColorBy;
+  sinks: boolean; // true: column 0 (the sink) shown; false (sinks=hide): left out
+  pin?: Pin;
 }
 
 export interface AttributionRoute {
@@ -93,6 +107,7 @@ export function headRoute(layer: number, head: number, changes: Partial<HeadRout
     vector: 'Q',
     dims: [0, 1],
     color: 'norm',
+    sinks: true,
     ...changes,
   };
 }
@@ -104,10 +119,11 @@ export function parseRoute(search: string): Route {
   const head = integer(params.get('head'));
   if (layer === undefined || head === undefined) {
     const route: OverviewRoute = { kind: 'overview' };
-    for (const key of ['x', 'y', 'grid'] as const) {
+    for (const key of ['x', 'y', 'grid', 'sort'] as const) {
       const value = params.get(key);
       if (value) route[key] = value;
     }
+    if (params.get('order') === 'asc') route.order = 'asc';
     return route;
   }
   const attr = params.get('attr');
@@ -125,7 +141,14 @@ export function parseRoute(search: string): Route {
     vector: oneOf(params.get('vector')?.toUpperCase() ?? null, VECTORS, 'Q'),
     dims: parseDims(params.get('dims')),
     color: oneOf(params.get('color'), COLOR_BY, 'norm'),
+    sinks: params.get('sinks') !== 'hide',
   });
+  const pos = integer(params.get('pin'));
+  if (seq && pos !== undefined) {
+    route.pin = { seq: integer(seq) ?? seq, pos };
+    const cell = /^(\d{1,9}),(\d{1,9})$/.exec(params.get('cell') ?? '');
+    if (cell) route.pin.cell = { q: Number(cell[1]), k: Number(cell[2]) };
+  }
   if (interval !== undefined && (interval === CUSTOM_INTERVAL || (interval >= 1 && interval <= MAX_INTERVALS))) {
     route.interval = interval;
   }
@@ -138,9 +161,10 @@ export function parseRoute(search: string): Route {
 export function routeQuery(route: Route): string {
   const params = new URLSearchParams();
   if (route.kind === 'overview') {
-    for (const key of ['x', 'y', 'grid'] as const) {
+    for (const key of ['x', 'y', 'grid', 'sort'] as const) {
       if (route[key]) params.set(key, route[key]);
     }
+    if (route.order === 'asc') params.set('order', 'asc');
   } else if (route.kind === 'attribution') {
     params.set('layer', String(route.layer));
     params.set('head', String(route.head));
@@ -159,6 +183,12 @@ export function routeQuery(route: Route): string {
     if (route.view !== undefined) params.set('view', route.view);
     if (route.dims[0] !== 0 || route.dims[1] !== 1) params.set('dims', route.dims.map((d) => `d${d}`).join(','));
     if (route.color !== 'norm') params.set('color', route.color);
+    if (!route.sinks) params.set('sinks', 'hide');
+    if (route.pin) {
+      params.set('seq', String(route.pin.seq));
+      params.set('pin', String(route.pin.pos));
+      if (route.pin.cell) params.set('cell', `${route.pin.cell.q},${route.pin.cell.k}`);
+    }
   }
   // URLSearchParams writes "," as %2C; a comma is legal in a query and reads better in the dims list
   const query = params.toString().replaceAll('%2C', ',');
