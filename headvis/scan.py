@@ -45,7 +45,7 @@ __all__ = ["FORMAT_VERSION", "METRIC_INFO", "ScanOptions", "main", "parse_select
 FORMAT_VERSION = 2
 INTERVALS = 10
 TOP_TOKENS = 20
-_MIN_QUERY_COUNT = 2  # a query token must occur this often to be ranked by its mean
+MIN_QUERY_COUNT = 5  # a query token must occur this often to be ranked by its mean (one lucky row is no pattern)
 
 # name -> (label, description) of every metric of CONTRACT section 1, in HEAD_METRICS order.
 METRIC_INFO: dict[str, tuple[str, str]] = {
@@ -173,7 +173,7 @@ def _top_tokens(result, tokens: Tokens) -> tuple[list[dict], list[dict]]:
         for i in key_order if result.key_weight[i] > 0
     ]
     counts = result.query_count
-    eligible = counts >= _MIN_QUERY_COUNT
+    eligible = counts >= MIN_QUERY_COUNT
     mean = np.where(eligible, result.query_max_sum / np.maximum(counts, 1), -1.0)
     query_order = np.argsort(-mean, kind="stable")[:TOP_TOKENS]
     query = [

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from headvis.scan import MIN_QUERY_COUNT
 from headvis.schemas import validate_tree
 
 pytestmark = pytest.mark.slow
@@ -228,6 +229,7 @@ def test_distance_histogram_and_top_tokens_match_the_model(scan_tree, eager):
     hist = data["qk_distance_histogram"]
     edges = hist["bin_edges"]
     expected = np.zeros(len(edges) - 1)
+    no_sink = np.zeros(len(edges) - 1)
     key_weight, query_max, query_count = {}, {}, {}
     for b in range(N_SEQS):
         for q in range(1, SEQ_LEN):
@@ -236,17 +238,20 @@ def test_distance_histogram_and_top_tokens_match_the_model(scan_tree, eager):
             for k in range(q + 1):
                 expected[np.searchsorted(edges, q - k, side="right") - 1] += p[b, q, k]
                 if k >= 1:
+                    no_sink[np.searchsorted(edges, q - k, side="right") - 1] += p[b, q, k]
                     key_weight[tok[b, k]] = key_weight.get(tok[b, k], 0.0) + p[b, q, k]
     assert np.allclose(hist["bin_values"], expected / expected.sum(), atol=2e-6)
+    rest = data["qk_distance_histogram_no_sink"]
+    assert rest["bin_edges"] == edges and np.allclose(rest["bin_values"], no_sink / no_sink.sum(), atol=2e-6)
     total = sum(key_weight.values())
     best = max(key_weight, key=key_weight.get)
     assert data["top_key_tokens"][0]["id"] == best
     assert data["top_key_tokens"][0]["weight"] == pytest.approx(key_weight[best] / total, rel=1e-4)
-    means = {t: query_max[t] / c for t, c in query_count.items() if c >= 2}  # tokens seen at least twice
+    means = {t: query_max[t] / c for t, c in query_count.items() if c >= MIN_QUERY_COUNT}
     best_query = max(means, key=means.get)
     assert data["top_query_tokens"][0]["id"] == best_query
     assert data["top_query_tokens"][0]["weight"] == pytest.approx(means[best_query], rel=1e-4)
-    assert all(row["count"] >= 2 for row in data["top_query_tokens"])
+    assert all(row["count"] >= MIN_QUERY_COUNT for row in data["top_query_tokens"]) and MIN_QUERY_COUNT >= 5
 
 
 def test_projection_cloud_is_strong_edges_of_the_sampled_sequences(scan_tree, eager):

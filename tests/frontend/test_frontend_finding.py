@@ -177,3 +177,30 @@ def test_every_head_on_a_custom_prompt_as_thumbnails_that_open_the_head(page, li
     view.locator("a[data-thumb='L1H0']").click()
     expect(page).to_have_url(re.compile(r"\?layer=1&head=0&tab=sequences&interval=-1&sinks=hide$"))
     expect(page.locator(f"article.sequence[data-seq='{sid}']")).to_have_count(1)
+
+
+def test_a_top_token_links_to_its_occurrences_in_the_shown_sequences(page, static_site):
+    head = read(static_site.data / "heads" / "L1H0.json")
+    token = head["top_key_tokens"][0]
+    per_interval: dict[int, int] = {}
+    for seq in head["sequences"]:
+        n = seq["token_ids"].count(token["id"])
+        if n:
+            per_interval[seq["interval"]] = per_interval.get(seq["interval"], 0) + n
+    assert per_interval, "the top key token occurs in some shown sequence"
+    assert all(row["count"] >= 5 for row in head["top_query_tokens"])  # the minimum count of the query ranking
+    open_page(page, static_site, "?layer=1&head=0&tab=metrics")
+    page.locator(f"table[aria-label='as key'] a[data-token-id='{token['id']}']").click()
+    expect(page).to_have_url(re.compile(rf"\?layer=1&head=0&tab=sequences&token={token['id']}$"))
+    banner = page.locator(f"[data-token-banner='{token['id']}']")
+    expect(banner).to_contain_text(f"id {token['id']}")
+    links = banner.locator("a[data-token-interval]")
+    expect(links).to_have_count(len(per_interval))
+    assert links.all_text_contents() == [f"interval {i}: {n}×" for i, n in sorted(per_interval.items(), reverse=True)]
+    for interval, n in per_interval.items():
+        banner.locator(f"a[data-token-interval='{interval}']").click()
+        expect(page.locator(f"section.sequences[data-shown-interval='{interval}']")).to_be_visible()
+        expect(page.locator("span.token.occurrence")).to_have_count(n)
+    banner.locator("[data-action=clear-token]").click()
+    expect(page.locator("[data-token-banner]")).to_have_count(0)
+    expect(page.locator("span.token.occurrence")).to_have_count(0)

@@ -37,6 +37,8 @@ describe('parseRoute', () => {
       headRoute(1, 2, { pin: { seq: 'c1a2', pos: 3, cell: { q: 3, k: 1 } } }));
     expect(parseRoute('?layer=1&head=2&seq=7')).toEqual(headRoute(1, 2)); // no token: no pin
     expect(parseRoute('?layer=1&head=2&seq=7&pin=2&cell=2')).toEqual(headRoute(1, 2, { pin: { seq: 7, pos: 2 } }));
+    expect(parseRoute('?layer=1&head=2&token=77')).toEqual(headRoute(1, 2, { token: 77 }));
+    expect(parseRoute('?layer=1&head=2&token=x')).toEqual(headRoute(1, 2));
     expect(parseRoute('?sort=bos_score&order=asc')).toEqual({ kind: 'overview', sort: 'bos_score', order: 'asc' });
     expect(parseRoute('?sort=bos_score&order=up')).toEqual({ kind: 'overview', sort: 'bos_score' });
   });
@@ -71,6 +73,7 @@ describe('routeQuery', () => {
     headRoute(0, 0, { interval: 10 }),
     headRoute(3, 1, { sinks: false, pin: { seq: 4, pos: 9, cell: { q: 9, k: 2 } } }),
     headRoute(3, 1, { pin: { seq: 'c9', pos: 0 } }),
+    headRoute(3, 1, { token: 1234, interval: 4 }),
     { kind: 'overview', sort: 'induction_score', order: 'asc' },
     headRoute(29, 8, { tab: 'umap', vector: 'O', view: 'umap0', dims: [1, 2], color: 'cluster' }),
     headRoute(29, 8, { tab: 'umap', view: 'pca', color: 'distance' }),

@@ -10,7 +10,8 @@
  * overview; `vector`, `view`, `dims`, `color` on the umap tab; on a head,
  * `sinks=hide` (column 0 left out of the shading, rows, heatmaps and the
  * distance histogram) and `seq=ID&pin=P` (sequence ID's token P pinned: its
- * row, or with `transpose` its column), with `&cell=Q,K` the cell (Q, K) selected. Defaults are left out of the URL,
+ * row, or with `transpose` its column), with `&cell=Q,K` the cell (Q, K) selected; `token=ID` marks a
+ * token's occurrences on the sequences tab. Defaults are left out of the URL,
  * except `tab`, which head links always carry. An absent `interval` is the
  * highest one, an absent `view` the head's first UMAP view (PCA when it has none).
  */
@@ -60,6 +61,7 @@ export interface HeadRoute {
   color: ColorBy;
   sinks: boolean; // true: column 0 (the sink) shown; false (sinks=hide): left out
   pin?: Pin;
+  token?: number; // a token id whose occurrences the sequences tab marks
 }
 
 export interface AttributionRoute {
@@ -143,6 +145,8 @@ export function parseRoute(search: string): Route {
     color: oneOf(params.get('color'), COLOR_BY, 'norm'),
     sinks: params.get('sinks') !== 'hide',
   });
+  const token = integer(params.get('token'));
+  if (token !== undefined) route.token = token;
   const pos = integer(params.get('pin'));
   if (seq && pos !== undefined) {
     route.pin = { seq: integer(seq) ?? seq, pos };
@@ -184,6 +188,7 @@ export function routeQuery(route: Route): string {
     if (route.dims[0] !== 0 || route.dims[1] !== 1) params.set('dims', route.dims.map((d) => `d${d}`).join(','));
     if (route.color !== 'norm') params.set('color', route.color);
     if (!route.sinks) params.set('sinks', 'hide');
+    if (route.token !== undefined) params.set('token', String(route.token));
     if (route.pin) {
       params.set('seq', String(route.pin.seq));
       params.set('pin', String(route.pin.pos));
