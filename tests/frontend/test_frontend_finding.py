@@ -204,3 +204,14 @@ def test_a_top_token_links_to_its_occurrences_in_the_shown_sequences(page, stati
     banner.locator("[data-action=clear-token]").click()
     expect(page.locator("[data-token-banner]")).to_have_count(0)
     expect(page.locator("span.token.occurrence")).to_have_count(0)
+
+
+def test_go_to_the_strongest_pair_pins_its_query_and_selects_its_cell(page, static_site):
+    seq = next(s for s in read(static_site.data / "heads" / "L3H4.json")["sequences"] if s["interval"] == 10)
+    q, k = seq["argmax"]
+    open_page(page, static_site, "?layer=3&head=4&tab=sequences&interval=10")
+    article = page.locator(f"article.sequence[data-seq='{seq['sequence_id']}']")
+    article.locator("[data-action=argmax]").click()
+    expect(page).to_have_url(re.compile(rf"seq={seq['sequence_id']}&pin={q}&cell={q},{k}$"))
+    expect(article.locator(f".cell-info[data-cell='{q},{k}']")).to_contain_text(f"= {seq['max_activation']:.4g}")
+    expect(article.locator(f"span.token[data-pos='{q}']")).to_be_in_viewport()
