@@ -4,6 +4,13 @@ Everything here is a sum, a count or a per-sequence value indexed by the
 sequence's global id, so two accumulators over disjoint sequence sets merge by
 addition (`merge`): the basis for splitting a scan across processes or
 resuming one from a saved `state_dict`.
+
+Work units (`begin_unit` / `end_unit` / `fold`): the scan sums each fixed
+group of sequences on its own and folds the groups' sums into the totals in
+group order, whatever process computed them, so that the float64 totals are
+bit-identical for any number of processes and any resume. A unit's state is
+small: its sums, the per-token sums at the tokens it holds only, and its
+sequences' per-sequence values.
 """
 
 from __future__ import annotations
@@ -115,10 +122,72 @@ class ScanAccumulator:
         self.key_weight = torch.zeros(n_layers, n_heads, vocab_size, **f64)
         self.query_max_sum = torch.zeros(n_layers, n_heads, vocab_size, **f64)
         self.query_count = torch.zeros(vocab_size, dtype=torch.int64)
+        self._unit: dict[str, Tensor] | None = None  # the open unit's sums (None: updates go to the totals)
+        self._unit_ids: Tensor | None = None
+        self._touched: Tensor | None = None  # (vocab,) bool: tokens the open unit holds
+
+    # -- work units
+
+    _SUMS = ("metric_sum", "metric_count", "dist_hist", "sink_hist")
+    _VOCAB_SUMS = ("key_weight", "query_max_sum", "query_count")
+
+    def _sums(self, name: str) -> Tensor:
+        """Where an update adds `name`: the open unit's sums, else the totals."""
+        return self._unit[name] if self._unit is not None else getattr(self, name)
+
+    def begin_unit(self, seq_ids: list[int]) -> None:
+        """Updates until `end_unit` sum into a unit of their own (seq_ids: the unit's sequences)."""
+        if self._unit is None:  # buffers kept across units: only the columns a unit touched are zeroed again
+            self._unit = {name: torch.zeros_like(getattr(self, name)) for name in self._SUMS + self._VOCAB_SUMS}
+            self._touched = torch.zeros(self.query_count.shape[0], dtype=torch.bool)
+        self._unit_ids = torch.tensor(seq_ids, dtype=torch.int64)
+
+    def end_unit(self) -> dict[str, Tensor]:
+        """The open unit's state (not folded into the totals: `fold` does that, in unit order)."""
+        unit, ids = self._unit, self._unit_ids
+        if unit is None or ids is None:
+            raise RuntimeError("end_unit without begin_unit")
+        tokens = torch.nonzero(self._touched, as_tuple=True)[0]
+        state = {name: unit[name].clone() for name in self._SUMS}
+        state["tokens"] = tokens
+        state["key_weight"] = unit["key_weight"][:, :, tokens].clone()
+        state["query_max_sum"] = unit["query_max_sum"][:, :, tokens].clone()
+        state["query_count"] = unit["query_count"][tokens].clone()
+        state["seq_ids"] = ids
+        state["seq_max"] = self.seq_max[:, ids].clone()
+        state["seq_argmax"] = self.seq_argmax[:, ids].clone()
+        for name in self._SUMS:
+            unit[name].zero_()
+        for name in ("key_weight", "query_max_sum"):
+            unit[name][:, :, tokens] = 0.0
+        unit["query_count"][tokens] = 0
+        self._touched[tokens] = False
+        self._unit_ids = None
+        return state
+
+    def close_units(self) -> None:
+        """Updates go to the totals again (the unit buffers are freed)."""
+        self._unit = self._unit_ids = self._touched = None
+
+    def fold(self, state: dict[str, Tensor]) -> None:
+        """Add a unit's state (`end_unit`, or read back from its file) into the totals."""
+        for name in self._SUMS:
+            getattr(self, name).add_(state[name])
+        tokens = state["tokens"]
+        self.key_weight.index_add_(2, tokens, state["key_weight"])
+        self.query_max_sum.index_add_(2, tokens, state["query_max_sum"])
+        self.query_count.index_add_(0, tokens, state["query_count"])
+        ids = state["seq_ids"]
+        self.seq_max[:, ids] = state["seq_max"]
+        self.seq_argmax[:, ids] = state["seq_argmax"]
+        self.seq_seen[ids] = True
 
     def count_tokens(self, seq_ids: Tensor, token_ids: Tensor) -> None:
         """Once per batch: query occurrences (rows q >= 1) and which sequences were seen."""
-        self.query_count.index_add_(0, token_ids[:, 1:].reshape(-1).cpu(), torch.ones(token_ids[:, 1:].numel(), dtype=torch.int64))
+        tokens = token_ids[:, 1:].reshape(-1).cpu()
+        self._sums("query_count").index_add_(0, tokens, torch.ones(tokens.numel(), dtype=torch.int64))
+        if self._touched is not None and self._unit_ids is not None:
+            self._touched[tokens] = True
         self.seq_seen[seq_ids.cpu()] = True
 
     def update(self, layer: int, seq_ids: Tensor, token_ids: Tensor, stats: RowStats) -> None:
@@ -134,27 +203,30 @@ class ScanAccumulator:
             else:
                 values = stats.metrics[name][:, :, rows].double()  # (batch, head, pos-1)
                 counted = getattr(stats, _COUNTED_BY[name])[:, :, rows] if name in _COUNTED_BY else None
+            metric_sum, metric_count = self._sums("metric_sum"), self._sums("metric_count")
             if counted is not None:
-                self.metric_sum[li, :, m] += (values * counted).sum((0, 2)).cpu()
-                self.metric_count[li, :, m] += counted.sum((0, 2)).cpu()
+                metric_sum[li, :, m] += (values * counted).sum((0, 2)).cpu()
+                metric_count[li, :, m] += counted.sum((0, 2)).cpu()
             else:
-                self.metric_sum[li, :, m] += values.sum((0, 2)).cpu()
-                self.metric_count[li, :, m] += values.shape[0] * values.shape[2]
+                metric_sum[li, :, m] += values.sum((0, 2)).cpu()
+                metric_count[li, :, m] += values.shape[0] * values.shape[2]
         if stats.max_nobos.shape[2] > 1:
             row_max = stats.max_nobos[:, :, rows]  # (batch, head, pos-1)
             best, q, k = sequence_argmax(stats.max_nobos, stats.argmax_nobos)
             self.seq_max[li, seq_ids] = best.float().cpu()
             self.seq_argmax[li, seq_ids] = torch.stack([q, k], dim=-1).int().cpu()
             flat_rows = row_max.permute(1, 0, 2).reshape(self.n_heads, -1).double().cpu()
-            self.query_max_sum[li].index_add_(1, tokens, flat_rows)
+            self._sums("query_max_sum")[li].index_add_(1, tokens, flat_rows)
             received = stats.key_weight[:, :, rows].permute(1, 0, 2).reshape(self.n_heads, -1).double().cpu()
-            self.key_weight[li].index_add_(1, tokens, received)
-        self.dist_hist[li] += stats.dist_hist[:, :, rows].double().sum((0, 2)).cpu()
+            self._sums("key_weight")[li].index_add_(1, tokens, received)
+            if self._touched is not None and self._unit_ids is not None:
+                self._touched[tokens] = True
+        self._sums("dist_hist")[li] += stats.dist_hist[:, :, rows].double().sum((0, 2)).cpu()
         if self.bin_edges is not None and token_ids.shape[1] > 1:
             distance = torch.arange(1, token_ids.shape[1])  # row q's column 0 lies q - 0 = q away
             bins = torch.searchsorted(self.bin_edges, distance, right=True) - 1
             sink = stats.metrics["bos_score"][:, :, rows].double().sum(0).cpu()  # (head, pos-1)
-            self.sink_hist[li].index_add_(1, bins, sink)
+            self._sums("sink_hist")[li].index_add_(1, bins, sink)
 
     def merge(self, other: "ScanAccumulator") -> None:
         """Add another accumulator over a disjoint set of sequences."""

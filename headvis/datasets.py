@@ -21,6 +21,7 @@ this order, so the same corpus and tokenizer always give the same ids.
 
 from __future__ import annotations
 
+import codecs
 import json
 import re
 from pathlib import Path
@@ -54,22 +55,60 @@ def _bad_byte(data: bytes, error: UnicodeDecodeError, offset: int = 0) -> str:
     return f"byte offset {offset + error.start} (0x{data[error.start]:02x})"
 
 
-def _text_file(path: Path) -> str:
-    """The whole .txt as one document; HeadvisError unless it is UTF-8 text (no NUL, few control characters)."""
-    data = path.read_bytes()
-    nul = data.find(b"\x00")
-    if nul >= 0:  # UTF-16 text and every binary format have NUL bytes; UTF-8 text never does
-        raise HeadvisError(f"{path}: not a text file (NUL byte at byte offset {nul}); a .txt dataset must be UTF-8 text")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise HeadvisError(f"{path}: not UTF-8 (first bad byte at {_bad_byte(data, e)}); "
-                           "a .txt dataset must be UTF-8 text") from e
-    controls = _control_characters(data)
-    if controls > _MAX_CONTROL_SHARE * len(text):
-        raise HeadvisError(f"{path}: not a text file ({controls} of its {len(text)} characters are control "
-                           "characters); a .txt dataset must be UTF-8 text")
-    return text.replace("\r\n", "\n").replace("\r", "\n")  # universal newlines, as text-mode reading gives
+class Continued(str):
+    """A piece of a document that goes on in the next text: `pack_sequences` puts no EOS after it."""
+
+
+_PIECE_BYTES = 1 << 20  # a .txt is read, checked and tokenized this much at a time
+
+
+def _text_pieces(path: Path) -> Iterator[str]:
+    """A .txt as one document, read in pieces of about _PIECE_BYTES (memory bounded whatever its size).
+
+    Each piece but the last is `Continued` and ends at a single line break between two characters that are
+    not whitespace, where a byte-level BPE pre-tokenizer splits the same way with or without what follows
+    (a run of line breaks would not: at a piece's end it becomes one pre-token), so the tokens are those of
+    the whole text. HeadvisError unless it is UTF-8 text: no NUL byte, and control characters at most a tenth of
+    what was read (checked piece by piece, so a binary file stops at its first piece).
+    """
+    piece_bytes = _PIECE_BYTES
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    offset, controls, chars, carry = 0, 0, 0, ""
+    with path.open("rb") as f:
+        while True:
+            data = f.read(piece_bytes)
+            final = len(data) < piece_bytes  # a short read: the file ends here
+            nul = data.find(b"\x00")
+            if nul >= 0:  # UTF-16 text and every binary format have NUL bytes; UTF-8 text never does
+                raise HeadvisError(f"{path}: not a text file (NUL byte at byte offset {offset + nul}); a .txt "
+                                   "dataset must be UTF-8 text")
+            pending = len(decoder.getstate()[0])  # bytes of a character split by the previous read
+            try:
+                text = decoder.decode(data, final=final)
+            except UnicodeDecodeError as e:
+                at = offset - pending + e.start
+                raise HeadvisError(f"{path}: not UTF-8 (first bad byte at byte offset {at} (0x{(e.object[e.start]):02x})); "
+                                   "a .txt dataset must be UTF-8 text") from e
+            offset += len(data)
+            controls += _control_characters(data)
+            chars += len(text)
+            if controls > _MAX_CONTROL_SHARE * chars and controls:
+                raise HeadvisError(f"{path}: not a text file ({controls} of {'its' if final else 'the first'} {chars} "
+                                   "characters are control characters); a .txt dataset must be UTF-8 text")
+            text = carry + text
+            if final:
+                yield _universal_newlines(text)
+                return
+            cut = max((m.end() - 1 for m in re.finditer(r"\S\n\S", text)), default=-1)
+            if cut > 0:
+                yield Continued(_universal_newlines(text[:cut]))
+                carry = text[cut:]
+            else:
+                carry = text
+
+
+def _universal_newlines(text: str) -> str:
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # as text-mode reading gives
 
 
 def _jsonl_rows(path: Path, text_column: str) -> Iterator[str]:
@@ -105,7 +144,7 @@ def _jsonl_rows(path: Path, text_column: str) -> Iterator[str]:
 
 def _texts_from_file(path: Path, text_column: str) -> Iterator[str]:
     if path.suffix == ".txt":
-        yield _text_file(path)
+        yield from _text_pieces(path)
     elif path.suffix == ".jsonl":
         yield from _jsonl_rows(path, text_column)
     elif path.suffix == ".parquet":
@@ -170,8 +209,8 @@ def prefix_token(tokenizer) -> int | None:
     return None
 
 
-def pack_sequences(texts: Iterator[str], tokenizer, seq_len: int, num_seqs: int) -> torch.Tensor:
-    """(n, seq_len) int64 token ids, n <= num_seqs, packed as the module docstring says."""
+def pack_sequences(texts: Iterator[str], tokenizer, seq_len: int, num_seqs: int, progress: bool = True) -> torch.Tensor:
+    """(n, seq_len) int64 token ids, n <= num_seqs, packed as the module docstring says (a bar unless not `progress`)."""
     prefix = prefix_token(tokenizer)
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is None:
@@ -181,10 +220,10 @@ def pack_sequences(texts: Iterator[str], tokenizer, seq_len: int, num_seqs: int)
         raise HeadvisError(f"--seq-len {seq_len} leaves no room for text after the BOS token")
     sequences: list[list[int]] = []
     stream: list[int] = []
-    with tqdm(total=num_seqs, desc="tokenizing", unit="seq", leave=False) as bar:
+    with tqdm(total=num_seqs, desc="tokenizing", unit="seq", leave=False, disable=not progress) as bar:
         for text in texts:
             stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-            if eos is not None:
+            if eos is not None and not isinstance(text, Continued):
                 stream.append(int(eos))
             while len(stream) >= body and len(sequences) < num_seqs:
                 chunk, stream = stream[:body], stream[body:]

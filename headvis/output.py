@@ -68,11 +68,17 @@ class ScanTarget:
     staging: Path
     _staging_lock: TreeLock
 
+    @staticmethod
+    def resolve_out(given: Path) -> Path:
+        """The folder a scan of --out `given` replaces: the symlink's target for a symlinked one."""
+        given = Path(given).expanduser()
+        return given.resolve() if given.is_symlink() else given
+
     @classmethod
     def open(cls, given: Path) -> "ScanTarget":
         """Check `given` can be replaced, clean up after killed scans, make a locked staging folder."""
         given = Path(given).expanduser()
-        out = given.resolve() if given.is_symlink() else given
+        out = cls.resolve_out(given)
         if out.exists() and not out.is_dir():
             raise HeadvisError(f"--out {given} exists and is not a folder")
         if out.is_dir() and any(p.name != ".headvis.lock" for p in out.iterdir()) and not (out / "config.json").exists():
@@ -104,7 +110,7 @@ class ScanTarget:
             lock.acquire()
         except TreeLocked as e:
             print(f"headvis: {e}, which started during the scan; waiting for it to stop before replacing "
-                  f"--out (Ctrl-C gives up; the same command then resumes from the checkpoint)", flush=True)
+                  f"--out (Ctrl-C gives up; the same command then resumes from the saved units)", flush=True)
             lock.acquire(wait=True)
         try:
             if before is not None:

@@ -88,15 +88,24 @@ def metric_pass(
     *,
     batch_size: int,
     bin_edges: list[int],
-    after_batch: Callable[[ScanAccumulator], None] | None = None,
+    units: list[tuple[int, range]] | None = None,
+    after_unit: Callable[[int, dict], None] | None = None,
     keep: "KeptRows | None" = None,
+    progress: tuple[int, Callable[[], int]] | None = None,
 ) -> None:
-    """Pass 1: every sequence (n, seq_len) not yet seen by `accumulator` through the model into it.
+    """Pass 1: the sequences of `units` ([(unit index, its sequence ids)], in order) through the model.
 
-    `after_batch(accumulator)` runs after each batch (the scan saves its resume checkpoint there).
+    Each unit is summed on its own (`ScanAccumulator.begin_unit`), in batches that never straddle two units,
+    and handed to `after_unit(index, state)` when it is complete (the scan saves and folds it there).
+    Defaults: every sequence as one unit, folded into `accumulator` at once.
     `keep`: what pass 2 would compute for the sequences it may show is kept here instead (the row
-    statistics then include the top-K rows; the accumulated statistics are the same).
+    statistics then include the top-K rows; the accumulated statistics are the same). `progress`:
+    (total sequences, a function giving the sequences done by every process) for the bar; None: no bar.
     """
+    if units is None:
+        units = [(0, range(len(sequences)))]
+    if after_unit is None:
+        after_unit = lambda _, unit: accumulator.fold(unit)  # noqa: E731
     state: dict = {}
 
     def on_layer(capture: LayerCapture) -> None:
@@ -106,15 +115,22 @@ def metric_pass(
         if keep is not None:
             keep.add(capture, selection, state["ids"].tolist(), stats)
 
-    ids = [i for i in range(len(sequences)) if not accumulator.seq_seen[i]]
-    with CaptureSession(lm.model, set(selection.layers), on_layer) as session:
-        for batch in tqdm(_batches(ids, batch_size), desc="pass 1: metrics", unit="batch"):
-            state["ids"] = torch.tensor(batch)
-            state["tokens"] = sequences[batch].to(lm.device)
-            session.run(state["tokens"])
-            accumulator.count_tokens(state["ids"], state["tokens"])  # marks the batch seen: last
-            if after_batch is not None:
-                after_batch(accumulator)
+    total, done_everywhere = progress if progress is not None else (0, lambda: 0)
+    with CaptureSession(lm.model, set(selection.layers), on_layer) as session, \
+            tqdm(total=total, initial=done_everywhere(), desc="pass 1: metrics", unit="seq",
+                 disable=progress is None) as bar:
+        for index, ids in units:
+            accumulator.begin_unit(list(ids))
+            for batch in _batches(list(ids), batch_size):
+                state["ids"] = torch.tensor(batch)
+                state["tokens"] = sequences[batch].to(lm.device)
+                session.run(state["tokens"])
+                accumulator.count_tokens(state["ids"], state["tokens"])
+                bar.update(len(batch))
+            after_unit(index, accumulator.end_unit())
+            bar.n = max(bar.n, done_everywhere())  # the other processes' units too
+            bar.refresh()
+    accumulator.close_units()
 
 
 class ProjectionPoints:

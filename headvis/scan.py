@@ -16,6 +16,7 @@ import argparse
 import datetime as dt
 import errno
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -27,13 +28,14 @@ import torch
 import headvis
 from headvis.accumulate import HEAD_METRICS, ScanAccumulator
 from headvis.backends import BACKENDS, resolve_backend
-from headvis.checkpoint import Checkpoint, scan_key
+from headvis.distributed import Ranks
 from headvis.datasets import DEFAULT_DATASET, iter_texts, pack_sequences
 from headvis.errors import HeadvisError, run_cli
 from headvis.io import write_json
 from headvis.metrics import distance_bin_edges
 from headvis.models import DEFAULT_MODEL, LoadedModel, load_model, weights_sha256
 from headvis.output import ScanTarget
+from headvis.units import UnitFiles, scan_key, unit_ranges, unit_size_for
 from headvis.pipeline import (HeadSelection, KeptRows, ProjectionPoints, Tokens, fit_projections, metric_pass,
                               sequence_records)
 from headvis.projection import COMPONENTS, UMAP_VIEW, VECTORS
@@ -110,7 +112,8 @@ class ScanOptions:
     umap: bool = False  # UMAP in addition to PCA
     seed: int = 0
     max_points: int = 2000  # projection-cloud edges per head at most
-    resume: bool = True  # continue a killed scan of the same settings from its checkpoint
+    resume: bool = True  # continue a killed scan of the same settings from its saved units
+    unit_size: int | None = None  # sequences per work unit (None: about 64 units of whole batches)
     keep_memory: float = 1024.0  # MiB pass 1 may use to keep the rows of sequences it may show (0: keep none)
 
 
@@ -156,6 +159,8 @@ def _validate(opts: ScanOptions) -> None:
             raise HeadvisError(f"{flag} must be at least 1, not {value}")
     if opts.seq_len < 2:
         raise HeadvisError("--seq-len must be at least 2 (row 0 is skipped by every metric)")
+    if opts.unit_size is not None and opts.unit_size < 1:
+        raise HeadvisError(f"--unit-size must be at least 1 sequence, not {opts.unit_size}")
     if not opts.keep_memory >= 0:
         raise HeadvisError(f"--keep-memory must be at least 0 (MiB), not {opts.keep_memory}")
     if not 0.0 <= opts.min_weight <= 1.0:
@@ -221,7 +226,7 @@ def _write_error(e: OSError, out: Path) -> HeadvisError:
     else:
         what, fix = f"cannot write{where}: {e.strerror or e}", "fix the permissions or choose another --out"
     return HeadvisError(f"{what}; --out {out} is untouched; {fix}, then run the same command again (it resumes "
-                        "from the checkpoint beside --out when pass 1 was saved)")
+                        "from the units of pass 1 saved beside --out)")
 
 
 def _print_summary(n_seqs: int, n_tokens: int, n_heads: int, seconds: float, out: Path, backend: str) -> None:
@@ -229,41 +234,65 @@ def _print_summary(n_seqs: int, n_tokens: int, n_heads: int, seconds: float, out
           f"in {seconds:.1f} s with backend {backend} -> {out}/", flush=True)
 
 
-def run_scan(opts: ScanOptions, lm: LoadedModel | None = None) -> Path:
-    """Run the whole scan; returns the written --out folder."""
+def run_scan(opts: ScanOptions, lm: LoadedModel | None = None, ranks: Ranks | None = None) -> Path | None:
+    """Run the whole scan; returns the written --out folder (None on a rank other than 0 of a torchrun scan).
+
+    ranks: this process's place in a scan of several (`Ranks.from_env`, or a test's); None: read from the
+    torchrun environment (one process without it).
+    """
     start = time.perf_counter()
     _validate(opts)
-    target = ScanTarget.open(Path(opts.out))
-    out, staging = target.out, target.staging
+    own_group = ranks is None
+    if ranks is None:
+        ranks = Ranks.from_env(opts.device)
     try:
-        device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return _run_ranked(opts, lm, ranks, start)
+    finally:
+        if own_group:
+            ranks.close()
+
+
+def _run_ranked(opts: ScanOptions, lm: LoadedModel | None, ranks: Ranks, start: float) -> Path | None:
+    # only rank 0 writes the tree (and checks --out first); the others write their units' files alone
+    target = ScanTarget.open(Path(opts.out)) if ranks.first else None
+    out = target.out if target is not None else ScanTarget.resolve_out(Path(opts.out))
+    staging = target.staging if target is not None else None
+    try:
+        device = ranks.device(opts.device) or ("cuda" if torch.cuda.is_available() else "cpu")
         if lm is None:
             lm = load_model(opts.model, device=device)
         info = lm.info
-        weights = weights_sha256(lm.model)  # keys the checkpoint and the rescan's carry-over
+        weights = weights_sha256(lm.model)  # keys the saved units and the rescan's carry-over
         layers = parse_selection(opts.layers, info.n_layers, "layers")
         heads = parse_selection(opts.heads, info.n_heads, "heads")
         if info.max_positions and opts.seq_len > info.max_positions:
             raise HeadvisError(f"--seq-len {opts.seq_len} exceeds the model's context of {info.max_positions} tokens")
         backend, fn = resolve_backend(opts.backend, lm.device)
         sequences = pack_sequences(iter_texts(opts.dataset, opts.split, opts.text_column), lm.tokenizer,
-                                   opts.seq_len, opts.num_seqs)
+                                   opts.seq_len, opts.num_seqs, progress=ranks.first)
         n_seqs = len(sequences)
-        if n_seqs < opts.num_seqs:
+        if n_seqs < opts.num_seqs and ranks.first:
             print(f"headvis: the corpus gives {n_seqs} sequences of {opts.seq_len} tokens "
                   f"(asked for {opts.num_seqs})", flush=True)
         selection = HeadSelection(layers, heads, info.n_heads, info.n_kv_heads)
         bin_edges = distance_bin_edges(opts.seq_len, info.causal)
         vocab = max(info.vocab_size, int(sequences.max()) + 1)
         acc = ScanAccumulator(layers, len(heads), n_seqs, vocab, len(bin_edges) - 1, bin_edges=bin_edges)
+        unit_size = unit_size_for(n_seqs, opts.batch_size, opts.unit_size)
+        units = unit_ranges(n_seqs, unit_size)
         settings = {"headvis": headvis.__version__, "model": opts.model, "dataset": opts.dataset,
                     "split": opts.split, "text_column": opts.text_column, "layers": layers, "heads": heads,
-                    "backend": backend, "device": str(lm.device), "weights_sha256": weights,
-                    "format_version": FORMAT_VERSION}
-        checkpoint = Checkpoint(out.parent / f".{out.name}.resume", scan_key(settings, sequences))
-        done = checkpoint.load(acc) if opts.resume else 0
-        if done:
-            print(f"headvis: resuming pass 1: {done} of {n_seqs} sequences already scanned", flush=True)
+                    "backend": backend, "device": lm.device.type, "weights_sha256": weights,
+                    "format_version": FORMAT_VERSION, "batch_size": opts.batch_size, "unit_size": unit_size}
+        files = UnitFiles(out.parent / f".{out.name}.resume", scan_key(settings, sequences))
+        if not opts.resume and ranks.first:
+            files.remove()
+        files.open(writer=ranks.first)
+        ranks.barrier()  # the others read the folder only once rank 0 has checked its key
+        done = files.done() if opts.resume else set()
+        if done and ranks.first:
+            print(f"headvis: resuming pass 1: {sum(len(units[u]) for u in done)} of {n_seqs} sequences already "
+                  "scanned", flush=True)
         priority = sequence_priorities(opts.seed, n_seqs)
         # every head shows the same number of sequences (deciles are cut by rank), so each one's share of
         # --max-points is known before pass 1, and pass 1 can gather the projection edges of what it keeps
@@ -273,12 +302,47 @@ def run_scan(opts: ScanOptions, lm: LoadedModel | None = None) -> Path:
         keep = KeptRows(_kept_ids(opts, priority, len(layers) * len(heads), info.d_head,
                                   math.ceil(opts.max_points / max(1, n_shown))),
                         opts.top_k, opts.min_weight, points, opts.per_interval)
+        # one process keeps rows from pass 1 (so pass 2 runs fewer again); several run pass 2 from scratch
+        keeping = opts.keep_memory > 0 and ranks.world == 1
         clock = {"setup": time.perf_counter() - start}
         mark = time.perf_counter()
+
+        folded = [0]  # units [0, folded) are in the totals; the next is folded once it exists
+
+        def fold_ready(fresh: dict[int, dict] | None = None) -> None:
+            while folded[0] < len(units):
+                u = folded[0]
+                if fresh is not None and u in fresh:
+                    acc.fold(fresh.pop(u))
+                elif u in done or files.path(u).exists():
+                    acc.fold(files.load(u))
+                else:
+                    return
+                folded[0] += 1
+
+        pending: dict[int, dict] = {}
+
+        def after_unit(u: int, state: dict) -> None:
+            files.save(u, state)
+            if ranks.world == 1:  # in unit order as they come; several processes fold at the end
+                pending[u] = state
+                fold_ready(pending)
+
+        mine = [(u, units[u]) for u in range(len(units)) if u % ranks.world == ranks.rank and u not in done]
+        done_everywhere = lambda: sum(len(units[u]) for u in files.done())  # noqa: E731 - the bar's global count
+        if ranks.world == 1:
+            fold_ready()  # the resumed prefix
         metric_pass(lm, sequences, selection, fn, acc, batch_size=opts.batch_size, bin_edges=bin_edges,
-                    after_batch=checkpoint.maybe_save, keep=keep if opts.keep_memory > 0 else None)
+                    units=mine, after_unit=after_unit, keep=keep if keeping else None,
+                    progress=(n_seqs, done_everywhere) if ranks.first else None)
+        ranks.barrier()  # every unit is on disk now
+        if not ranks.first:
+            return None
+        fold_ready()
+        if folded[0] != len(units):
+            raise HeadvisError(f"pass 1 ended with units {folded[0]}.. missing from {files.folder}: a process "
+                               "stopped early; rerun the same command to scan them")
         clock["pass 1"], mark = time.perf_counter() - mark, time.perf_counter()
-        checkpoint.save(acc)  # pass 1 is the long part: a failure after it resumes from here
 
         tokens = Tokens(lm.tokenizer)
         results, wanted, edges_of = {}, {}, {}
@@ -381,12 +445,14 @@ def run_scan(opts: ScanOptions, lm: LoadedModel | None = None) -> Path:
                     print(f"headvis: rescan: {line}", flush=True)
 
         target.publish(carry)
-        checkpoint.remove()
+        files.remove()
     except OSError as e:  # the machine's state: a full disk, a read-only folder
-        target.discard()
-        raise _write_error(e, target.given) from e
+        if target is not None:
+            target.discard()
+        raise _write_error(e, target.given if target is not None else Path(opts.out)) from e
     except BaseException:
-        target.discard()
+        if target is not None:
+            target.discard()
         raise
     clock["rest"] = time.perf_counter() - mark  # the other files, the rescan's carry-over, the swap
     _print_summary(n_seqs, n_tokens, len(layers) * len(heads), time.perf_counter() - start, target.given, backend)
@@ -424,15 +490,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="memory pass 1 may use to keep the rows of the sequences it may show, so that pass 2 runs "
                         "fewer again (0: pass 2 runs every shown sequence)")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=d.resume,
-                   help="continue a killed scan with the same settings from its checkpoint beside --out")
+                   help="continue a killed scan with the same settings from its saved units beside --out "
+                        "(with any number of processes)")
+    p.add_argument("--unit-size", type=int, default=d.unit_size, metavar="N",
+                   help="sequences per work unit of pass 1, each saved when done (default: about 64 units of "
+                        "whole batches, 32 to 32 batches of sequences each)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     opts = ScanOptions(**{k: v for k, v in vars(args).items()})
+    rank = os.environ.get("RANK", "0") if os.environ.get("WORLD_SIZE", "1") not in ("", "1") else None
     return run_cli(lambda: run_scan(opts), interrupted="interrupted; the previous --out tree is untouched "
-                   "(the same command resumes pass 1 where it stopped)")
+                   "(the same command resumes pass 1 where it stopped)",
+                   prefix=f"rank {rank}: " if rank is not None else "")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from headvis.scan import build_parser, main, parse_selection
 FLAGS = {
     "--model", "--dataset", "--split", "--text-column", "--seq-len", "--num-seqs", "--batch-size", "--layers",
     "--heads", "--out", "--device", "--backend", "--top-k", "--min-weight", "--per-interval", "--umap",
-    "--no-umap", "--seed", "--max-points", "--resume", "--no-resume", "--keep-memory",
+    "--no-umap", "--seed", "--max-points", "--resume", "--no-resume", "--keep-memory", "--unit-size",
 }
 
 
@@ -221,46 +221,67 @@ def test_umap_view_and_rotation_reproduce_the_saved_coordinates(capsys, tmp_path
 
 
 def test_killed_scan_resumes_where_it_stopped(capsys, tmp_path, gpt2_dir, corpus, monkeypatch):
-    """Ctrl-C during pass 1 keeps a checkpoint; the same command then scans only the rest, same tree."""
-    import headvis.checkpoint as checkpoint
+    """Ctrl-C during pass 1 keeps the finished units; the same command then scans only the rest, same tree."""
     import headvis.pipeline as pipeline
 
     args = ["--model", gpt2_dir, "--dataset", corpus, "--seq-len", "16", "--num-seqs", "24", "--batch-size", "4",
-            "--per-interval", "1", "--max-points", "20"]
+            "--per-interval", "1", "--max-points", "20", "--unit-size", "4"]
     clean = tmp_path / "clean"
     assert run_main(capsys, *args, "--out", str(clean))[0] == 0
 
-    monkeypatch.setattr(checkpoint, "SAVE_EVERY_S", 0.0)
     real_pass = pipeline.metric_pass
-    batches = []
+    units = []
 
-    def killed_pass(*a, after_batch, **kw):
-        def after(acc):
-            after_batch(acc)
-            batches.append(1)
-            if len(batches) == 3:
+    def killed_pass(*a, after_unit, **kw):
+        def after(u, state):
+            after_unit(u, state)
+            units.append(u)
+            if len(units) == 3:
                 raise KeyboardInterrupt
-        real_pass(*a, after_batch=after, **kw)
+        real_pass(*a, after_unit=after, **kw)
 
     monkeypatch.setattr("headvis.scan.metric_pass", killed_pass)
     out = tmp_path / "resumed"
     code, err = run_main(capsys, *args, "--out", str(out))
     assert code == 130 and "resumes pass 1" in err
-    assert not out.exists() and (tmp_path / ".resumed.resume" / "state.safetensors").exists()
+    saved = sorted(p.name for p in (tmp_path / ".resumed.resume").glob("unit-*.safetensors"))
+    assert not out.exists() and saved == [f"unit-{u:06d}.safetensors" for u in range(3)]
 
     monkeypatch.setattr("headvis.scan.metric_pass", real_pass)
-    seen = []
-    monkeypatch.setattr("headvis.scan.metric_pass", lambda lm, seqs, sel, fn, acc, **kw: (
-        seen.append(int(acc.seq_seen.sum())), real_pass(lm, seqs, sel, fn, acc, **kw)))
+    scanned = []
+    monkeypatch.setattr("headvis.scan.metric_pass", lambda *a, units, **kw: (
+        scanned.append([u for u, _ in units]), real_pass(*a, units=units, **kw)))
     code = main([*args, "--out", str(out)])
     printed = capsys.readouterr().out
     assert code == 0 and "resuming pass 1: 12 of 24 sequences already scanned" in printed
-    assert seen == [12]
-    assert not (tmp_path / ".resumed.resume").exists(), "a finished scan removes its checkpoint"
+    assert scanned == [[3, 4, 5]]
+    assert not (tmp_path / ".resumed.resume").exists(), "a finished scan removes its saved units"
     for name in ("scatter_data.json", "heads/L1H2.json"):
         a = json.loads((clean / name).read_text())
         b = json.loads((out / name).read_text())
         assert a == b, name
+
+
+def test_a_damaged_saved_unit_is_refused_with_the_way_out(capsys, tmp_path, gpt2_dir, corpus, monkeypatch):
+    import headvis.pipeline as pipeline
+
+    args = ["--model", gpt2_dir, "--dataset", corpus, "--seq-len", "16", "--num-seqs", "8", "--batch-size", "4",
+            "--unit-size", "4", "--out", str(tmp_path / "o")]
+    real_pass = pipeline.metric_pass
+
+    def killed_pass(*a, after_unit, **kw):
+        def after(u, state):
+            after_unit(u, state)
+            raise KeyboardInterrupt
+        real_pass(*a, after_unit=after, **kw)
+
+    monkeypatch.setattr("headvis.scan.metric_pass", killed_pass)
+    assert run_main(capsys, *args)[0] == 130
+    (tmp_path / ".o.resume" / "unit-000000.safetensors").write_bytes(b"torn")
+    monkeypatch.setattr("headvis.scan.metric_pass", real_pass)
+    code, err = run_main(capsys, *args)
+    assert code == 2 and "the saved unit 0 is unreadable" in err and ".o.resume" in err, err
+    assert "Traceback" not in err and not (tmp_path / "o").exists()
 
 
 def test_checkpoint_of_another_scan_is_discarded(capsys, tmp_path, gpt2_dir, corpus):
@@ -275,26 +296,24 @@ def test_checkpoint_of_another_scan_is_discarded(capsys, tmp_path, gpt2_dir, cor
 
 def test_a_retrained_model_under_the_same_name_does_not_resume_the_old_statistics(capsys, tmp_path, gpt2_dir, corpus,
                                                                                    monkeypatch):
-    """The checkpoint key holds the weights' digest: `--model ./ckpt` retrained in place scans again from 0."""
+    """The units' key holds the weights' digest: `--model ./ckpt` retrained in place scans again from 0."""
     import shutil
 
-    import headvis.checkpoint as checkpoint
     import headvis.pipeline as pipeline
     from transformers import AutoModel
 
     model_dir = tmp_path / "ckpt"
     shutil.copytree(gpt2_dir, model_dir)
     args = ["--model", str(model_dir), "--dataset", corpus, "--seq-len", "16", "--num-seqs", "24", "--batch-size", "4",
-            "--per-interval", "1", "--max-points", "20", "--out", str(tmp_path / "o")]
-    monkeypatch.setattr(checkpoint, "SAVE_EVERY_S", 0.0)
+            "--per-interval", "1", "--max-points", "20", "--unit-size", "4", "--out", str(tmp_path / "o")]
     real_pass = pipeline.metric_pass
 
-    def killed_pass(*a, after_batch, **kw):
-        def after(acc):
-            after_batch(acc)
-            if int(acc.seq_seen.sum()) >= 12:
+    def killed_pass(*a, after_unit, **kw):
+        def after(u, state):
+            after_unit(u, state)
+            if u >= 2:
                 raise KeyboardInterrupt
-        real_pass(*a, after_batch=after, **kw)
+        real_pass(*a, after_unit=after, **kw)
 
     monkeypatch.setattr("headvis.scan.metric_pass", killed_pass)
     assert run_main(capsys, *args)[0] == 130
@@ -303,13 +322,13 @@ def test_a_retrained_model_under_the_same_name_does_not_resume_the_old_statistic
         model.h[0].attn.c_attn.weight[0, 0] += 0.5
     model.save_pretrained(model_dir)
 
-    seen = []
-    monkeypatch.setattr("headvis.scan.metric_pass", lambda lm, seqs, sel, fn, acc, **kw: (
-        seen.append(int(acc.seq_seen.sum())), real_pass(lm, seqs, sel, fn, acc, **kw)))
+    scanned = []
+    monkeypatch.setattr("headvis.scan.metric_pass", lambda *a, units, **kw: (
+        scanned.append(sum(len(ids) for _, ids in units)), real_pass(*a, units=units, **kw)))
     code = main(args)
     printed = capsys.readouterr().out
     assert code == 0 and "checkpoint of another scan was found and is discarded" in printed
-    assert seen == [0], "the old statistics were resumed"
+    assert scanned == [24], "the old statistics were resumed"
     digest = json.loads((tmp_path / "o" / "config.json").read_text())["model"]["weights_sha256"]
     assert len(digest) == 64
 

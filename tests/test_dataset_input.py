@@ -90,6 +90,48 @@ def test_a_txt_of_real_text_reads_whole_and_exact(tmp_path):
     assert list(iter_texts(str(path))) == [text.replace("\r\n", "\n")]
 
 
+def test_a_big_txt_is_read_in_pieces_with_the_tokens_of_the_whole_text(tmp_path, monkeypatch, smollm):
+    """Pieces end where a line break meets a non-space character: the packed ids are the whole text's."""
+    import headvis.datasets as datasets
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(list(topics.values())[:60])
+    path = tmp_path / "corpus.txt"
+    path.write_text(text, encoding="utf-8")
+    monkeypatch.setattr(datasets, "_PIECE_BYTES", 4096)  # ~100 pieces instead of one
+    pieces = list(iter_texts(str(path)))
+    assert len(pieces) > 20 and "".join(pieces) == text
+    assert all(isinstance(p, datasets.Continued) for p in pieces[:-1]) and not isinstance(pieces[-1], datasets.Continued)
+    tokenizer = smollm.tokenizer
+    n = 40
+    packed = datasets.pack_sequences(iter(pieces), tokenizer, 128, n)
+    whole = datasets.pack_sequences(iter([text]), tokenizer, 128, n)
+    assert packed.tolist() == whole.tolist()
+
+
+def test_a_huge_txt_stops_reading_once_it_has_the_sequences(tmp_path, monkeypatch, smollm):
+    """--num-seqs 3 of a 50 MB file reads a piece or two, not the file."""
+    import headvis.datasets as datasets
+
+    path = tmp_path / "huge.txt"
+    with path.open("w", encoding="utf-8") as f:
+        for i in range(500_000):
+            f.write(f"line {i}: some words of text to tokenize\n")
+    read = []
+    real_open = type(path).open
+
+    def counting_open(self, *a, **kw):
+        handle = real_open(self, *a, **kw)
+        real_read = handle.read
+        handle.read = lambda size=-1: (read.append(size), real_read(size))[1]
+        return handle
+
+    monkeypatch.setattr(type(path), "open", counting_open)
+    packed = datasets.pack_sequences(iter_texts(str(path)), smollm.tokenizer, 64, 3)
+    assert packed.shape == (3, 64)
+    assert 1 <= len(read) <= 2 and all(size == datasets._PIECE_BYTES for size in read), read
+
+
 def test_a_txt_just_under_the_control_share_still_reads(tmp_path):
     text = "\x07" * 9 + "a" * 91  # 9 % control characters
     path = tmp_path / "corpus.txt"

@@ -1,0 +1,81 @@
+"""One scan across processes: `torchrun --nproc-per-node N -m headvis.scan ...` (and --nnodes / --rdzv-* across
+machines, e.g. under SLURM's srun).
+
+torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; `Ranks.from_env` joins the
+process group it describes (gloo on the CPU, NCCL on GPUs, each rank on GPU
+LOCAL_RANK). Without them, or with WORLD_SIZE 1, nothing changes: one process,
+no process group. The scan has no collective inside its loop (uneven work
+cannot deadlock): ranks take the work units u with u % world == rank, write
+each unit's state to its own file, and meet once at a barrier after pass 1,
+with a long timeout; rank 0 then folds every unit in unit order and writes
+the tree alone, the others leave.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from dataclasses import dataclass
+
+from headvis.errors import HeadvisError
+
+__all__ = ["BARRIER_TIMEOUT_S", "Ranks"]
+
+BARRIER_TIMEOUT_S = 6 * 3600.0  # a rank may wait this long for the slowest one at the end of pass 1
+
+
+@dataclass
+class Ranks:
+    """This process's place in the scan: rank `rank` of `world`."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    joined: bool = False  # a torch.distributed process group was joined (and is left by `close`)
+
+    @property
+    def first(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls, device: str | None) -> "Ranks":
+        """The torchrun environment's ranks, the process group joined when there is more than one."""
+        try:
+            world = int(os.environ.get("WORLD_SIZE", "1"))
+            rank = int(os.environ.get("RANK", "0"))
+            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        except ValueError as e:
+            raise HeadvisError(f"WORLD_SIZE, RANK and LOCAL_RANK must be integers (torchrun sets them): {e}") from None
+        if world <= 1:
+            return cls()
+        import torch
+        import torch.distributed as dist
+
+        cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+        if cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend="nccl" if cuda else "gloo",
+                                timeout=dt.timedelta(seconds=BARRIER_TIMEOUT_S))
+        return cls(rank=rank, world=world, local_rank=local_rank, joined=True)
+
+    def device(self, device: str | None) -> str | None:
+        """The device of this rank: GPU LOCAL_RANK when the scan runs on CUDA across processes."""
+        if self.world > 1 and device in (None, "cuda"):
+            import torch
+
+            if torch.cuda.is_available():
+                return f"cuda:{self.local_rank}"
+        return device
+
+    def barrier(self) -> None:
+        if self.joined:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.joined:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+            self.joined = False

@@ -1,0 +1,112 @@
+"""Pass 1 in work units: fixed groups of sequences, one state file each, folded in unit order.
+
+A scan's sequences are cut into units of `unit_size` consecutive ids (the
+last one shorter); the size depends on the scan (its sequence count and batch
+size, or `--unit-size`), never on how many processes run it. Each unit is
+summed on its own (`ScanAccumulator.begin_unit` / `end_unit`) and saved to
+`unit-{u:06d}.safetensors` in the resume folder beside `--out` (temp file,
+then rename); the totals are the units folded in unit order. So the tree is
+bit-identical whether one process or several scanned it, and a killed scan,
+rerun with the same settings and any number of processes, scans only the
+units that have no file yet. `key.json` names the scan (settings and the
+packed token ids' digest); a folder of another scan is discarded, saying so.
+A finished scan removes the folder.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from headvis.errors import HeadvisError
+from headvis.io import atomic_write_bytes
+
+__all__ = ["UnitFiles", "scan_key", "unit_ranges", "unit_size_for"]
+
+MIN_UNIT = 32  # sequences: smaller units cost more files than they save on a resume
+MAX_BATCHES = 32  # batches per unit at most
+TARGET_UNITS = 64  # a scan is cut into about this many units, within those bounds
+
+
+def scan_key(settings: dict, sequences: torch.Tensor) -> dict:
+    """What must match for saved units to be reused: the settings and the exact token ids."""
+    digest = hashlib.sha256(sequences.cpu().numpy().tobytes()).hexdigest()
+    return {**settings, "sequences_sha256": digest, "shape": list(sequences.shape)}
+
+
+def unit_size_for(n_sequences: int, batch_size: int, requested: int | None = None) -> int:
+    """Sequences per unit: `requested`, else a whole number of batches giving about TARGET_UNITS units."""
+    if requested is not None:
+        return requested
+    batches = math.ceil(n_sequences / (TARGET_UNITS * batch_size))
+    return batch_size * min(MAX_BATCHES, max(math.ceil(MIN_UNIT / batch_size), batches))
+
+
+def unit_ranges(n_sequences: int, unit_size: int) -> list[range]:
+    """The units' sequence ids, in unit order."""
+    return [range(start, min(start + unit_size, n_sequences)) for start in range(0, n_sequences, unit_size)]
+
+
+class UnitFiles:
+    """The saved units of one scan in `folder` (`.{out}.resume/`)."""
+
+    def __init__(self, folder: Path, key: dict):
+        self.folder = Path(folder)
+        self.key = key
+
+    def open(self, writer: bool) -> None:
+        """The writer (rank 0, or the only process) discards another scan's folder and writes the key."""
+        if not writer:
+            return
+        try:
+            stored = json.loads((self.folder / "key.json").read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            stored = None
+        except (OSError, ValueError):
+            stored = "unreadable"
+        if stored is not None and stored != self.key:
+            print("headvis: a resume checkpoint of another scan was found and is discarded", flush=True)
+            self.remove()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.folder / "key.json", json.dumps(self.key, sort_keys=True).encode("utf-8"))
+
+    def path(self, unit: int) -> Path:
+        return self.folder / f"unit-{unit:06d}.safetensors"
+
+    def done(self) -> set[int]:
+        """The units whose file exists (complete: a file appears only by rename)."""
+        if not self.folder.is_dir():
+            return set()
+        found = (re.fullmatch(r"unit-(\d{6})\.safetensors", p.name) for p in self.folder.iterdir())
+        return {int(m[1]) for m in found if m}
+
+    def save(self, unit: int, state: dict[str, torch.Tensor]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.folder / f".unit-{unit:06d}.{os.getpid()}.tmp"
+        try:
+            save_file({k: v.contiguous() for k, v in state.items()}, tmp)
+        except SafetensorError as e:  # Rust's IO error, e.g. "... (os error 28)": back to an OSError
+            tmp.unlink(missing_ok=True)
+            found = re.search(r"os error (\d+)", str(e))
+            raise OSError(int(found[1]) if found else errno.EIO, str(e), str(tmp)) from e
+        os.replace(tmp, self.path(unit))
+
+    def load(self, unit: int) -> dict[str, torch.Tensor]:
+        try:
+            return load_file(self.path(unit))
+        except Exception as e:  # safetensors raises its own error type for a damaged file
+            raise HeadvisError(f"the saved unit {unit} is unreadable ({type(e).__name__}: {e}); remove "
+                               f"{self.path(unit)} (that unit is then scanned again) or run with --no-resume") from e
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)

@@ -1,0 +1,139 @@
+"""One scan across processes: the same tree, byte for byte, from 1, 2 or 3 ranks, from torchrun, and after a resume.
+
+Ranks run in one process here (each `run_scan` with its own `Ranks`: the non-zero ranks save their units and
+leave, rank 0 then folds every unit in order and writes the tree), and as a real `torchrun --standalone
+--nproc-per-node 2` (gloo on the loopback) against the same command without torchrun.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from headvis.distributed import Ranks
+from headvis.scan import ScanOptions, run_scan
+
+SEQ_LEN, NUM_SEQS, BATCH, UNIT = 16, 22, 2, 4  # 6 units, the last one half full: uneven across 2 and 4 ranks
+
+
+@pytest.fixture(scope="module")
+def gpt2(tiny_model_dir):
+    return tiny_model_dir("gpt2")
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(gpt2):
+    from headvis.models import load_model
+
+    return load_model(str(gpt2), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("dist-corpus") / "corpus.jsonl"
+    rows = [{"text": f"row {i}: a quick brown fox jumps over {i % 5} lazy dogs, then {i * 7 % 11} cats."}
+            for i in range(80)]
+    path.write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
+    return path
+
+
+def options(gpt2: Path, corpus: Path, out: Path, **changes) -> ScanOptions:
+    return ScanOptions(model=str(gpt2), dataset=str(corpus), seq_len=SEQ_LEN, num_seqs=NUM_SEQS, batch_size=BATCH,
+                       unit_size=UNIT, per_interval=1, max_points=30, out=str(out), device="cpu", **changes)
+
+
+def tree_files(root: Path) -> dict[str, bytes]:
+    """Every file of a tree by relative path; config.json without its `created` time."""
+    files = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and path.name != ".headvis.lock":
+            data = path.read_bytes()
+            if path.name == "config.json" and path.parent == root:
+                config = json.loads(data)
+                config.pop("created")
+                data = json.dumps(config, sort_keys=True).encode()
+            files[str(path.relative_to(root))] = data
+    return files
+
+
+def assert_same_tree(a: Path, b: Path) -> None:
+    fa, fb = tree_files(a), tree_files(b)
+    assert sorted(fa) == sorted(fb)
+    differ = [name for name in fa if fa[name] != fb[name]]
+    assert not differ, f"files differ: {differ[:5]}"
+
+
+def ranked_scan(opts: ScanOptions, lm, world: int) -> Path:
+    """Ranks world-1 .. 1 save their units, then rank 0 folds them all and writes the tree (no process group)."""
+    for rank in range(world - 1, 0, -1):
+        assert run_scan(opts, lm, Ranks(rank=rank, world=world)) is None
+        assert not Path(opts.out).exists(), "only rank 0 writes the tree"
+    return run_scan(opts, lm, Ranks(rank=0, world=world))
+
+
+@pytest.fixture(scope="module")
+def one_process(gpt2, corpus, tiny_lm, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("dist-one") / "tree"
+    run_scan(options(gpt2, corpus, out), tiny_lm, Ranks())
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_ranks_give_the_one_process_tree_byte_for_byte(world, gpt2, corpus, tiny_lm, one_process, tmp_path):
+    out = tmp_path / "tree"
+    ranked_scan(options(gpt2, corpus, out), tiny_lm, world)
+    assert_same_tree(one_process, out)
+    assert not (tmp_path / ".tree.resume").exists(), "the finished scan removed its units"
+
+
+def test_a_killed_scan_resumes_with_another_number_of_processes(gpt2, corpus, tiny_lm, one_process, tmp_path,
+                                                                 monkeypatch):
+    import headvis.pipeline as pipeline
+
+    out = tmp_path / "tree"
+    real_pass = pipeline.metric_pass
+
+    def killed_pass(*a, after_unit, **kw):
+        def after(u, state):
+            after_unit(u, state)
+            if u == 2:
+                raise KeyboardInterrupt
+        real_pass(*a, after_unit=after, **kw)
+
+    monkeypatch.setattr("headvis.scan.metric_pass", killed_pass)
+    with pytest.raises(KeyboardInterrupt):
+        run_scan(options(gpt2, corpus, out), tiny_lm, Ranks())
+    assert sorted(p.name for p in (tmp_path / ".tree.resume").glob("unit-*")) == [
+        f"unit-{u:06d}.safetensors" for u in range(3)]
+    monkeypatch.setattr("headvis.scan.metric_pass", real_pass)
+    ranked_scan(options(gpt2, corpus, out), tiny_lm, world=2)  # units 3, 4, 5 left: rank 1 takes 3 and 5
+    assert_same_tree(one_process, out)
+
+
+def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}  # torchrun's default for its ranks
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_torchrun_with_two_processes_writes_the_tree_of_one(gpt2, corpus, tmp_path):
+    flags = ["--model", str(gpt2), "--dataset", str(corpus), "--seq-len", str(SEQ_LEN), "--num-seqs", str(NUM_SEQS),
+             "--batch-size", str(BATCH), "--unit-size", str(UNIT), "--per-interval", "1", "--max-points", "30",
+             "--device", "cpu"]
+    alone = _run([sys.executable, "-m", "headvis.scan", *flags, "--out", str(tmp_path / "alone")], tmp_path)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    ran = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                "-m", "headvis.scan", *flags, "--out", str(tmp_path / "two")], tmp_path)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert ran.stdout.count("headvis: scanned 22 sequences") == 1, "one summary: rank 0's"
+    assert_same_tree(tmp_path / "alone", tmp_path / "two")
+
+    bad = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                "-m", "headvis.scan", *flags, "--layers", "99", "--out", str(tmp_path / "bad")], tmp_path)
+    assert bad.returncode != 0
+    assert "headvis: rank 0: error: " in bad.stderr and "headvis: rank 1: error: " in bad.stderr, bad.stderr[-2000:]
+    assert not (tmp_path / "bad").exists()
