@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _steps(stdout: str) -> dict[str, float]:
     line = next((l for l in stdout.splitlines() if l.startswith("headvis: time by step:")), "")
-    return {name: float(s) for name, s in re.findall(r"([a-z0-9 ]+?) ([0-9.]+) s", line.split(":", 2)[-1])}
+    return {name.strip(): float(s) for name, s in re.findall(r"([a-z0-9 ]+?) ([0-9.]+) s", line.split(":", 2)[-1])}
 
 
 # a fresh wrapper per command, so that its children's peak RSS is that command's alone

@@ -55,7 +55,7 @@ def _run(cmd: list[str], pythonpath: Path) -> tuple[float, str]:
 
 def _steps(stdout: str) -> dict[str, float]:
     line = next((l for l in stdout.splitlines() if l.startswith("headvis: time by step:")), "")
-    return {name: float(s) for name, s in re.findall(r"([a-z0-9 ]+?) ([0-9.]+) s", line.split(":", 2)[-1])}
+    return {name.strip(): float(s) for name, s in re.findall(r"([a-z0-9 ]+?) ([0-9.]+) s", line.split(":", 2)[-1])}
 
 
 def measure_whole(versions: list[tuple[str, Path]], seq_len: int, small: int, large: int, batch_size: int,

@@ -29,6 +29,7 @@ from headvis.projection import VECTORS, batched_pca, fit_head, gpu_libraries, sm
 from headvis.sampling import sparse_rows_batched
 
 __all__ = ["HeadSelection", "KeptRows", "ProjectionPoints", "Tokens", "fit_projections", "head_vectors", "metric_pass",
+           "record_of",
            "sequence_records"]
 
 
@@ -189,6 +190,27 @@ class ProjectionPoints:
                 pick = slots == s
                 self._parts[(layer, heads[s])].append({name: col[pick] for name, col in columns.items()})
 
+    def parts_tensors(self) -> dict[str, Tensor]:
+        """Every head's gathered edges as flat tensors (`add_tensors` reads them back): for a file."""
+        out: dict[str, Tensor] = {}
+        for (layer, head), parts in self._parts.items():
+            if parts:
+                for name in parts[0]:
+                    out[f"L{layer}H{head}.{name}"] = torch.from_numpy(np.ascontiguousarray(
+                        np.concatenate([p[name] for p in parts])))
+        return out
+
+    def add_tensors(self, tensors: dict[str, Tensor]) -> None:
+        """Edges another process gathered (`parts_tensors`), one part per head."""
+        by_head: dict[tuple[int, int], dict[str, np.ndarray]] = {}
+        for name, value in tensors.items():
+            head, column = name.split(".", 1)
+            layer, h = (int(x) for x in head[1:].split("H"))
+            by_head.setdefault((layer, h), {})[column] = value.numpy()
+        for key, columns in by_head.items():
+            if key in self._parts:
+                self._parts[key].append(columns)
+
     def restrict(self, shown: dict[tuple[int, int], set]) -> None:
         """Keep, per head, only the edges of the sequences it shows (`KeptRows` gathered every kept one)."""
         for key, parts in self._parts.items():
@@ -252,7 +274,7 @@ def _keep_rows(capture: LayerCapture, selection: HeadSelection, stats: RowStats,
         out.setdefault((capture.layer, head), {})[sid] = (indices, values, float(best[i]), [int(q[i]), int(k[i])])
 
 
-def _record(sid, interval: int, kept: _Kept, token_ids: list[int], tokens: Tokens) -> dict:
+def record_of(sid, interval: int, kept: _Kept, token_ids: list[int], tokens: Tokens) -> dict:
     """A head file's per-sequence record (CONTRACT section 2 `sequences`)."""
     indices, values, best, argmax = kept
     return {
@@ -317,12 +339,17 @@ class KeptRows:
         sampled = torch.tensor([[sid in wanted[head] for head in selection.heads] for sid in ids])  # (batch, slot)
         self.points.add(capture.layer, selection.heads, ids, sampled, stats, selection.slice(capture), capture.output)
 
+    def rows_of(self, wanted: dict[tuple[int, int], dict]) -> dict[tuple[int, int], dict]:
+        """(layer, head) -> {seq_id: (indices, values, max, argmax)} of the wanted pairs that are held."""
+        return {key: {sid: self._rows[key][sid] for sid in per_head if self.holds(key, sid)}
+                for key, per_head in wanted.items()}
+
     def records(self, wanted: dict[tuple[int, int], dict], sequences: Tensor, tokens: Tokens) -> dict:
         """(layer, head) -> {seq_id: record} of the wanted sequences that are held."""
         out: dict[tuple[int, int], dict] = {}
         for key, per_head in wanted.items():
             rows = self._rows.get(key, {})
-            out[key] = {sid: _record(sid, interval, rows[sid], sequences[sid].tolist(), tokens)
+            out[key] = {sid: record_of(sid, interval, rows[sid], sequences[sid].tolist(), tokens)
                         for sid, interval in per_head.items() if sid in rows}
         return out
 
@@ -349,6 +376,7 @@ def sequence_records(
     tokens: Tokens,
     progress: bool = True,
     points: ProjectionPoints | None = None,
+    raw: bool = False,
 ) -> dict[tuple[int, int], dict]:
     """Pass 2: the head-file record of each wanted (layer, head, sequence), and the projection points.
 
@@ -356,7 +384,8 @@ def sequence_records(
     wanted: (layer, head) -> {seq_id: interval}. Returns (layer, head) ->
     {seq_id: record} with the fields of CONTRACT section 2's `sequences`.
     With `points`, the same forward passes also gather every head's
-    projection cloud (no pass of its own).
+    projection cloud (no pass of its own). `raw`: {seq_id: (indices, values, max, argmax)} instead of
+    records (`record_of` makes one), for a process that hands its rows to another.
     """
     kept: dict[tuple[int, int], dict] = {}
     needed = sorted({sid for per_head in wanted.values() for sid in per_head}, key=seq_ids.index)
@@ -382,7 +411,9 @@ def sequence_records(
             state["tokens"] = sequences[[rows[s] for s in batch]].to(lm.device)
             token_lists.update(zip(batch, state["tokens"].cpu().tolist()))
             session.run(state["tokens"])
-    return {key: {sid: _record(sid, interval, kept[key][sid], token_lists[sid], tokens)
+    if raw:
+        return {key: {sid: kept[key][sid] for sid in per_head} for key, per_head in wanted.items() if per_head}
+    return {key: {sid: record_of(sid, interval, kept[key][sid], token_lists[sid], tokens)
                   for sid, interval in per_head.items()}
             for key, per_head in wanted.items()}
 

@@ -35,9 +35,9 @@ from headvis.io import write_json
 from headvis.metrics import distance_bin_edges
 from headvis.models import DEFAULT_MODEL, LoadedModel, load_model, weights_sha256
 from headvis.output import ScanTarget
-from headvis.units import UnitFiles, scan_key, unit_ranges, unit_size_for
+from headvis.units import UnitFiles, load_pass2, read_shown, save_pass2, scan_key, unit_ranges, unit_size_for, write_shown
 from headvis.pipeline import (HeadSelection, KeptRows, ProjectionPoints, Tokens, fit_projections, metric_pass,
-                              sequence_records)
+                              record_of, sequence_records)
 from headvis.projection import COMPONENTS, UMAP_VIEW, VECTORS
 from headvis.rescan import carry_over
 from headvis.sampling import assign_intervals, choose_samples, interval_edges, sequence_priorities
@@ -302,8 +302,8 @@ def _run_ranked(opts: ScanOptions, lm: LoadedModel | None, ranks: Ranks, start: 
         keep = KeptRows(_kept_ids(opts, priority, len(layers) * len(heads), info.d_head,
                                   math.ceil(opts.max_points / max(1, n_shown))),
                         opts.top_k, opts.min_weight, points, opts.per_interval)
-        # one process keeps rows from pass 1 (so pass 2 runs fewer again); several run pass 2 from scratch
-        keeping = opts.keep_memory > 0 and ranks.world == 1
+        # pass 1 keeps rows (so pass 2 runs fewer again): with several processes each keeps those of its units
+        keeping = opts.keep_memory > 0
         clock = {"setup": time.perf_counter() - start}
         mark = time.perf_counter()
 
@@ -336,39 +336,67 @@ def _run_ranked(opts: ScanOptions, lm: LoadedModel | None, ranks: Ranks, start: 
                     units=mine, after_unit=after_unit, keep=keep if keeping else None,
                     progress=(n_seqs, done_everywhere) if ranks.first else None)
         ranks.barrier()  # every unit is on disk now
-        if not ranks.first:
-            return None
-        fold_ready()
-        if folded[0] != len(units):
-            raise HeadvisError(f"pass 1 ended with units {folded[0]}.. missing from {files.folder}: a process "
-                               "stopped early; rerun the same command to scan them")
-        clock["pass 1"], mark = time.perf_counter() - mark, time.perf_counter()
-
         tokens = Tokens(lm.tokenizer)
         results, wanted, edges_of = {}, {}, {}
-        for layer in layers:
-            for slot, head in enumerate(heads):
-                result = acc.result(layer, slot)
-                edges = interval_edges(result.seq_max, INTERVALS)
-                chosen = choose_samples(result.seq_max, edges, opts.per_interval, priority)
-                results[(layer, head)] = result
-                edges_of[(layer, head)] = edges
-                wanted[(layer, head)] = {sid: interval for sid, interval in chosen}
-        # Pass 2: only the shown sequences pass 1 did not keep run through the model again.
-        # the edges pass 1 gathered stay for the pairs it holds; the others' come again from pass 2
-        points.restrict({key: {sid for sid in per_head if keep.holds(key, sid)} for key, per_head in wanted.items()})
-        records = keep.records(wanted, sequences, tokens)
-        missing = {key: {sid: interval for sid, interval in per_head.items() if not keep.holds(key, sid)}
-                   for key, per_head in wanted.items()}
-        rerun = sequence_records(lm, sequences, list(range(n_seqs)), missing, selection, fn, top_k=opts.top_k,
-                                 min_weight=opts.min_weight, bin_edges=bin_edges, batch_size=opts.batch_size,
-                                 tokens=tokens, points=points)
-        for key, per_head in rerun.items():
-            records[key].update(per_head)
+        if ranks.first:
+            fold_ready()
+            if folded[0] != len(units):
+                raise HeadvisError(f"pass 1 ended with units {folded[0]}.. missing from {files.folder}: a process "
+                                   "stopped early; rerun the same command to scan them")
+            clock["pass 1"], mark = time.perf_counter() - mark, time.perf_counter()
+            for layer in layers:
+                for slot, head in enumerate(heads):
+                    result = acc.result(layer, slot)
+                    edges = interval_edges(result.seq_max, INTERVALS)
+                    chosen = choose_samples(result.seq_max, edges, opts.per_interval, priority)
+                    results[(layer, head)] = result
+                    edges_of[(layer, head)] = edges
+                    wanted[(layer, head)] = {sid: interval for sid, interval in chosen}
+        pass2 = dict(lm=lm, sequences=sequences, seq_ids=list(range(n_seqs)), selection=selection, fn=fn,
+                     top_k=opts.top_k, min_weight=opts.min_weight, bin_edges=bin_edges, batch_size=opts.batch_size,
+                     tokens=tokens)
+        if ranks.world == 1:
+            # Pass 2: only the shown sequences pass 1 did not keep run through the model again.
+            # the edges pass 1 gathered stay for the pairs it holds; the others' come again from pass 2
+            points.restrict({key: {sid for sid in per_head if keep.holds(key, sid)} for key, per_head in wanted.items()})
+            records = keep.records(wanted, sequences, tokens)
+            missing = {key: {sid: interval for sid, interval in per_head.items() if not keep.holds(key, sid)}
+                       for key, per_head in wanted.items()}
+            rerun = sequence_records(wanted=missing, points=points, **pass2)
+            for key, per_head in rerun.items():
+                records[key].update(per_head)
+            n_rerun = len({sid for per_head in missing.values() for sid in per_head})
+            print(f"headvis: pass 2 ran {n_rerun} of {len({s for p in wanted.values() for s in p})} shown "
+                  "sequences again (pass 1 kept the rest)", flush=True)
+        else:
+            # Pass 2 across the ranks: rank 0 names the shown sequences, each rank runs those of its own units
+            # and saves their rows and edges, rank 0 gathers them
+            if ranks.first:
+                write_shown(files.folder / "shown.json", wanted)
+            ranks.barrier()
+            shown = wanted if ranks.first else read_shown(files.folder / "shown.json")
+            mine = {key: {sid: iv for sid, iv in per_head.items() if (sid // unit_size) % ranks.world == ranks.rank}
+                    for key, per_head in shown.items()}
+            held = keep.rows_of(mine) if keeping else {}
+            points.restrict({key: set(per_head) for key, per_head in held.items()})
+            missing = {key: {sid: iv for sid, iv in per_head.items() if sid not in held.get(key, {})}
+                       for key, per_head in mine.items()}
+            rows = sequence_records(wanted=missing, points=points, raw=True, progress=ranks.first, **pass2)
+            for key, per_head in held.items():
+                rows.setdefault(key, {}).update(per_head)
+            if not ranks.first:
+                save_pass2(files.folder / f"pass2-{ranks.rank:05d}.safetensors", rows, points)
+                ranks.barrier()
+                return None
+            ranks.barrier()  # every rank's pass 2 is on disk
+            for rank in range(1, ranks.world):
+                for key, per_head in load_pass2(files.folder / f"pass2-{rank:05d}.safetensors", points).items():
+                    rows.setdefault(key, {}).update(per_head)
+            records = {key: {sid: record_of(sid, interval, rows[key][sid], sequences[sid].tolist(), tokens)
+                             for sid, interval in per_head.items()} for key, per_head in wanted.items()}
+            print(f"headvis: pass 2 ran the shown sequences that pass 1 did not keep on {ranks.world} processes "
+                  f"({len({s for p in missing.values() for s in p})} on rank 0)", flush=True)
         clock["pass 2"], mark = time.perf_counter() - mark, time.perf_counter()
-        n_rerun = len({sid for per_head in missing.values() for sid in per_head})
-        print(f"headvis: pass 2 ran {n_rerun} of {len({s for p in wanted.values() for s in p})} shown sequences "
-              "again (pass 1 kept the rest)", flush=True)
 
         scatter = []
         for (layer, head), result in results.items():

@@ -24,6 +24,7 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -31,7 +32,8 @@ from safetensors.torch import load_file, save_file
 from headvis.errors import HeadvisError
 from headvis.io import atomic_write_bytes
 
-__all__ = ["UnitFiles", "scan_key", "unit_ranges", "unit_size_for"]
+__all__ = ["UnitFiles", "load_pass2", "read_shown", "save_pass2", "scan_key", "unit_ranges", "unit_size_for",
+           "write_shown"]
 
 MIN_UNIT = 32  # sequences: smaller units cost more files than they save on a resume
 MAX_BATCHES = 32  # batches per unit at most
@@ -110,3 +112,54 @@ class UnitFiles:
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+# -- pass 2 across processes: rank 0 names the shown sequences, each rank hands back its rows and edges
+
+
+def write_shown(path: Path, wanted: dict[tuple[int, int], dict[int, int]]) -> None:
+    """(layer, head) -> {sequence id: interval}, in the heads' order, as JSON (temp file, then rename)."""
+    rows = [[layer, head, [[sid, interval] for sid, interval in per_head.items()]]
+            for (layer, head), per_head in wanted.items()]
+    atomic_write_bytes(path, json.dumps(rows).encode("utf-8"))
+
+
+def read_shown(path: Path) -> dict[tuple[int, int], dict[int, int]]:
+    return {(layer, head): {int(sid): int(interval) for sid, interval in per_head}
+            for layer, head, per_head in json.loads(path.read_text(encoding="utf-8"))}
+
+
+def save_pass2(path: Path, rows: dict[tuple[int, int], dict], points) -> None:
+    """One rank's pass-2 rows ({(layer, head): {sid: (indices, values, max, [q, k])}}) and gathered edges."""
+    meta, best, indices, values = [], [], [], []
+    for (layer, head), per_head in rows.items():
+        for sid, (idx, val, top, (q, k)) in per_head.items():
+            meta.append([layer, head, sid, q, k, len(idx)])
+            best.append(top)
+            indices.append(np.asarray(idx, dtype=np.int64))
+            values.append(np.asarray(val, dtype=np.float32))
+    tensors = {"meta": torch.tensor(meta, dtype=torch.int64).reshape(-1, 6),
+               "best": torch.tensor(best, dtype=torch.float64),
+               "indices": torch.from_numpy(np.concatenate(indices) if indices else np.zeros(0, np.int64)),
+               "values": torch.from_numpy(np.concatenate(values) if values else np.zeros(0, np.float32))}
+    tensors.update({f"points.{name}": value for name, value in points.parts_tensors().items()})
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+    os.replace(tmp, path)
+
+
+def load_pass2(path: Path, points) -> dict[tuple[int, int], dict]:
+    """A rank's `save_pass2` file: its rows, its edges added to `points`."""
+    try:
+        tensors = load_file(path)
+    except Exception as e:  # safetensors raises its own error type for a damaged file
+        raise HeadvisError(f"pass 2 of another process is unreadable ({path}: {e}); run the same command again") from e
+    rows: dict[tuple[int, int], dict] = {}
+    offset = 0
+    indices, values = tensors["indices"].numpy(), tensors["values"].numpy()
+    for (layer, head, sid, q, k, n), top in zip(tensors["meta"].tolist(), tensors["best"].tolist()):
+        rows.setdefault((layer, head), {})[sid] = (indices[offset:offset + n].copy(), values[offset:offset + n].copy(),
+                                                    top, [q, k])
+        offset += n
+    points.add_tensors({name[len("points."):]: value for name, value in tensors.items() if name.startswith("points.")})
+    return rows

@@ -1,7 +1,7 @@
 """One scan across processes: the same tree, byte for byte, from 1, 2 or 3 ranks, from torchrun, and after a resume.
 
-Ranks run in one process here (each `run_scan` with its own `Ranks`: the non-zero ranks save their units and
-leave, rank 0 then folds every unit in order and writes the tree), and as a real `torchrun --standalone
+Ranks run as threads of one process here (each `run_scan` with its own `Ranks`, a threading barrier between
+the passes; the capture serializes their forward passes), and as a real `torchrun --standalone
 --nproc-per-node 2` (gloo on the loopback) against the same command without torchrun.
 """
 
@@ -69,11 +69,29 @@ def assert_same_tree(a: Path, b: Path) -> None:
 
 
 def ranked_scan(opts: ScanOptions, lm, world: int) -> Path:
-    """Ranks world-1 .. 1 save their units, then rank 0 folds them all and writes the tree (no process group)."""
-    for rank in range(world - 1, 0, -1):
-        assert run_scan(opts, lm, Ranks(rank=rank, world=world)) is None
-        assert not Path(opts.out).exists(), "only rank 0 writes the tree"
-    return run_scan(opts, lm, Ranks(rank=0, world=world))
+    """`world` ranks as threads with a shared barrier; rank 0 writes the tree, the others return None."""
+    import threading
+
+    barrier = threading.Barrier(world, timeout=300)
+    returned: dict[int, object] = {}
+
+    def rank(r: int) -> None:
+        try:
+            returned[r] = run_scan(opts, lm, Ranks(rank=r, world=world, wait=barrier.wait))
+        except BaseException as e:  # noqa: BLE001 - handed to the test's thread
+            returned[r] = e
+            barrier.abort()
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for r in range(world):
+        if isinstance(returned[r], BaseException):
+            raise returned[r]
+    assert all(returned[r] is None for r in range(1, world)), "only rank 0 writes the tree"
+    return returned[0]
 
 
 @pytest.fixture(scope="module")
@@ -83,10 +101,13 @@ def one_process(gpt2, corpus, tiny_lm, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("world", [2, 3, 4])
-def test_ranks_give_the_one_process_tree_byte_for_byte(world, gpt2, corpus, tiny_lm, one_process, tmp_path):
+@pytest.mark.parametrize("world, keep_memory", [(2, 1024.0), (3, 1024.0), (4, 1024.0), (2, 0.0)],
+                         ids=["2", "3", "4", "2-no-kept-rows"])
+def test_ranks_give_the_one_process_tree_byte_for_byte(world, keep_memory, gpt2, corpus, tiny_lm, one_process,
+                                                       tmp_path):
+    """Pass 1 split by units, pass 2 by the units of the shown sequences (from rows kept in pass 1 or run again)."""
     out = tmp_path / "tree"
-    ranked_scan(options(gpt2, corpus, out), tiny_lm, world)
+    ranked_scan(options(gpt2, corpus, out, keep_memory=keep_memory), tiny_lm, world)
     assert_same_tree(one_process, out)
     assert not (tmp_path / ".tree.resume").exists(), "the finished scan removed its units"
 
