@@ -124,7 +124,8 @@ class ScanAccumulator:
         self.query_count = torch.zeros(vocab_size, dtype=torch.int64)
         self._unit: dict[str, Tensor] | None = None  # the open unit's sums (None: updates go to the totals)
         self._unit_ids: Tensor | None = None
-        self._touched: Tensor | None = None  # (vocab,) bool: tokens the open unit holds
+        self._unit_tokens: Tensor | None = None  # the tokens the open unit holds, ascending: its columns
+        self._columns: Tensor | None = None  # (vocab,) token id -> its column in the open unit, -1 elsewhere
 
     # -- work units
 
@@ -132,42 +133,51 @@ class ScanAccumulator:
     _VOCAB_SUMS = ("key_weight", "query_max_sum", "query_count")
 
     def _sums(self, name: str) -> Tensor:
-        """Where an update adds `name`: the open unit's sums, else the totals."""
+        """Where an update adds `name`: the open unit's sums, else the totals (when no unit was ever begun)."""
+        if self._unit is None and self._columns is not None:
+            raise RuntimeError("an update between two units: it would be lost from the totals (begin_unit first)")
         return self._unit[name] if self._unit is not None else getattr(self, name)
 
-    def begin_unit(self, seq_ids: list[int]) -> None:
-        """Updates until `end_unit` sum into a unit of their own (seq_ids: the unit's sequences)."""
-        if self._unit is None:  # buffers kept across units: only the columns a unit touched are zeroed again
-            self._unit = {name: torch.zeros_like(getattr(self, name)) for name in self._SUMS + self._VOCAB_SUMS}
-            self._touched = torch.zeros(self.query_count.shape[0], dtype=torch.bool)
+    def _vocab_index(self, tokens: Tensor) -> Tensor:
+        """Token ids -> where an update adds them: the open unit's own columns, else the vocabulary's."""
+        return self._columns[tokens] if self._unit is not None else tokens
+
+    def begin_unit(self, seq_ids: list[int], token_ids: Tensor) -> None:
+        """Updates until `end_unit` sum into a unit of their own: seq_ids, and token_ids (n, pos) their tokens.
+
+        The unit's per-token sums have a column per token it holds (not per vocabulary entry), so a unit
+        costs memory by its own tokens, not by the vocabulary.
+        """
+        tokens = torch.unique(token_ids[:, 1:].reshape(-1).cpu())  # rows q >= 1: the only tokens updates add
+        n_layers, n_heads = self.key_weight.shape[:2]
+        f64 = dict(dtype=torch.float64)
+        self._unit = {name: torch.zeros_like(getattr(self, name)) for name in self._SUMS}
+        self._unit["key_weight"] = torch.zeros(n_layers, n_heads, len(tokens), **f64)
+        self._unit["query_max_sum"] = torch.zeros(n_layers, n_heads, len(tokens), **f64)
+        self._unit["query_count"] = torch.zeros(len(tokens), dtype=torch.int64)
+        if self._columns is None:
+            self._columns = torch.full((self.query_count.shape[0],), -1, dtype=torch.int64)
+        self._columns[tokens] = torch.arange(len(tokens))
+        self._unit_tokens = tokens
         self._unit_ids = torch.tensor(seq_ids, dtype=torch.int64)
 
     def end_unit(self) -> dict[str, Tensor]:
         """The open unit's state (not folded into the totals: `fold` does that, in unit order)."""
-        unit, ids = self._unit, self._unit_ids
-        if unit is None or ids is None:
+        unit, ids, tokens = self._unit, self._unit_ids, self._unit_tokens
+        if unit is None or ids is None or tokens is None:
             raise RuntimeError("end_unit without begin_unit")
-        tokens = torch.nonzero(self._touched, as_tuple=True)[0]
-        state = {name: unit[name].clone() for name in self._SUMS}
+        state = dict(unit)
         state["tokens"] = tokens
-        state["key_weight"] = unit["key_weight"][:, :, tokens].clone()
-        state["query_max_sum"] = unit["query_max_sum"][:, :, tokens].clone()
-        state["query_count"] = unit["query_count"][tokens].clone()
         state["seq_ids"] = ids
         state["seq_max"] = self.seq_max[:, ids].clone()
         state["seq_argmax"] = self.seq_argmax[:, ids].clone()
-        for name in self._SUMS:
-            unit[name].zero_()
-        for name in ("key_weight", "query_max_sum"):
-            unit[name][:, :, tokens] = 0.0
-        unit["query_count"][tokens] = 0
-        self._touched[tokens] = False
-        self._unit_ids = None
+        self._columns[tokens] = -1
+        self._unit = self._unit_ids = self._unit_tokens = None
         return state
 
     def close_units(self) -> None:
-        """Updates go to the totals again (the unit buffers are freed)."""
-        self._unit = self._unit_ids = self._touched = None
+        """Free the token-column table of the units (updates outside a unit go to the totals)."""
+        self._unit = self._unit_ids = self._unit_tokens = self._columns = None
 
     def fold(self, state: dict[str, Tensor]) -> None:
         """Add a unit's state (`end_unit`, or read back from its file) into the totals."""
@@ -185,9 +195,7 @@ class ScanAccumulator:
     def count_tokens(self, seq_ids: Tensor, token_ids: Tensor) -> None:
         """Once per batch: query occurrences (rows q >= 1) and which sequences were seen."""
         tokens = token_ids[:, 1:].reshape(-1).cpu()
-        self._sums("query_count").index_add_(0, tokens, torch.ones(tokens.numel(), dtype=torch.int64))
-        if self._touched is not None and self._unit_ids is not None:
-            self._touched[tokens] = True
+        self._sums("query_count").index_add_(0, self._vocab_index(tokens), torch.ones(tokens.numel(), dtype=torch.int64))
         self.seq_seen[seq_ids.cpu()] = True
 
     def update(self, layer: int, seq_ids: Tensor, token_ids: Tensor, stats: RowStats) -> None:
@@ -216,11 +224,10 @@ class ScanAccumulator:
             self.seq_max[li, seq_ids] = best.float().cpu()
             self.seq_argmax[li, seq_ids] = torch.stack([q, k], dim=-1).int().cpu()
             flat_rows = row_max.permute(1, 0, 2).reshape(self.n_heads, -1).double().cpu()
-            self._sums("query_max_sum")[li].index_add_(1, tokens, flat_rows)
+            columns = self._vocab_index(tokens)
+            self._sums("query_max_sum")[li].index_add_(1, columns, flat_rows)
             received = stats.key_weight[:, :, rows].permute(1, 0, 2).reshape(self.n_heads, -1).double().cpu()
-            self._sums("key_weight")[li].index_add_(1, tokens, received)
-            if self._touched is not None and self._unit_ids is not None:
-                self._touched[tokens] = True
+            self._sums("key_weight")[li].index_add_(1, columns, received)
         self._sums("dist_hist")[li] += stats.dist_hist[:, :, rows].double().sum((0, 2)).cpu()
         if self.bin_edges is not None and token_ids.shape[1] > 1:
             distance = torch.arange(1, token_ids.shape[1])  # row q's column 0 lies q - 0 = q away

@@ -62,18 +62,26 @@ class Continued(str):
 _PIECE_BYTES = 1 << 20  # a .txt is read, checked and tokenized this much at a time
 
 
+_MAX_CARRY_PIECES = 16  # a piece with no safe cut in this many reads is cut anyway (memory stays bounded)
+# where a piece may end: a single line break between two non-space characters, else before a space between two
+_CUTS = (re.compile(r"\S\n(?=\S)"), re.compile(r"\S(?= \S)"))
+
+
 def _text_pieces(path: Path) -> Iterator[str]:
     """A .txt as one document, read in pieces of about _PIECE_BYTES (memory bounded whatever its size).
 
-    Each piece but the last is `Continued` and ends at a single line break between two characters that are
-    not whitespace, where a byte-level BPE pre-tokenizer splits the same way with or without what follows
-    (a run of line breaks would not: at a piece's end it becomes one pre-token), so the tokens are those of
-    the whole text. HeadvisError unless it is UTF-8 text: no NUL byte, and control characters at most a tenth of
-    what was read (checked piece by piece, so a binary file stops at its first piece).
+    Each piece but the last is `Continued`. Newlines are made universal first; a piece then ends at a
+    single line break between two characters that are not whitespace, or, in a read with none, before a
+    space between two such characters: where a byte-level BPE pre-tokenizer splits the same way with or
+    without what follows (a run of line breaks would not: at a piece's end it becomes one pre-token), so
+    the tokens are those of the whole text. `pack_sequences` checks that the tokenizer splits so, and
+    joins the pieces again for one that does not. HeadvisError unless it is UTF-8 text: no NUL byte, and
+    control characters at most a tenth of what was read (checked piece by piece, so a binary file stops
+    at its first piece).
     """
     piece_bytes = _PIECE_BYTES
     decoder = codecs.getincrementaldecoder("utf-8")("strict")
-    offset, controls, chars, carry = 0, 0, 0, ""
+    offset, controls, chars, carry, searched, held, cr = 0, 0, 0, "", 0, 0, False
     with path.open("rb") as f:
         while True:
             data = f.read(piece_bytes)
@@ -95,16 +103,26 @@ def _text_pieces(path: Path) -> Iterator[str]:
             if controls > _MAX_CONTROL_SHARE * chars and controls:
                 raise HeadvisError(f"{path}: not a text file ({controls} of {'its' if final else 'the first'} {chars} "
                                    "characters are control characters); a .txt dataset must be UTF-8 text")
-            text = carry + text
+            text = ("\r" if cr else "") + text
+            cr = not final and text.endswith("\r")  # a CR LF pair may be split by the read: the CR waits
+            text = carry + _universal_newlines(text[:-1] if cr else text)
             if final:
-                yield _universal_newlines(text)
+                yield text
                 return
-            cut = max((m.end() - 1 for m in re.finditer(r"\S\n\S", text)), default=-1)
+            held += 1
+            cut = -1
+            for pattern in _CUTS:  # only the new text is searched (and the last characters before it)
+                cut = max((m.end() for m in pattern.finditer(text, max(0, searched - 2))), default=-1)
+                if cut > 0:
+                    break
+            if cut <= 0 and held >= _MAX_CARRY_PIECES:
+                cut = len(text)  # no safe place in 16 reads (one huge "word"): cut anyway, memory first
             if cut > 0:
-                yield Continued(_universal_newlines(text[:cut]))
-                carry = text[cut:]
+                yield Continued(text[:cut])
+                carry, held = text[cut:], 0
             else:
                 carry = text
+            searched = len(carry)
 
 
 def _universal_newlines(text: str) -> str:
@@ -209,6 +227,17 @@ def prefix_token(tokenizer) -> int | None:
     return None
 
 
+def _splits_cleanly(tokenizer) -> bool:
+    """Does `tokenizer` give the same ids for a text as for its halves, cut as `_text_pieces` cuts?
+
+    True for byte-level BPE (GPT-2, Llama 3, SmolLM2); False for tokenizers that prepend a word marker to
+    every call (SentencePiece: Llama 2, Mistral), whose pieces are then joined again before tokenizing.
+    """
+    ids = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    pairs = [("Alpha beta.\n", "Gamma delta"), ("alpha beta", " gamma delta"), ("x = 1\n", "y = 2")]
+    return all(ids(a + b) == ids(a) + ids(b) for a, b in pairs)
+
+
 def pack_sequences(texts: Iterator[str], tokenizer, seq_len: int, num_seqs: int, progress: bool = True) -> torch.Tensor:
     """(n, seq_len) int64 token ids, n <= num_seqs, packed as the module docstring says (a bar unless not `progress`)."""
     prefix = prefix_token(tokenizer)
@@ -220,8 +249,17 @@ def pack_sequences(texts: Iterator[str], tokenizer, seq_len: int, num_seqs: int,
         raise HeadvisError(f"--seq-len {seq_len} leaves no room for text after the BOS token")
     sequences: list[list[int]] = []
     stream: list[int] = []
+    clean: bool | None = None  # whether the tokenizer splits at the pieces' cuts as it does inside a text
+    document: list[str] = []  # a document's pieces, joined again for a tokenizer that does not
     with tqdm(total=num_seqs, desc="tokenizing", unit="seq", leave=False, disable=not progress) as bar:
         for text in texts:
+            if isinstance(text, Continued) or document:
+                clean = _splits_cleanly(tokenizer) if clean is None else clean
+                if not clean:
+                    document.append(text)
+                    if isinstance(text, Continued):
+                        continue
+                    text, document = "".join(document), []
             stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
             if eos is not None and not isinstance(text, Continued):
                 stream.append(int(eos))

@@ -80,7 +80,11 @@ class Ranks:
         elif self.joined:
             import torch.distributed as dist
 
-            dist.barrier()
+            try:
+                dist.barrier()
+            except Exception as e:  # gloo / NCCL: a peer that died closes the connection
+                raise HeadvisError("stopped: another process of the scan failed (its own message says why); the "
+                                   "saved units stay beside --out for a rerun") from e
 
     def close(self) -> None:
         if self.joined:

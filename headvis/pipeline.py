@@ -121,7 +121,7 @@ def metric_pass(
             tqdm(total=total, initial=done_everywhere(), desc="pass 1: metrics", unit="seq",
                  disable=progress is None) as bar:
         for index, ids in units:
-            accumulator.begin_unit(list(ids))
+            accumulator.begin_unit(list(ids), sequences[list(ids)])
             for batch in _batches(list(ids), batch_size):
                 state["ids"] = torch.tensor(batch)
                 state["tokens"] = sequences[batch].to(lm.device)

@@ -257,6 +257,7 @@ def _run_ranked(opts: ScanOptions, lm: LoadedModel | None, ranks: Ranks, start: 
     target = ScanTarget.open(Path(opts.out)) if ranks.first else None
     out = target.out if target is not None else ScanTarget.resolve_out(Path(opts.out))
     staging = target.staging if target is not None else None
+    files: UnitFiles | None = None
     try:
         device = ranks.device(opts.device) or ("cuda" if torch.cuda.is_available() else "cpu")
         if lm is None:
@@ -289,7 +290,9 @@ def _run_ranked(opts: ScanOptions, lm: LoadedModel | None, ranks: Ranks, start: 
             files.remove()
         files.open(writer=ranks.first)
         ranks.barrier()  # the others read the folder only once rank 0 has checked its key
-        done = files.done() if opts.resume else set()
+        if not ranks.first:
+            files.check(ranks.rank)
+        done = files.done_in(len(units)) if opts.resume else set()
         if done and ranks.first:
             print(f"headvis: resuming pass 1: {sum(len(units[u]) for u in done)} of {n_seqs} sequences already "
                   "scanned", flush=True)
@@ -315,7 +318,7 @@ def _run_ranked(opts: ScanOptions, lm: LoadedModel | None, ranks: Ranks, start: 
                 if fresh is not None and u in fresh:
                     acc.fold(fresh.pop(u))
                 elif u in done or files.path(u).exists():
-                    acc.fold(files.load(u))
+                    acc.fold(files.load(u, units[u]))
                 else:
                     return
                 folded[0] += 1
@@ -329,7 +332,7 @@ def _run_ranked(opts: ScanOptions, lm: LoadedModel | None, ranks: Ranks, start: 
                 fold_ready(pending)
 
         mine = [(u, units[u]) for u in range(len(units)) if u % ranks.world == ranks.rank and u not in done]
-        done_everywhere = lambda: sum(len(units[u]) for u in files.done())  # noqa: E731 - the bar's global count
+        done_everywhere = lambda: sum(len(units[u]) for u in files.done_in(len(units)))  # noqa: E731 - the bar's count
         if ranks.world == 1:
             fold_ready()  # the resumed prefix
         metric_pass(lm, sequences, selection, fn, acc, batch_size=opts.batch_size, bin_edges=bin_edges,
@@ -482,6 +485,9 @@ def _run_ranked(opts: ScanOptions, lm: LoadedModel | None, ranks: Ranks, start: 
         if target is not None:
             target.discard()
         raise
+    finally:
+        if files is not None:
+            files.release()  # the resume folder's lock: a later scan (or a rerun in this process) may take it
     clock["rest"] = time.perf_counter() - mark  # the other files, the rescan's carry-over, the swap
     _print_summary(n_seqs, n_tokens, len(layers) * len(heads), time.perf_counter() - start, target.given, backend)
     print("headvis: time by step: " + ", ".join(f"{step} {seconds:.1f} s" for step, seconds in clock.items()),

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from headvis.errors import HeadvisError
@@ -65,11 +66,24 @@ class UnitFiles:
     def __init__(self, folder: Path, key: dict):
         self.folder = Path(folder)
         self.key = key
+        self.digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode("utf-8")).hexdigest()
+        self._lock = None
 
     def open(self, writer: bool) -> None:
-        """The writer (rank 0, or the only process) discards another scan's folder and writes the key."""
+        """The writer (rank 0, or the only process) locks the folder against a second scan, discards another
+        scan's folder and writes the key."""
         if not writer:
             return
+        from headvis.lock import LOCK_NAME, TreeLock, TreeLocked
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._lock = TreeLock(self.folder, "scan")  # the lock file stays while this scan runs, whatever it removes
+        try:
+            self._lock.acquire()
+        except TreeLocked as e:
+            self._lock = None
+            raise HeadvisError(f"another scan of the same --out is running ({e}); wait for it or scan into "
+                               "another --out") from None
         try:
             stored = json.loads((self.folder / "key.json").read_text(encoding="utf-8"))
         except FileNotFoundError:
@@ -78,9 +92,29 @@ class UnitFiles:
             stored = "unreadable"
         if stored is not None and stored != self.key:
             print("headvis: a resume checkpoint of another scan was found and is discarded", flush=True)
-            self.remove()
-        self.folder.mkdir(parents=True, exist_ok=True)
+            for path in self.folder.iterdir():
+                if path.name != LOCK_NAME:
+                    shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         atomic_write_bytes(self.folder / "key.json", json.dumps(self.key, sort_keys=True).encode("utf-8"))
+
+    def check(self, rank: int) -> None:
+        """A rank other than 0, after rank 0's `open`: it sees the same folder and the same scan."""
+        try:
+            stored = json.loads((self.folder / "key.json").read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise HeadvisError(f"{self.folder}/key.json, which rank 0 wrote, is not visible from rank {rank}: every "
+                               "process needs the same folder for --out (a shared filesystem across machines)") from None
+        except (OSError, ValueError) as e:
+            raise HeadvisError(f"cannot read {self.folder}/key.json: {e}") from e
+        if stored != self.key:
+            differ = sorted(k for k in set(stored) | set(self.key) if stored.get(k) != self.key.get(k))
+            raise HeadvisError(f"this process's scan differs from rank 0's in {', '.join(differ)}: every process must "
+                               "see the same model, corpus and settings")
+
+    def release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def path(self, unit: int) -> Path:
         return self.folder / f"unit-{unit:06d}.safetensors"
@@ -96,22 +130,34 @@ class UnitFiles:
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp = self.folder / f".unit-{unit:06d}.{os.getpid()}.tmp"
         try:
-            save_file({k: v.contiguous() for k, v in state.items()}, tmp)
+            save_file({k: v.contiguous() for k, v in state.items()}, tmp, metadata={"scan": self.digest})
         except SafetensorError as e:  # Rust's IO error, e.g. "... (os error 28)": back to an OSError
             tmp.unlink(missing_ok=True)
             found = re.search(r"os error (\d+)", str(e))
             raise OSError(int(found[1]) if found else errno.EIO, str(e), str(tmp)) from e
         os.replace(tmp, self.path(unit))
 
-    def load(self, unit: int) -> dict[str, torch.Tensor]:
+    def load(self, unit: int, seq_ids: range) -> dict[str, torch.Tensor]:
+        """Unit `unit`'s state, checked: written for this scan (its key's digest) and holding `seq_ids`."""
+        path = self.path(unit)
         try:
-            return load_file(self.path(unit))
+            with safe_open(path, framework="pt") as f:
+                written_for = (f.metadata() or {}).get("scan")
+            state = load_file(path)
         except Exception as e:  # safetensors raises its own error type for a damaged file
             raise HeadvisError(f"the saved unit {unit} is unreadable ({type(e).__name__}: {e}); remove "
-                               f"{self.path(unit)} (that unit is then scanned again) or run with --no-resume") from e
+                               f"{path} (that unit is then scanned again) or run with --no-resume") from e
+        if written_for != self.digest or state["seq_ids"].tolist() != list(seq_ids):
+            raise HeadvisError(f"the saved unit {path} belongs to another scan (another process with other settings, "
+                               "or a second scan of the same --out); remove it (that unit is then scanned again)")
+        return state
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+    def done_in(self, n_units: int) -> set[int]:
+        """`done`, limited to this scan's unit numbers."""
+        return {u for u in self.done() if u < n_units}
 
 
 # -- pass 2 across processes: rank 0 names the shown sequences, each rank hands back its rows and edges

@@ -109,6 +109,49 @@ def test_a_big_txt_is_read_in_pieces_with_the_tokens_of_the_whole_text(tmp_path,
     assert packed.tolist() == whole.tolist()
 
 
+@pytest.mark.parametrize("kind", ["crlf", "cr", "paragraphs", "one-line"])
+def test_pieces_of_other_line_endings_and_layouts_keep_the_whole_texts_tokens(tmp_path, monkeypatch, smollm, kind):
+    """CRLF and CR files, blank-line paragraphs (cut before a space) and one long line (cut anyway after 16 reads)."""
+    import headvis.datasets as datasets
+    from pydoc_data.topics import topics
+
+    text = "\n".join(list(topics.values())[:25])
+    if kind == "paragraphs":
+        text = "\n\n".join(line for line in text.splitlines() if line.strip())
+    if kind == "one-line":
+        text = "".join(text.split())[:60_000]  # no whitespace at all: no safe place to cut
+    raw = {"crlf": text.replace("\n", "\r\n"), "cr": text.replace("\n", "\r")}.get(kind, text)
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(raw.encode())
+    monkeypatch.setattr(datasets, "_PIECE_BYTES", 2048)
+    pieces = list(iter_texts(str(path)))
+    assert "".join(pieces) == text and len(pieces) > 1
+    assert max(len(p) for p in pieces) <= 2048 * (datasets._MAX_CARRY_PIECES + 1)
+    if kind != "one-line":  # a cut inside one 60k-character word may change its tokens, by design
+        n = 12
+        assert datasets.pack_sequences(iter(pieces), smollm.tokenizer, 64, n).tolist() == \
+            datasets.pack_sequences(iter([text]), smollm.tokenizer, 64, n).tolist()
+
+
+def test_a_tokenizer_that_marks_each_call_gets_the_pieces_joined(tmp_path, monkeypatch):
+    """A SentencePiece-style tokenizer (a word marker at the start of every call) tokenizes whole documents."""
+    import headvis.datasets as datasets
+
+    class Marking:  # ids: a marker, then one id per character
+        bos_token_id, eos_token_id = 1, 2
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [3] + [10 + ord(c) % 50 for c in text]}
+
+    text = "\n".join(f"line {i} of a text that goes on and on" for i in range(400))
+    path = tmp_path / "corpus.txt"
+    path.write_text(text, encoding="utf-8")
+    monkeypatch.setattr(datasets, "_PIECE_BYTES", 1024)
+    assert len(list(iter_texts(str(path)))) > 5 and not datasets._splits_cleanly(Marking())
+    got = datasets.pack_sequences(iter_texts(str(path)), Marking(), 32, 50)
+    assert got.tolist() == datasets.pack_sequences(iter([text]), Marking(), 32, 50).tolist()
+
+
 def test_a_huge_txt_stops_reading_once_it_has_the_sequences(tmp_path, monkeypatch, smollm):
     """--num-seqs 3 of a 50 MB file reads a piece or two, not the file."""
     import headvis.datasets as datasets
