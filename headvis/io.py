@@ -230,3 +230,28 @@ def publish_folder(staging: Path, out: Path) -> None:
     staging.rename(out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def return_freed_memory() -> None:
+    """glibc: give the free pages inside the heap back to the system (`malloc_trim`); a no-op elsewhere.
+
+    Pass 1 frees many mid-sized arrays (score chunks, row statistics) between the long-lived kept rows,
+    and glibc keeps such holes: without a trim after each unit the default scan's peak RSS grew from 3.1
+    to 5.1 GB with the same live data (measured). A trim takes milliseconds; serving those arrays by
+    mmap instead (M_MMAP_THRESHOLD) cost pass 1 35-50% more time.
+    """
+    import ctypes
+    import ctypes.util
+
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.malloc_trim  # noqa: B018 - absent outside glibc
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None

@@ -100,7 +100,8 @@ def sparse_rows_batched(top_values: np.ndarray, top_indices: np.ndarray, min_wei
     """`sparse_rows` of many (head, sequence) pairs at once: top_values/top_indices (pairs, query_pos, top_k).
 
     One mask, one sort of each row's few entries by key and one split for all pairs (a scan keeps
-    thousands per layer), the same rule and order as `sparse_rows`; each pair's arrays are its own copies.
+    thousands per layer), the same rule and order as `sparse_rows`; each pair's arrays are views of two
+    arrays shared by the call's pairs.
     """
     n_pairs, seq_len, top_k = top_indices.shape
     keep = (top_indices >= 0) & (top_values >= min_weight)
@@ -114,4 +115,6 @@ def sparse_rows_batched(top_values: np.ndarray, top_indices: np.ndarray, min_wei
     flat = (np.arange(seq_len, dtype=np.int64)[None, :, None] * seq_len + key)[kept]  # pair, row, key order
     values = np.take_along_axis(top_values, packed & 0xFFFFFFFF, axis=-1)[kept]
     bounds = np.cumsum(np.count_nonzero(kept.reshape(n_pairs, -1), axis=1))[:-1]
-    return [(i.copy(), v.copy()) for i, v in zip(np.split(flat, bounds), np.split(values, bounds))]
+    # views of two arrays per call, not a copy per pair: thousands of small copies out of one big temporary
+    # fragmented the heap (the default scan's peak RSS grew from 3.1 to 5.1 GB with the same payload)
+    return list(zip(np.split(flat, bounds), np.split(values, bounds)))

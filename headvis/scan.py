@@ -31,7 +31,7 @@ from headvis.backends import BACKENDS, resolve_backend
 from headvis.distributed import Ranks
 from headvis.datasets import DEFAULT_DATASET, iter_texts, pack_sequences
 from headvis.errors import HeadvisError, run_cli
-from headvis.io import write_json
+from headvis.io import return_freed_memory, write_json
 from headvis.metrics import distance_bin_edges
 from headvis.models import DEFAULT_MODEL, LoadedModel, load_model, weights_sha256
 from headvis.output import ScanTarget
@@ -327,6 +327,7 @@ def _run_ranked(opts: ScanOptions, lm: LoadedModel | None, ranks: Ranks, start: 
 
         def after_unit(u: int, state: dict) -> None:
             files.save(u, state)
+            return_freed_memory()
             if ranks.world == 1:  # in unit order as they come; several processes fold at the end
                 pending[u] = state
                 fold_ready(pending)
