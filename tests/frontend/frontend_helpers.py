@@ -41,3 +41,18 @@ def eventually(page, check: Callable[[], T], timeout_ms: float = 10_000) -> T:
             if time.monotonic() >= deadline:
                 raise
         page.wait_for_timeout(POLL_MS)
+
+
+def playwright_expect():
+    """Playwright's `expect`; the calling test module is skipped, saying why, when Playwright is missing."""
+    try:
+        import playwright.sync_api as api
+    except ImportError:
+        missing("Playwright is not installed: pip install -e '.[dev]'", module=True)
+    return api.expect
+
+
+def read_json(path: Path):
+    import json
+
+    return json.loads(path.read_text())

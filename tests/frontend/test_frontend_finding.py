@@ -11,17 +11,10 @@ import json
 import re
 from pathlib import Path
 
-from frontend_helpers import HEADS, LAYERS, Site, missing
+from frontend_helpers import HEADS, LAYERS, Site, playwright_expect, read_json
 
-try:
-    import playwright.sync_api as playwright_api
-except ImportError:
-    missing("Playwright is not installed: pip install -e '.[dev]'", module=True)
-expect = playwright_api.expect
-
-
-def read(path: Path):
-    return json.loads(path.read_text())
+expect = playwright_expect()
+read = read_json
 
 
 def open_page(page, site: Site, query: str = "") -> None:

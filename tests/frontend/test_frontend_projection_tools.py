@@ -10,17 +10,10 @@ import json
 import re
 from pathlib import Path
 
-from frontend_helpers import Site, missing
+from frontend_helpers import Site, playwright_expect, read_json
 
-try:
-    import playwright.sync_api as playwright_api
-except ImportError:
-    missing("Playwright is not installed: pip install -e '.[dev]'", module=True)
-expect = playwright_api.expect
-
-
-def read(path: Path):
-    return json.loads(path.read_text())
+expect = playwright_expect()
+read = read_json
 
 
 def open_projection(page, site: Site, layer: int = 1, head: int = 0) -> None:
