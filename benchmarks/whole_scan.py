@@ -7,8 +7,9 @@ For each `--version NAME=DIR` (DIR first on PYTHONPATH, as in
 benchmarks/custom_add_cost.py) it runs `python -m headvis.scan` as a fresh
 process (default model and corpus, all heads, default backend, PCA) at
 --small and --large sequences, and a fresh process that loads the model and
-runs the plain forward (SDPA, inference mode) over the same packed batches;
-the marginal cost per sequence is (time at large - time at small) /
+runs the plain forward (SDPA, inference mode) over the same packed batches.
+Each scan writes a new --out (a first scan; the tree is removed after its
+clock). The marginal cost per sequence is (time at large - time at small) /
 (large - small), process start and model load cancelling out. Runs
 alternate version by version so machine load hits all alike; --reps repeats
 the whole round and the medians are reported. The scan's own "time by step"
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -64,7 +66,7 @@ def measure_whole(versions: list[tuple[str, Path]], seq_len: int, small: int, la
     times: dict[str, dict[int, list[float]]] = {}
     steps: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="whole-scan-") as tmp:
-        for _ in range(reps):
+        for rep in range(reps):
             for n in (small, large):
                 seconds, _ = _run([sys.executable, "-c", _FORWARD, str(n), str(seq_len), str(batch_size)],
                                   versions[-1][1])
@@ -72,7 +74,8 @@ def measure_whole(versions: list[tuple[str, Path]], seq_len: int, small: int, la
                 for name, folder in versions:
                     seconds, out = _run([sys.executable, "-m", "headvis.scan", "--num-seqs", str(n), "--seq-len",
                                          str(seq_len), "--batch-size", str(batch_size), "--no-resume",
-                                         "--out", f"{tmp}/{name}-{n}"], folder)
+                                         "--out", f"{tmp}/{name}-{n}-{rep}"], folder)  # a new tree each time
+                    shutil.rmtree(f"{tmp}/{name}-{n}-{rep}", ignore_errors=True)  # after the clock: disk space
                     times.setdefault(name, {}).setdefault(n, []).append(seconds)
                     if n == large:
                         steps[name] = _steps(out)

@@ -102,9 +102,12 @@ class ScanAccumulator:
     """
 
     def __init__(self, layers: list[int], n_heads: int, n_sequences: int, vocab_size: int, n_bins: int,
-                 bin_edges: list[int] | None = None):
+                 bin_edges: list[int] | None = None, token_ids: Tensor | None = None):
         """bin_edges: the distance histogram's edges (`distance_bin_edges`); without them the histogram
-        without the sink column (`dist_hist_no_sink`) is the whole one."""
+        without the sink column (`dist_hist_no_sink`) is the whole one. token_ids: every token id the
+        updates will hold (the scan's corpus): the per-token totals then keep a column per such token
+        instead of per vocabulary entry (SmolLM2's 49,152 x 270 heads x 2 float64 sums are 212 MB; a
+        small corpus holds a few thousand tokens); `result` gives vocabulary-sized arrays either way."""
         if bin_edges is not None and len(bin_edges) != n_bins + 1:
             raise ValueError(f"{len(bin_edges)} bin edges for {n_bins} bins")
         self.bin_edges = torch.tensor(bin_edges, dtype=torch.int64) if bin_edges is not None else None
@@ -119,9 +122,19 @@ class ScanAccumulator:
         self.seq_seen = torch.zeros(n_sequences, dtype=torch.bool)
         self.dist_hist = torch.zeros(n_layers, n_heads, n_bins, **f64)
         self.sink_hist = torch.zeros(n_layers, n_heads, n_bins, **f64)  # p[q, 0] summed in the bin of q - 0
-        self.key_weight = torch.zeros(n_layers, n_heads, vocab_size, **f64)
-        self.query_max_sum = torch.zeros(n_layers, n_heads, vocab_size, **f64)
-        self.query_count = torch.zeros(vocab_size, dtype=torch.int64)
+        self.vocab_size = vocab_size
+        self.token_ids: Tensor | None = None  # the totals' columns' token ids (None: every id, in order)
+        self._total_columns: Tensor | None = None  # (vocab,) token id -> its column in the totals, -1: none
+        if token_ids is not None:
+            self.token_ids = torch.unique(token_ids.reshape(-1).cpu().to(torch.int64))
+            if len(self.token_ids) and not 0 <= int(self.token_ids[0]) <= int(self.token_ids[-1]) < vocab_size:
+                raise ValueError(f"token ids outside the vocabulary of {vocab_size}")
+            self._total_columns = torch.full((vocab_size,), -1, dtype=torch.int64)
+            self._total_columns[self.token_ids] = torch.arange(len(self.token_ids))
+        n_columns = vocab_size if self.token_ids is None else len(self.token_ids)
+        self.key_weight = torch.zeros(n_layers, n_heads, n_columns, **f64)
+        self.query_max_sum = torch.zeros(n_layers, n_heads, n_columns, **f64)
+        self.query_count = torch.zeros(n_columns, dtype=torch.int64)
         self._unit: dict[str, Tensor] | None = None  # the open unit's sums (None: updates go to the totals)
         self._unit_ids: Tensor | None = None
         self._unit_tokens: Tensor | None = None  # the tokens the open unit holds, ascending: its columns
@@ -139,8 +152,17 @@ class ScanAccumulator:
         return self._unit[name] if self._unit is not None else getattr(self, name)
 
     def _vocab_index(self, tokens: Tensor) -> Tensor:
-        """Token ids -> where an update adds them: the open unit's own columns, else the vocabulary's."""
-        return self._columns[tokens] if self._unit is not None else tokens
+        """Token ids -> where an update adds them: the open unit's own columns, else the totals'."""
+        return self._columns[tokens] if self._unit is not None else self._total_index(tokens)
+
+    def _total_index(self, tokens: Tensor) -> Tensor:
+        """Token ids -> their columns in the totals; a token outside `token_ids` is an error, never dropped."""
+        if self._total_columns is None:
+            return tokens
+        columns = self._total_columns[tokens]
+        if bool((columns < 0).any()):
+            raise ValueError("an update holds a token outside the accumulator's token_ids")
+        return columns
 
     def begin_unit(self, seq_ids: list[int], token_ids: Tensor) -> None:
         """Updates until `end_unit` sum into a unit of their own: seq_ids, and token_ids (n, pos) their tokens.
@@ -156,7 +178,7 @@ class ScanAccumulator:
         self._unit["query_max_sum"] = torch.zeros(n_layers, n_heads, len(tokens), **f64)
         self._unit["query_count"] = torch.zeros(len(tokens), dtype=torch.int64)
         if self._columns is None:
-            self._columns = torch.full((self.query_count.shape[0],), -1, dtype=torch.int64)
+            self._columns = torch.full((self.vocab_size,), -1, dtype=torch.int64)
         self._columns[tokens] = torch.arange(len(tokens))
         self._unit_tokens = tokens
         self._unit_ids = torch.tensor(seq_ids, dtype=torch.int64)
@@ -183,7 +205,7 @@ class ScanAccumulator:
         """Add a unit's state (`end_unit`, or read back from its file) into the totals."""
         for name in self._SUMS:
             getattr(self, name).add_(state[name])
-        tokens = state["tokens"]
+        tokens = self._total_index(state["tokens"])
         self.key_weight.index_add_(2, tokens, state["key_weight"])
         self.query_max_sum.index_add_(2, tokens, state["query_max_sum"])
         self.query_count.index_add_(0, tokens, state["query_count"])
@@ -237,7 +259,9 @@ class ScanAccumulator:
 
     def merge(self, other: "ScanAccumulator") -> None:
         """Add another accumulator over a disjoint set of sequences."""
-        if self.layers != other.layers or self.seq_max.shape != other.seq_max.shape:
+        same_columns = (self.token_ids is None) == (other.token_ids is None) and (
+            self.token_ids is None or torch.equal(self.token_ids, other.token_ids))
+        if self.layers != other.layers or self.seq_max.shape != other.seq_max.shape or not same_columns:
             raise ValueError("accumulators of different scans cannot be merged")
         for name in ("metric_sum", "metric_count", "dist_hist", "sink_hist", "key_weight", "query_max_sum",
                      "query_count"):
@@ -272,13 +296,23 @@ class ScanAccumulator:
         total = float(hist.sum())
         rest = (hist - self.sink_hist[li, head_slot]).clamp(min=0.0)  # float rounding may leave a tiny negative
         rest_total = float(rest.sum())
+        key_weight, query_max_sum, query_count = (self._per_vocab(t) for t in (
+            self.key_weight[li, head_slot], self.query_max_sum[li, head_slot], self.query_count))
         return HeadResult(
             metrics=metrics,
             seq_max=seq_max.numpy(),
             seq_argmax=self.seq_argmax[li, :, head_slot].numpy(),
             dist_hist=(hist / total).numpy() if total > 0 else hist.numpy(),
             dist_hist_no_sink=(rest / rest_total).numpy() if rest_total > 0 else rest.numpy(),
-            key_weight=self.key_weight[li, head_slot].numpy(),
-            query_max_sum=self.query_max_sum[li, head_slot].numpy(),
-            query_count=self.query_count.numpy(),
+            key_weight=key_weight,
+            query_max_sum=query_max_sum,
+            query_count=query_count,
         )
+
+    def _per_vocab(self, columns: Tensor) -> np.ndarray:
+        """One per-token total as a vocabulary-sized array (0 at the tokens it has no column for)."""
+        if self.token_ids is None:
+            return columns.numpy()
+        out = np.zeros(self.vocab_size, dtype=columns.numpy().dtype)
+        out[self.token_ids.numpy()] = columns.numpy()
+        return out

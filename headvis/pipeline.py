@@ -23,14 +23,14 @@ from tqdm.auto import tqdm
 from headvis.accumulate import ScanAccumulator, sequence_argmax
 from headvis.backends import RowStatsFn
 from headvis.capture import CaptureSession, LayerCapture
+from headvis.io import return_freed_memory
 from headvis.metrics import RowStats
 from headvis.models import LoadedModel, output_projections
 from headvis.projection import VECTORS, batched_pca, fit_head, gpu_libraries, small_linalg
 from headvis.sampling import sparse_rows_batched
 
-__all__ = ["HeadSelection", "KeptRows", "ProjectionPoints", "Tokens", "fit_projections", "head_vectors", "metric_pass",
-           "record_of",
-           "sequence_records"]
+__all__ = ["HeadSelection", "KeptRows", "ProjectionPoints", "SequenceText", "Tokens", "fit_projections", "head_vectors",
+           "metric_pass", "record_of", "sequence_records"]
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,21 @@ class Tokens:
             decoded = self.tokenizer.batch_decode([[i] for i in missing], clean_up_tokenization_spaces=False)
             self._cache.update(zip(missing, decoded))
         return [self._cache[i] for i in ids]
+
+
+class SequenceText:
+    """Sequence id -> (its token ids, their strings), each made once: 270 heads may show the same sequence."""
+
+    def __init__(self, sequences: Tensor, tokens: Tokens):
+        self.sequences = sequences
+        self.tokens = tokens
+        self._done: dict[int, tuple[list[int], list[str]]] = {}
+
+    def __call__(self, sid: int) -> tuple[list[int], list[str]]:
+        if sid not in self._done:
+            ids = self.sequences[sid].tolist()
+            self._done[sid] = (ids, self.tokens(ids))
+        return self._done[sid]
 
 
 def _batches(ids: list[int], batch_size: int) -> list[list[int]]:
@@ -127,6 +142,7 @@ def metric_pass(
                 state["tokens"] = sequences[batch].to(lm.device)
                 session.run(state["tokens"])
                 accumulator.count_tokens(state["ids"], state["tokens"])
+                return_freed_memory()  # a batch's freed chunks would pile up between the kept rows (glibc)
                 bar.update(len(batch))
             after_unit(index, accumulator.end_unit())
             bar.n = max(bar.n, done_everywhere())  # the other processes' units too
@@ -243,7 +259,8 @@ class ProjectionPoints:
         w = torch.from_numpy(columns.astype(np.float64))
         with small_linalg(w.device):  # one thread: 0.3 ms, against 5 ms with two busy ones
             basis, r = (t.numpy() for t in torch.linalg.qr(w))  # (d_model, d_head), (d_head, d_head)
-        vectors = {"Q": cat["Q"], "K": cat["K"], "V": cat["V"], "O": cat["Z"].astype(np.float64) @ r.T}
+        # O in float32 like Q, K and V (the model's Z is float32 at most): its PCA runs in float32 too
+        vectors = {"Q": cat["Q"], "K": cat["K"], "V": cat["V"], "O": cat["Z"] @ r.T.astype(np.float32)}
         return {name: cat[name] for name in ("seq_idx", "top_q", "top_k")}, vectors, {"O": basis}
 
 
@@ -274,14 +291,14 @@ def _keep_rows(capture: LayerCapture, selection: HeadSelection, stats: RowStats,
         out.setdefault((capture.layer, head), {})[sid] = (indices, values, float(best[i]), [int(q[i]), int(k[i])])
 
 
-def record_of(sid, interval: int, kept: _Kept, token_ids: list[int], tokens: Tokens) -> dict:
-    """A head file's per-sequence record (CONTRACT section 2 `sequences`)."""
+def record_of(sid, interval: int, kept: _Kept, token_ids: list[int], strings: list[str]) -> dict:
+    """A head file's per-sequence record (CONTRACT section 2 `sequences`); strings: `Tokens` of token_ids."""
     indices, values, best, argmax = kept
     return {
         "sequence_id": sid,
         "interval": interval,
         "max_activation": best,
-        "tokens": tokens(token_ids),
+        "tokens": strings,
         "seq_len": len(token_ids),
         "attention_indices": indices,
         "attention_values": values,
@@ -347,10 +364,11 @@ class KeptRows:
     def records(self, wanted: dict[tuple[int, int], dict], sequences: Tensor, tokens: Tokens) -> dict:
         """(layer, head) -> {seq_id: record} of the wanted sequences that are held."""
         out: dict[tuple[int, int], dict] = {}
+        text = SequenceText(sequences, tokens)
         for key, per_head in wanted.items():
             rows = self._rows.get(key, {})
-            out[key] = {sid: record_of(sid, interval, rows[sid], sequences[sid].tolist(), tokens)
-                        for sid, interval in per_head.items() if sid in rows}
+            out[key] = {sid: record_of(sid, interval, rows[sid], *text(sid)) for sid, interval in per_head.items()
+                        if sid in rows}
         return out
 
     @staticmethod
@@ -413,7 +431,8 @@ def sequence_records(
             session.run(state["tokens"])
     if raw:
         return {key: {sid: kept[key][sid] for sid in per_head} for key, per_head in wanted.items() if per_head}
-    return {key: {sid: record_of(sid, interval, kept[key][sid], token_lists[sid], tokens)
+    strings = {sid: tokens(ids) for sid, ids in token_lists.items()}
+    return {key: {sid: record_of(sid, interval, kept[key][sid], token_lists[sid], strings[sid])
                   for sid, interval in per_head.items()}
             for key, per_head in wanted.items()}
 

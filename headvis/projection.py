@@ -3,7 +3,8 @@
 The points are the head's strong attention edges gathered in pass 2
 (`headvis.pipeline.ProjectionPoints`). Each vector space is fitted on its
 own. PCA: `batched_pca` fits every cloud of a layer (all heads, Q/K/V/O) in
-one batched eigendecomposition in torch, float64, on the scan's device;
+one batched eigendecomposition in torch (covariances formed in the vectors'
+precision, float32 for the scan's, decomposed in float64), on the scan's device;
 `_pca` is its per-cloud numpy reference; both equal scikit-learn's within
 float tolerance (tested). The PCA rotation (`mean`, `components`) is saved as
 JSON beside the head's file so that new edges can be projected later
@@ -93,38 +94,34 @@ def batched_pca(clouds: list[torch.Tensor]) -> list[tuple[np.ndarray, dict]]:
     """`_pca` of many clouds at once: [(coords (n_i, 3), {mean, components, explained_variance_ratio})].
 
     clouds: (n_i, dim) each, dim shared, on one device, n_i >= 1. Each cloud is centred and its covariance
-    X^T X formed; the clouds differ in n_i but not in dim, so the (b, dim, dim) covariances stack and one
-    `torch.linalg.eigh` call decomposes them all (float64). The top
+    X^T X formed in the cloud's precision (float32 and narrower clouds in float32, as scikit-learn fits
+    float32 data; float64 ones in float64); the clouds differ in n_i but not in dim, so the (b, dim, dim) covariances stack and
+    one `torch.linalg.eigh` call decomposes them all (float64). The top
     min(3, n_i, dim) eigenvectors are the components, signs as scikit-learn's `svd_flip` sets them (each
     component's largest-magnitude entry positive); ratios are eigenvalues over the total variance.
     """
     if not clouds:
         return []
     device = clouds[0].device
-    with small_linalg(device):
-        return _batched_pca(clouds, device)
-
-
-def _batched_pca(clouds: list[torch.Tensor], device: torch.device) -> list[tuple[np.ndarray, dict]]:
-    data = [c.to(torch.float64) for c in clouds]
+    data = [c.to(torch.float64 if c.dtype == torch.float64 else torch.float32) for c in clouds]
     means = [x.mean(0) for x in data]  # (dim,) each
     centred = [x - m for x, m in zip(data, means)]
-    cov = torch.stack([c.T @ c for c in centred])  # (b, dim, dim)
-    values, vectors = torch.linalg.eigh(cov)  # ascending
+    cov = torch.stack([c.T @ c for c in centred]).to(torch.float64)  # (b, dim, dim)
+    with small_linalg(device):
+        values, vectors = torch.linalg.eigh(cov)  # ascending
     values = values.flip(-1).clamp_min(0.0)  # (b, dim) descending
     vectors = vectors.flip(-1)[:, :, :COMPONENTS].transpose(1, 2)  # (b, <=3, dim): rows are components
-    totals = cov.diagonal(dim1=1, dim2=2).sum(-1)  # (b,) trace = total variance x (n - 1)
+    totals = cov.diagonal(dim1=1, dim2=2).sum(-1).cpu().numpy()  # (b,) trace = total variance x (n - 1)
+    k_of = [min(COMPONENTS, *x.shape) for x in data]
+    pivot = vectors.abs().argmax(-1, keepdim=True)  # (b, 3, 1)
+    vectors = vectors * torch.sign(vectors.gather(-1, pivot))  # svd_flip: each row's largest entry positive
+    values, host_vectors = values.cpu().numpy(), vectors.cpu().numpy()
     out = []
-    for i, (x, mean, c) in enumerate(zip(data, means, centred)):
-        n, dim = x.shape
-        k = min(COMPONENTS, n, dim)
-        components = vectors[i, :k]  # (k, dim)
-        pivot = components.abs().argmax(1)
-        components = components * torch.sign(components[torch.arange(k, device=device), pivot])[:, None]
-        total = float(totals[i])
-        ratio = (values[i, :k] / total).cpu().numpy() if total > 0 else np.zeros(k)
-        coords = (c @ components.T).cpu().numpy()
-        out.append((_pad(coords), {"mean": mean.cpu().numpy(), "components": components.cpu().numpy(),
+    for i, (c, mean, k) in enumerate(zip(centred, means, k_of)):
+        components = host_vectors[i, :k]  # (k, dim)
+        ratio = values[i, :k] / totals[i] if totals[i] > 0 else np.zeros(k)
+        coords = (c @ vectors[i, :k].T.to(c.dtype)).cpu().numpy().astype(np.float64)
+        out.append((_pad(coords), {"mean": mean.cpu().numpy().astype(np.float64), "components": components,
                                    "explained_variance_ratio": np.pad(ratio, (0, COMPONENTS - k))}))
     return out
 
@@ -184,8 +181,8 @@ def fit_head(vectors: dict, *, n_points: int, with_umap: bool, seed: int,
     pca_part, ratios, rotation, embeddings = {}, {}, {}, {}
     for name in VECTORS:
         v = vectors[name]
-        host = np.asarray(v.cpu() if isinstance(v, torch.Tensor) else v, dtype=np.float64)
-        coords, rot = pca[name] if name in pca else _pca(host, seed)
+        host = lambda: np.asarray(v.cpu() if isinstance(v, torch.Tensor) else v, dtype=np.float64)  # noqa: E731
+        coords, rot = pca[name] if name in pca else _pca(host(), seed)
         pca_part[name] = columns(coords)
         ratios[name] = rot["explained_variance_ratio"]
         basis = bases.get(name)
@@ -195,7 +192,7 @@ def fit_head(vectors: dict, *, n_points: int, with_umap: bool, seed: int,
             rotation[name] = {"mean": np.asarray(rot["mean"]) @ basis.T,
                               "components": np.asarray(rot["components"]) @ basis.T}
         if with_umap:
-            umap_coords = _umap_gpu(torch.as_tensor(v), gpu, seed) if gpu is not None else _umap(host, seed)
+            umap_coords = _umap_gpu(torch.as_tensor(v), gpu, seed) if gpu is not None else _umap(host(), seed)
             embeddings[name] = columns(umap_coords)
     q = vectors["Q"]
     norms = np.linalg.norm(np.asarray(q.cpu() if isinstance(q, torch.Tensor) else q, dtype=np.float64), axis=1)

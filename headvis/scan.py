@@ -36,8 +36,8 @@ from headvis.metrics import distance_bin_edges
 from headvis.models import DEFAULT_MODEL, LoadedModel, load_model, weights_sha256
 from headvis.output import ScanTarget
 from headvis.units import UnitFiles, load_pass2, read_shown, save_pass2, scan_key, unit_ranges, unit_size_for, write_shown
-from headvis.pipeline import (HeadSelection, KeptRows, ProjectionPoints, Tokens, fit_projections, metric_pass,
-                              record_of, sequence_records)
+from headvis.pipeline import (HeadSelection, KeptRows, ProjectionPoints, SequenceText, Tokens, fit_projections,
+                              metric_pass, record_of, sequence_records)
 from headvis.projection import COMPONENTS, UMAP_VIEW, VECTORS
 from headvis.rescan import carry_over
 from headvis.sampling import assign_intervals, choose_samples, interval_edges, sequence_priorities
@@ -278,7 +278,8 @@ def _run_ranked(opts: ScanOptions, lm: LoadedModel | None, ranks: Ranks, start: 
         selection = HeadSelection(layers, heads, info.n_heads, info.n_kv_heads)
         bin_edges = distance_bin_edges(opts.seq_len, info.causal)
         vocab = max(info.vocab_size, int(sequences.max()) + 1)
-        acc = ScanAccumulator(layers, len(heads), n_seqs, vocab, len(bin_edges) - 1, bin_edges=bin_edges)
+        acc = ScanAccumulator(layers, len(heads), n_seqs, vocab, len(bin_edges) - 1, bin_edges=bin_edges,
+                              token_ids=sequences[:, 1:])  # rows q >= 1: the only tokens the sums hold
         unit_size = unit_size_for(n_seqs, opts.batch_size, opts.unit_size)
         units = unit_ranges(n_seqs, unit_size)
         settings = {"headvis": headvis.__version__, "model": opts.model, "dataset": opts.dataset,
@@ -396,7 +397,8 @@ def _run_ranked(opts: ScanOptions, lm: LoadedModel | None, ranks: Ranks, start: 
             for rank in range(1, ranks.world):
                 for key, per_head in load_pass2(files.folder / f"pass2-{rank:05d}.safetensors", points).items():
                     rows.setdefault(key, {}).update(per_head)
-            records = {key: {sid: record_of(sid, interval, rows[key][sid], sequences[sid].tolist(), tokens)
+            text = SequenceText(sequences, tokens)
+            records = {key: {sid: record_of(sid, interval, rows[key][sid], *text(sid))
                              for sid, interval in per_head.items()} for key, per_head in wanted.items()}
             print(f"headvis: pass 2 ran the shown sequences that pass 1 did not keep on {ranks.world} processes "
                   f"({len({s for p in missing.values() for s in p})} on rank 0)", flush=True)

@@ -231,6 +231,27 @@ def test_batched_pca_equals_the_reference_and_scikit_learn():
             assert np.allclose(coords * signs, ref.transform(x), atol=1e-6 * (1 + np.abs(coords).max()))
 
 
+def test_batched_pca_of_float32_clouds_equals_scikit_learn_on_the_same_data():
+    """The scan's clouds are float32: fitted in float32 (as scikit-learn fits float32 data), and closer to the
+    exact (float64) fit than scikit-learn's own float32 fit is (measured: 4e-6 against its 4e-5)."""
+    from sklearn.decomposition import PCA
+
+    from headvis.projection import batched_pca
+
+    rng = np.random.default_rng(1)
+    dim = 64
+    clouds = [(rng.normal(size=(n, dim)) * np.linspace(3, 0.1, dim) + 5 * rng.normal(size=dim)).astype(np.float32)
+              for n in (2000, 300, 17, 4)]
+    for x, (coords, rotation) in zip(clouds, batched_pca([torch.as_tensor(x) for x in clouds])):
+        exact = PCA(n_components=3, svd_solver="full").fit(x.astype(np.float64))
+        single = PCA(n_components=3, svd_solver="full").fit(x)
+        assert np.allclose(rotation["components"], exact.components_, atol=2e-5)  # svd_flip's signs too
+        assert np.allclose(rotation["components"], single.components_, atol=1e-4)
+        assert np.allclose(rotation["explained_variance_ratio"], exact.explained_variance_ratio_, atol=1e-6)
+        assert np.allclose(rotation["mean"], exact.mean_, atol=1e-5)
+        assert np.allclose(coords, exact.transform(x.astype(np.float64)), atol=2e-5 * np.abs(coords).max())
+
+
 def test_backend_resolution_and_fallback(monkeypatch, capsys):
     from headvis import backends
     from headvis.errors import HeadvisError
