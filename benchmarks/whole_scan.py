@@ -9,7 +9,8 @@ process (default model and corpus, all heads, default backend, PCA) at
 --small and --large sequences, and a fresh process that loads the model and
 runs the plain forward (SDPA, inference mode) over the same packed batches.
 Each scan writes a new --out (a first scan; the tree is removed after its
-clock). The marginal cost per sequence is (time at large - time at small) /
+clock); one untimed scan per version first fills its numba cache (a cold
+cache adds ~5 s to a version's first process). The marginal cost per sequence is (time at large - time at small) /
 (large - small), process start and model load cancelling out. Runs
 alternate version by version so machine load hits all alike; --reps repeats
 the whole round and the medians are reported. The scan's own "time by step"
@@ -66,6 +67,10 @@ def measure_whole(versions: list[tuple[str, Path]], seq_len: int, small: int, la
     times: dict[str, dict[int, list[float]]] = {}
     steps: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="whole-scan-") as tmp:
+        for name, folder in versions:  # untimed: each version compiles its numba kernels into its cache once
+            _run([sys.executable, "-m", "headvis.scan", "--num-seqs", str(small), "--seq-len", str(seq_len),
+                  "--batch-size", str(batch_size), "--no-resume", "--out", f"{tmp}/warm-{name}"], folder)
+            shutil.rmtree(f"{tmp}/warm-{name}", ignore_errors=True)
         for rep in range(reps):
             for n in (small, large):
                 seconds, _ = _run([sys.executable, "-c", _FORWARD, str(n), str(seq_len), str(batch_size)],

@@ -27,12 +27,13 @@ import re
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from headvis.errors import HeadvisError
 
-__all__ = ["DEFAULT_DATASET", "iter_texts", "pack_sequences", "prefix_token"]
+__all__ = ["DEFAULT_DATASET", "iter_texts", "pack_blocks", "pack_sequences", "prefix_token"]
 
 DEFAULT_DATASET = "pydoc_data.topics"
 _SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -239,7 +240,18 @@ def _splits_cleanly(tokenizer) -> bool:
 
 
 def pack_sequences(texts: Iterator[str], tokenizer, seq_len: int, num_seqs: int, progress: bool = True) -> torch.Tensor:
-    """(n, seq_len) int64 token ids, n <= num_seqs, packed as the module docstring says (a bar unless not `progress`)."""
+    """(n, seq_len) int64 token ids, n <= num_seqs, packed as the module docstring says (a bar unless not `progress`).
+
+    In memory: the scan streams `pack_blocks` into a `headvis.token_store.TokenStore` instead.
+    """
+    return torch.from_numpy(np.concatenate(list(pack_blocks(texts, tokenizer, seq_len, num_seqs, progress=progress))))
+
+
+def pack_blocks(texts: Iterator[str], tokenizer, seq_len: int, num_seqs: int, progress: bool = True,
+                block_rows: int = 4096) -> Iterator[np.ndarray]:
+    """`pack_sequences` as a stream: consecutive (k <= block_rows, seq_len) int64 blocks, memory bounded by one
+    block and one text (piece); the corpus is read only until num_seqs sequences exist. Raises HeadvisError
+    when not one full sequence comes out."""
     prefix = prefix_token(tokenizer)
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is None:
@@ -247,7 +259,8 @@ def pack_sequences(texts: Iterator[str], tokenizer, seq_len: int, num_seqs: int,
     body = seq_len - (prefix is not None)
     if body < 1:
         raise HeadvisError(f"--seq-len {seq_len} leaves no room for text after the BOS token")
-    sequences: list[list[int]] = []
+    rows: list[list[int]] = []
+    n = 0
     stream: list[int] = []
     clean: bool | None = None  # whether the tokenizer splits at the pieces' cuts as it does inside a text
     document: list[str] = []  # a document's pieces, joined again for a tokenizer that does not
@@ -263,12 +276,19 @@ def pack_sequences(texts: Iterator[str], tokenizer, seq_len: int, num_seqs: int,
             stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
             if eos is not None and not isinstance(text, Continued):
                 stream.append(int(eos))
-            while len(stream) >= body and len(sequences) < num_seqs:
-                chunk, stream = stream[:body], stream[body:]
-                sequences.append(([prefix] if prefix is not None else []) + chunk)
+            at = 0  # cut at offsets, then drop the used part once: linear in the text's tokens
+            while len(stream) - at >= body and n < num_seqs:
+                rows.append(([prefix] if prefix is not None else []) + stream[at : at + body])
+                at += body
+                n += 1
                 bar.update(1)
-            if len(sequences) >= num_seqs:
+                if len(rows) == block_rows:
+                    yield np.asarray(rows, dtype=np.int64)
+                    rows = []
+            del stream[:at]
+            if n >= num_seqs:
                 break
-    if not sequences:
+    if rows:
+        yield np.asarray(rows, dtype=np.int64)
+    if n == 0:
         raise HeadvisError(f"the corpus yields no full sequence of {seq_len} tokens (is it empty?)")
-    return torch.tensor(sequences, dtype=torch.int64)

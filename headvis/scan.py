@@ -17,6 +17,7 @@ import datetime as dt
 import errno
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -29,12 +30,13 @@ import headvis
 from headvis.accumulate import HEAD_METRICS, ScanAccumulator
 from headvis.backends import BACKENDS, resolve_backend
 from headvis.distributed import Ranks
-from headvis.datasets import DEFAULT_DATASET, iter_texts, pack_sequences
+from headvis.datasets import DEFAULT_DATASET
 from headvis.errors import HeadvisError, run_cli
 from headvis.io import return_freed_memory, write_json
 from headvis.metrics import distance_bin_edges
 from headvis.models import DEFAULT_MODEL, LoadedModel, load_model, weights_sha256
 from headvis.output import ScanTarget
+from headvis.token_store import TokenStore
 from headvis.units import UnitFiles, load_pass2, read_shown, save_pass2, scan_key, unit_ranges, unit_size_for, write_shown
 from headvis.pipeline import (HeadSelection, KeptRows, ProjectionPoints, SequenceText, Tokens, fit_projections,
                               metric_pass, record_of, sequence_records)
@@ -269,24 +271,33 @@ def _run_ranked(opts: ScanOptions, lm: LoadedModel | None, ranks: Ranks, start: 
         if info.max_positions and opts.seq_len > info.max_positions:
             raise HeadvisError(f"--seq-len {opts.seq_len} exceeds the model's context of {info.max_positions} tokens")
         backend, fn = resolve_backend(opts.backend, lm.device)
-        sequences = pack_sequences(iter_texts(opts.dataset, opts.split, opts.text_column), lm.tokenizer,
-                                   opts.seq_len, opts.num_seqs, progress=ranks.first)
+        # the corpus as token rows in a memory-mapped file beside --out: rank 0 writes it, the others open it
+        store_at = out.parent / f".{out.name}.tokens"
+        store_opts = dict(dataset=opts.dataset, split=opts.split, text_column=opts.text_column,
+                          tokenizer=lm.tokenizer, seq_len=opts.seq_len, num_seqs=opts.num_seqs)
+        if ranks.first:
+            if not opts.resume:
+                shutil.rmtree(store_at, ignore_errors=True)  # tokenized again (a hub dataset's new revision)
+            sequences = TokenStore.open_or_build(store_at, **store_opts, progress=True)
+        ranks.barrier()
+        if not ranks.first:
+            sequences = TokenStore.open_or_build(store_at, **store_opts, build=False)
         n_seqs = len(sequences)
         if n_seqs < opts.num_seqs and ranks.first:
             print(f"headvis: the corpus gives {n_seqs} sequences of {opts.seq_len} tokens "
                   f"(asked for {opts.num_seqs})", flush=True)
         selection = HeadSelection(layers, heads, info.n_heads, info.n_kv_heads)
         bin_edges = distance_bin_edges(opts.seq_len, info.causal)
-        vocab = max(info.vocab_size, int(sequences.max()) + 1)
+        vocab = max(info.vocab_size, sequences.max_id + 1)
         acc = ScanAccumulator(layers, len(heads), n_seqs, vocab, len(bin_edges) - 1, bin_edges=bin_edges,
-                              token_ids=sequences[:, 1:])  # rows q >= 1: the only tokens the sums hold
+                              token_ids=torch.from_numpy(sequences.present))  # at rows q >= 1: all the sums hold
         unit_size = unit_size_for(n_seqs, opts.batch_size, opts.unit_size)
         units = unit_ranges(n_seqs, unit_size)
         settings = {"headvis": headvis.__version__, "model": opts.model, "dataset": opts.dataset,
                     "split": opts.split, "text_column": opts.text_column, "layers": layers, "heads": heads,
                     "backend": backend, "device": lm.device.type, "weights_sha256": weights,
                     "format_version": FORMAT_VERSION, "batch_size": opts.batch_size, "unit_size": unit_size}
-        files = UnitFiles(out.parent / f".{out.name}.resume", scan_key(settings, sequences))
+        files = UnitFiles(out.parent / f".{out.name}.resume", scan_key(settings, sequences.sha256, sequences.shape))
         if not opts.resume and ranks.first:
             files.remove()
         files.open(writer=ranks.first)
@@ -480,6 +491,7 @@ def _run_ranked(opts: ScanOptions, lm: LoadedModel | None, ranks: Ranks, start: 
 
         target.publish(carry)
         files.remove()
+        shutil.rmtree(store_at, ignore_errors=True)
     except OSError as e:  # the machine's state: a full disk, a read-only folder
         if target is not None:
             target.discard()

@@ -41,10 +41,10 @@ MAX_BATCHES = 32  # batches per unit at most
 TARGET_UNITS = 64  # a scan is cut into about this many units, within those bounds
 
 
-def scan_key(settings: dict, sequences: torch.Tensor) -> dict:
-    """What must match for saved units to be reused: the settings and the exact token ids."""
-    digest = hashlib.sha256(sequences.cpu().numpy().tobytes()).hexdigest()
-    return {**settings, "sequences_sha256": digest, "shape": list(sequences.shape)}
+def scan_key(settings: dict, sequences_sha256: str, shape: tuple[int, int]) -> dict:
+    """What must match for saved units to be reused: the settings and the exact token ids (the SHA-256 of
+    their int64 bytes, row-major: `TokenStore.sha256`) and their shape."""
+    return {**settings, "sequences_sha256": sequences_sha256, "shape": list(shape)}
 
 
 def unit_size_for(n_sequences: int, batch_size: int, requested: int | None = None) -> int:

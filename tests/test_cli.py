@@ -246,7 +246,9 @@ def test_killed_scan_resumes_where_it_stopped(capsys, tmp_path, gpt2_dir, corpus
     assert code == 130 and "resumes pass 1" in err
     saved = sorted(p.name for p in (tmp_path / ".resumed.resume").glob("unit-*.safetensors"))
     assert not out.exists() and saved == [f"unit-{u:06d}.safetensors" for u in range(3)]
+    assert (tmp_path / ".resumed.tokens" / "tokens.bin").is_file(), "the corpus's token rows stay for the resume"
 
+    monkeypatch.setattr("headvis.token_store.pack_blocks", lambda *a, **kw: pytest.fail("tokenized again"))
     monkeypatch.setattr("headvis.scan.metric_pass", real_pass)
     scanned = []
     monkeypatch.setattr("headvis.scan.metric_pass", lambda *a, units, **kw: (
@@ -256,6 +258,7 @@ def test_killed_scan_resumes_where_it_stopped(capsys, tmp_path, gpt2_dir, corpus
     assert code == 0 and "resuming pass 1: 12 of 24 sequences already scanned" in printed
     assert scanned == [[3, 4, 5]]
     assert not (tmp_path / ".resumed.resume").exists(), "a finished scan removes its saved units"
+    assert not (tmp_path / ".resumed.tokens").exists(), "and its token rows"
     for name in ("scatter_data.json", "heads/L1H2.json"):
         a = json.loads((clean / name).read_text())
         b = json.loads((out / name).read_text())

@@ -1,0 +1,159 @@
+"""The corpus as fixed-length token sequences in one memory-mapped file beside --out (`TokenStore`).
+
+The scan's first stage. The documents of --dataset, in their canonical order (`iter_texts`: sorted file
+list, the hub dataset's own order), are tokenized and packed (`pack_blocks`) straight into `tokens.bin`
+(int32, n x seq_len, row-major) in the folder `.{out}.tokens` beside --out, a few thousand sequences at a
+time, so that memory stays bounded whatever the corpus size (one huge text file included: `.txt` files are
+read in pieces). `manifest.json` says what made them: the dataset and its source's fingerprint (files: path,
+size and modification time; the hub: name and split; pydoc: the Python version), the tokenizer (class,
+name, vocabulary size and a digest of its vocabulary), seq_len, the number of sequences and whether the
+corpus ended before --num-seqs. Sequence id N is row N: the same text on every rank, in every resume, at
+any world size.
+
+A later scan with the same manifest reads the file again instead of tokenizing (the rows it needs: the
+first --num-seqs, when the file holds them or the corpus ended); anything else rebuilds it. The scan
+removes the folder with its resume folder once the tree is published. Rows come back as int64 tensors
+(`TokenStore.__getitem__`); nothing holds the whole corpus in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from headvis.datasets import DEFAULT_DATASET, iter_texts, pack_blocks
+from headvis.errors import HeadvisError
+from headvis.io import atomic_write_bytes
+
+__all__ = ["TokenStore", "source_fingerprint", "tokenizer_fingerprint"]
+
+MANIFEST_VERSION = 1
+_READ_ROWS = 1 << 14  # rows per step of the pass over the file that opening makes
+
+
+def source_fingerprint(dataset: str, split: str, text_column: str) -> dict:
+    """What identifies the texts `iter_texts(dataset, ...)` reads, without reading them."""
+    if dataset == DEFAULT_DATASET:
+        return {"kind": "pydoc", "python": sys.version}
+    path = Path(dataset).expanduser()
+    if path.is_file() or path.is_dir():
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        return {"kind": "files", "text_column": text_column, "files": [
+            [str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
+    # a hub dataset is named by its name and split; a new revision on the hub is not seen (--no-resume)
+    return {"kind": "hub", "name": dataset, "split": split, "text_column": text_column}
+
+
+def tokenizer_fingerprint(tokenizer) -> dict:
+    vocab = sorted(tokenizer.get_vocab().items())
+    digest = hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode("utf-8")).hexdigest()
+    return {"class": type(tokenizer).__name__, "name": getattr(tokenizer, "name_or_path", ""),
+            "size": len(tokenizer), "vocab_sha256": digest}
+
+
+class TokenStore:
+    """(n, seq_len) token ids in `folder/tokens.bin`, memory-mapped; rows as int64 tensors.
+
+    `sha256`, `max_id` and `present` (the ids that occur at positions >= 1, ascending) describe the rows in
+    use; they are computed by one pass over them when the store is opened.
+    """
+
+    def __init__(self, folder: Path, n: int, seq_len: int):
+        self.folder = Path(folder)
+        self.seq_len = seq_len
+        self._rows = np.memmap(self.folder / "tokens.bin", dtype=np.int32, mode="r", shape=(n, seq_len)) \
+            if n else np.zeros((0, seq_len), np.int32)
+        digest = hashlib.sha256()
+        counts = np.zeros(1, np.int64)
+        top = -1
+        for start in range(0, n, _READ_ROWS):
+            block = np.ascontiguousarray(self._rows[start : start + _READ_ROWS], dtype=np.int64)
+            digest.update(block.tobytes())  # the int64 bytes, as `scan_key` hashed the in-memory tensor
+            top = max(top, int(block.max()))
+            found = np.bincount(block[:, 1:].ravel(), minlength=len(counts))
+            found[: len(counts)] += counts
+            counts = found
+        self.sha256 = digest.hexdigest()
+        self.max_id = top
+        self.present = np.flatnonzero(counts)
+
+    # -- opening
+
+    @classmethod
+    def open_or_build(cls, folder: Path, *, dataset: str, split: str, text_column: str, tokenizer, seq_len: int,
+                      num_seqs: int, build: bool = True, progress: bool = True) -> "TokenStore":
+        """The store of these settings in `folder`: reused when its manifest matches, else (build) written anew.
+
+        build=False (a torchrun rank other than 0): the store rank 0 wrote must be there and match.
+        """
+        folder = Path(folder)
+        want = {"version": MANIFEST_VERSION, "dataset": dataset, "source": source_fingerprint(dataset, split,
+                text_column), "tokenizer": tokenizer_fingerprint(tokenizer), "seq_len": seq_len}
+        found = cls._manifest(folder)
+        if found is not None and {k: found.get(k) for k in want} == want and (
+                found["n"] >= num_seqs or found["ended"]):
+            return cls(folder, min(found["n"], num_seqs), seq_len)
+        if not build:
+            raise HeadvisError(f"no token store for these settings at {folder} (rank 0 writes it: is --out on a "
+                               "file system every process sees?)")
+        n, ended = cls._write(folder, iter_texts(dataset, split, text_column), tokenizer, seq_len, num_seqs,
+                              progress)
+        atomic_write_bytes(folder / "manifest.json", json.dumps({**want, "n": n, "ended": ended}).encode("utf-8"))
+        return cls(folder, n, seq_len)
+
+    @staticmethod
+    def _manifest(folder: Path) -> dict | None:
+        try:
+            found = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+            size = (folder / "tokens.bin").stat().st_size
+        except (OSError, ValueError):
+            return None
+        if not isinstance(found, dict) or size != 4 * int(found.get("n", -1)) * int(found.get("seq_len", 0)):
+            return None  # a file cut short or replaced: rebuilt
+        return found
+
+    @staticmethod
+    def _write(folder: Path, texts: Iterator[str], tokenizer, seq_len: int, num_seqs: int,
+               progress: bool) -> tuple[int, bool]:
+        """Pack `texts` into folder/tokens.bin (temp file, then rename): (sequences written, corpus ended)."""
+        made = not folder.exists()
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "manifest.json").unlink(missing_ok=True)  # the old rows go: no manifest may name them
+        temp = folder / f".tokens.bin.{os.getpid()}.tmp"
+        n = 0
+        try:
+            with open(temp, "wb") as f:
+                for block in pack_blocks(texts, tokenizer, seq_len, num_seqs, progress=progress):
+                    if int(block.max()) > np.iinfo(np.int32).max:
+                        raise HeadvisError(f"token id {int(block.max())} does not fit the token store's int32")
+                    f.write(np.ascontiguousarray(block, dtype=np.int32).tobytes())
+                    n += len(block)
+            os.replace(temp, folder / "tokens.bin")
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            if made:  # nothing of this scan stays beside --out when its corpus gives no sequence
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
+        return n, n < num_seqs
+
+    # -- rows
+
+    def __len__(self) -> int:
+        return self._rows.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (len(self), self.seq_len)
+
+    def __getitem__(self, index) -> torch.Tensor:
+        if isinstance(index, torch.Tensor):
+            index = index.cpu().numpy()
+        return torch.from_numpy(np.array(self._rows[index], dtype=np.int64))

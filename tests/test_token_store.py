@@ -1,0 +1,111 @@
+"""The scan's first stage: the corpus as token rows in a memory-mapped file beside --out (`TokenStore`)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from headvis.datasets import iter_texts, pack_sequences
+from headvis.errors import HeadvisError
+from headvis.token_store import TokenStore
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("".join(f"Paragraph {i}: the quick brown fox {i * 7} jumps over the lazy dog.\n"
+                            for i in range(400)), encoding="utf-8")
+    return path
+
+
+def _open(folder, path, tokenizer, num_seqs, **kw):
+    return TokenStore.open_or_build(folder, dataset=str(path), split="train", text_column="text",
+                                    tokenizer=tokenizer, seq_len=32, num_seqs=num_seqs, progress=False, **kw)
+
+
+def _no_tokenizing(monkeypatch):
+    def refuse(*a, **kw):
+        raise AssertionError("tokenized again")
+    monkeypatch.setattr("headvis.token_store.pack_blocks", refuse)
+
+
+def test_the_rows_on_disk_are_the_packed_sequences_and_are_read_again(tmp_path, text_file, smollm, monkeypatch):
+    expected = pack_sequences(iter_texts(str(text_file)), smollm.tokenizer, 32, 50, progress=False)
+    store = _open(tmp_path / "s", text_file, smollm.tokenizer, 50)
+    assert len(store) == 50 and store.shape == (50, 32)
+    assert torch.equal(store[list(range(50))], expected) and store[7].dtype == torch.int64
+    assert torch.equal(store[torch.tensor([3, 1])], expected[[3, 1]])
+    assert store.sha256 == hashlib.sha256(expected.numpy().tobytes()).hexdigest()
+    assert store.max_id == int(expected.max())
+    assert np.array_equal(store.present, np.unique(expected[:, 1:].numpy()))
+
+    _no_tokenizing(monkeypatch)  # the same settings, or fewer sequences: the file is read, not written
+    again = _open(tmp_path / "s", text_file, smollm.tokenizer, 50)
+    assert again.sha256 == store.sha256
+    fewer = _open(tmp_path / "s", text_file, smollm.tokenizer, 20)
+    assert len(fewer) == 20 and torch.equal(fewer[list(range(20))], expected[:20])
+    assert fewer.sha256 == hashlib.sha256(expected[:20].numpy().tobytes()).hexdigest()
+
+
+def test_a_corpus_that_ended_is_not_read_again_for_more_sequences(tmp_path, text_file, smollm, monkeypatch):
+    store = _open(tmp_path / "s", text_file, smollm.tokenizer, 10_000)
+    n = len(store)
+    assert 0 < n < 10_000
+    _no_tokenizing(monkeypatch)
+    assert len(_open(tmp_path / "s", text_file, smollm.tokenizer, 20_000)) == n
+
+
+def test_more_sequences_another_file_or_a_cut_file_are_tokenized_again(tmp_path, text_file, smollm):
+    folder = tmp_path / "s"
+    _open(folder, text_file, smollm.tokenizer, 10)
+    assert len(_open(folder, text_file, smollm.tokenizer, 30)) == 30  # more than it holds: written anew
+    time.sleep(0.01)
+    text_file.write_text("Another text entirely, " * 400, encoding="utf-8")
+    changed = _open(folder, text_file, smollm.tokenizer, 30)
+    assert torch.equal(changed[list(range(len(changed)))],
+                       pack_sequences(iter_texts(str(text_file)), smollm.tokenizer, 32, 30, progress=False))
+    with open(folder / "tokens.bin", "r+b") as f:  # a file cut short (a full disk) is never read as rows
+        f.truncate(100)
+    assert len(_open(folder, text_file, smollm.tokenizer, 30)) == len(changed)
+
+
+def test_another_rank_finds_no_store_and_says_why(tmp_path, text_file, smollm):
+    with pytest.raises(HeadvisError, match="rank 0 writes it: is --out on a file system every process sees"):
+        _open(tmp_path / "s", text_file, smollm.tokenizer, 10, build=False)
+
+
+def test_an_empty_corpus_leaves_nothing_behind(tmp_path, smollm):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("", encoding="utf-8")
+    with pytest.raises(HeadvisError, match="no full sequence"):
+        _open(tmp_path / "s", empty, smollm.tokenizer, 10)
+    assert not (tmp_path / "s").exists()
+
+
+_PEAK = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, capture_output=True); "
+         "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+
+
+def test_a_100_mb_text_file_is_scanned_in_the_memory_of_a_small_one(tmp_path, tiny_model_dir):
+    """--num-seqs 20 of a 100 MB .txt: the scan's peak memory is that of a 1 MB file's, within 64 MiB."""
+    line = "words of a generated corpus, line after line, to be tokenized and packed\n"
+    peaks = {}
+    for size in (1 << 20, 100 << 20):
+        path = tmp_path / f"{size}.txt"
+        with path.open("w", encoding="utf-8") as f:
+            f.write(line * (size // len(line)))
+        cmd = [sys.executable, "-m", "headvis.scan", "--model", str(tiny_model_dir("gpt2")), "--dataset", str(path),
+               "--num-seqs", "20", "--seq-len", "32", "--out", str(tmp_path / f"out-{size}")]
+        done = subprocess.run([sys.executable, "-c", _PEAK, *cmd], capture_output=True, text=True,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=True)
+        peaks[size] = int(done.stdout.split()[-1]) / 1024  # MiB
+        assert (tmp_path / f"out-{size}" / "config.json").is_file()
+        assert not (tmp_path / f".out-{size}.tokens").exists(), "a finished scan removes its token store"
+    assert peaks[100 << 20] < peaks[1 << 20] + 64, peaks
