@@ -20,9 +20,19 @@ from typing import Callable
 
 from headvis.errors import HeadvisError
 
-__all__ = ["BARRIER_TIMEOUT_S", "Ranks"]
+__all__ = ["BARRIER_TIMEOUT_S", "Ranks", "replica_gpus"]
 
 BARRIER_TIMEOUT_S = 6 * 3600.0  # a rank may wait this long for the slowest one at the end of pass 1
+
+
+def replica_gpus(local_rank: int, local_world: int, n_gpus: int) -> list[int]:
+    """The GPUs of process `local_rank` of the `local_world` on one machine, when each spreads its model over
+    several (`--device-map`): an equal, contiguous share of the machine's `n_gpus` (a remainder stays idle)."""
+    per = n_gpus // max(1, local_world)
+    if per < 1:
+        raise HeadvisError(f"--device-map: {local_world} processes on this machine share {n_gpus} GPU(s); run at "
+                           f"most {n_gpus} per machine (--nproc-per-node), each spreads its model over its share")
+    return list(range(local_rank * per, (local_rank + 1) * per))
 
 
 @dataclass
@@ -32,6 +42,7 @@ class Ranks:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    local_world: int = 1  # processes on this machine (torchrun's LOCAL_WORLD_SIZE)
     joined: bool = False  # a torch.distributed process group was joined (and is left by `close`)
     wait: Callable[[], object] | None = None  # the barrier of ranks that are threads of one process (tests)
 
@@ -40,12 +51,16 @@ class Ranks:
         return self.rank == 0
 
     @classmethod
-    def from_env(cls, device: str | None) -> "Ranks":
-        """The torchrun environment's ranks, the process group joined when there is more than one."""
+    def from_env(cls, device: str | None, spread: bool = False) -> "Ranks":
+        """The torchrun environment's ranks, the process group joined when there is more than one.
+
+        spread: each process spreads its model over a share of the machine's GPUs (`replica_gpus`), and its
+        collectives run on the first of them."""
         try:
             world = int(os.environ.get("WORLD_SIZE", "1"))
             rank = int(os.environ.get("RANK", "0"))
             local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
         except ValueError as e:
             raise HeadvisError(f"WORLD_SIZE, RANK and LOCAL_RANK must be integers (torchrun sets them): {e}") from None
         if world <= 1:
@@ -55,7 +70,8 @@ class Ranks:
 
         cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
         if cuda:
-            torch.cuda.set_device(local_rank)
+            torch.cuda.set_device(replica_gpus(local_rank, local_world, torch.cuda.device_count())[0] if spread
+                                  else local_rank)
         else:
             # the CPU kernel's threads as many as torch's (torchrun gives each rank OMP_NUM_THREADS=1): numba reads
             # this when it is first imported, later; its default, one per core in every rank, made 2 ranks on 2
@@ -63,7 +79,7 @@ class Ranks:
             os.environ.setdefault("NUMBA_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
         dist.init_process_group(backend="nccl" if cuda else "gloo",
                                 timeout=dt.timedelta(seconds=BARRIER_TIMEOUT_S))
-        return cls(rank=rank, world=world, local_rank=local_rank, joined=True)
+        return cls(rank=rank, world=world, local_rank=local_rank, local_world=local_world, joined=True)
 
     def device(self, device: str | None) -> str | None:
         """The device of this rank: GPU LOCAL_RANK when the scan runs on CUDA across processes."""
@@ -73,6 +89,12 @@ class Ranks:
             if torch.cuda.is_available():
                 return f"cuda:{self.local_rank}"
         return device
+
+    def gpus(self) -> list[int]:
+        """The GPUs this process spreads its model over (`--device-map`): its share of the machine's."""
+        import torch
+
+        return replica_gpus(self.local_rank, self.local_world, torch.cuda.device_count())
 
     def barrier(self) -> None:
         if self.wait is not None:

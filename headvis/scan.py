@@ -107,6 +107,7 @@ class ScanOptions:
     heads: str = "all"
     out: str = "data"
     device: str | None = None  # cpu or cuda; default cuda when available
+    device_map: str | None = None  # auto, balanced, sequential: spread the model over this process's devices
     backend: str = "auto"  # auto, triton, torch
     top_k: int = 8  # keys kept per attention row in the head files
     min_weight: float = 0.01  # weights below this are dropped (the row's largest is always kept)
@@ -169,6 +170,8 @@ def _validate(opts: ScanOptions) -> None:
         raise HeadvisError(f"--min-weight must be in [0, 1], not {opts.min_weight}")
     if opts.device not in (None, "cpu", "cuda") and not str(opts.device).startswith("cuda:"):
         raise HeadvisError(f"--device must be cpu or cuda, not {opts.device!r}")
+    if opts.device_map is not None and opts.device_map not in DEVICE_MAPS:
+        raise HeadvisError(f"--device-map must be one of {', '.join(DEVICE_MAPS)}, not {opts.device_map!r}")
 
 
 def _top_tokens(result, tokens: Tokens) -> tuple[list[dict], list[dict]]:
@@ -220,6 +223,21 @@ def _head_file(layer: int, head: int, result, edges: np.ndarray, records: list[d
     }
 
 
+DEVICE_MAPS = ("auto", "balanced", "sequential")  # transformers' (accelerate's) placement strategies
+
+
+def _placement(opts: ScanOptions, ranks: Ranks, device: str) -> dict:
+    """load_model's device_map and max_memory for --device-map: this process's GPUs (its share under torchrun),
+    90% of each one's memory (activations need the rest); on the CPU, the CPU."""
+    if opts.device_map is None:
+        return {}
+    if not device.startswith("cuda"):
+        return {"device_map": opts.device_map, "max_memory": None}
+    gpus = ranks.gpus() if ranks.world > 1 else list(range(torch.cuda.device_count()))
+    return {"device_map": opts.device_map,
+            "max_memory": {g: int(0.9 * torch.cuda.get_device_properties(g).total_memory) for g in gpus}}
+
+
 def _write_error(e: OSError, out: Path) -> HeadvisError:
     """One line for a file error of the scan; --out is untouched (the new tree is built beside it)."""
     where = f" ({e.filename})" if e.filename else ""
@@ -246,7 +264,7 @@ def run_scan(opts: ScanOptions, lm: LoadedModel | None = None, ranks: Ranks | No
     _validate(opts)
     own_group = ranks is None
     if ranks is None:
-        ranks = Ranks.from_env(opts.device)
+        ranks = Ranks.from_env(opts.device, spread=opts.device_map is not None)
     try:
         return _run_ranked(opts, lm, ranks, start)
     finally:
@@ -263,7 +281,7 @@ def _run_ranked(opts: ScanOptions, lm: LoadedModel | None, ranks: Ranks, start: 
     try:
         device = ranks.device(opts.device) or ("cuda" if torch.cuda.is_available() else "cpu")
         if lm is None:
-            lm = load_model(opts.model, device=device)
+            lm = load_model(opts.model, device=device, **_placement(opts, ranks, device))
         info = lm.info
         weights = weights_sha256(lm.model)  # keys the saved units and the rescan's carry-over
         layers = parse_selection(opts.layers, info.n_layers, "layers")
@@ -525,6 +543,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", default=d.heads, help="all, 3, 0-3 or 1,4-6")
     p.add_argument("--out", default=d.out, help="the data tree to write (replaced only when complete)")
     p.add_argument("--device", default=None, help="cpu or cuda; unset: cuda when available")
+    p.add_argument("--device-map", default=None, choices=DEVICE_MAPS,
+                   help="spread the model's layers over the GPUs (transformers' device_map): all of them, or under "
+                        "torchrun an equal share of the machine's per process; every head is still scanned")
     p.add_argument("--backend", default=d.backend, choices=BACKENDS,
                    help="row statistics: auto = triton on CUDA, numba on the CPU; torch = the reference")
     p.add_argument("--top-k", type=int, default=d.top_k, help="keys kept per attention row in the head files")

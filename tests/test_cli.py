@@ -14,7 +14,7 @@ from headvis.scan import build_parser, main, parse_selection
 # Frozen public flags (CONTRACT section 5 plus headvis' own).
 FLAGS = {
     "--model", "--dataset", "--split", "--text-column", "--seq-len", "--num-seqs", "--batch-size", "--layers",
-    "--heads", "--out", "--device", "--backend", "--top-k", "--min-weight", "--per-interval", "--umap",
+    "--heads", "--out", "--device", "--device-map", "--backend", "--top-k", "--min-weight", "--per-interval", "--umap",
     "--no-umap", "--seed", "--max-points", "--resume", "--no-resume", "--keep-memory", "--unit-size",
 }
 
@@ -263,6 +263,28 @@ def test_killed_scan_resumes_where_it_stopped(capsys, tmp_path, gpt2_dir, corpus
         a = json.loads((clean / name).read_text())
         b = json.loads((out / name).read_text())
         assert a == b, name
+
+
+def test_device_map_spreads_the_model_and_scans_the_same_tree(capsys, tmp_path, gpt2_dir, corpus, monkeypatch):
+    """--device-map loads through transformers' device_map (on this CPU machine: every layer on the CPU) and
+    the tree is the one of a plain load."""
+    import transformers
+
+    args = ["--model", gpt2_dir, "--dataset", corpus, "--seq-len", "16", "--num-seqs", "12", "--batch-size", "4",
+            "--per-interval", "1", "--max-points", "20"]
+    assert run_main(capsys, *args, "--out", str(tmp_path / "plain"))[0] == 0
+    placed = []
+    real = transformers.AutoModel.from_pretrained
+    monkeypatch.setattr(transformers.AutoModel, "from_pretrained",
+                        lambda *a, **kw: (placed.append(kw.get("device_map")), real(*a, **kw))[1])
+    assert run_main(capsys, *args, "--device-map", "auto", "--out", str(tmp_path / "mapped"))[0] == 0
+    assert placed == ["auto"]
+    for name in ["scatter_data.json", *(f"heads/{p.name}" for p in (tmp_path / "plain" / "heads").iterdir())]:
+        assert (tmp_path / "plain" / name).read_bytes() == (tmp_path / "mapped" / name).read_bytes(), name
+    with pytest.raises(SystemExit) as stopped:  # argparse's one-line usage error, as for any flag
+        main([*args, "--device-map", "everywhere", "--out", str(tmp_path / "bad")])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and "argument --device-map: invalid choice" in err and "Traceback" not in err
 
 
 def test_a_damaged_saved_unit_is_refused_with_the_way_out(capsys, tmp_path, gpt2_dir, corpus, monkeypatch):

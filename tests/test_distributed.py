@@ -158,3 +158,14 @@ def test_torchrun_with_two_processes_writes_the_tree_of_one(gpt2, corpus, tmp_pa
     assert bad.returncode != 0
     assert "headvis: rank 0: error: " in bad.stderr and "headvis: rank 1: error: " in bad.stderr, bad.stderr[-2000:]
     assert not (tmp_path / "bad").exists()
+
+
+def test_each_process_of_a_machine_spreads_its_model_over_its_own_share_of_the_gpus():
+    from headvis.distributed import replica_gpus
+    from headvis.errors import HeadvisError
+
+    assert [replica_gpus(r, 4, 8) for r in range(4)] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert [replica_gpus(r, 3, 8) for r in range(3)] == [[0, 1], [2, 3], [4, 5]]  # GPUs 6 and 7 stay idle
+    assert replica_gpus(0, 1, 8) == list(range(8))
+    with pytest.raises(HeadvisError, match="9 processes on this machine share 8 GPU"):
+        replica_gpus(0, 9, 8)
