@@ -206,13 +206,14 @@ class ProjectionPoints:
                 pick = slots == s
                 self._parts[(layer, heads[s])].append({name: col[pick] for name, col in columns.items()})
 
-    def parts_tensors(self) -> dict[str, Tensor]:
-        """Every head's gathered edges as flat tensors (`add_tensors` reads them back): for a file."""
+    def parts_tensors(self, layer: int | None = None) -> dict[str, Tensor]:
+        """Every head's (of `layer`, when given) gathered edges as flat tensors (`add_tensors` reads them back):
+        for a file."""
         out: dict[str, Tensor] = {}
-        for (layer, head), parts in self._parts.items():
-            if parts:
+        for (at, head), parts in self._parts.items():
+            if parts and layer in (None, at):
                 for name in parts[0]:
-                    out[f"L{layer}H{head}.{name}"] = torch.from_numpy(np.ascontiguousarray(
+                    out[f"L{at}H{head}.{name}"] = torch.from_numpy(np.ascontiguousarray(
                         np.concatenate([p[name] for p in parts])))
         return out
 
@@ -470,17 +471,21 @@ def fit_projections(
     with_umap: bool,
     seed: int,
     on_head: Callable[[int, int, dict, dict, dict], None],
+    layers: list[int] | None = None,
+    progress: bool = True,
 ) -> None:
     """Pass 3 (no forward pass): fit every head's gathered cloud; `on_head(layer, head, edges, fields, rotation)`.
 
     PCA: one `batched_pca` call per layer over all its heads' Q/K/V/O clouds, on the model's device.
+    layers: these of the selection's only (the scan fits a layer once its edges are in); progress: a bar.
     """
     w_o = output_projections(lm.model)
     gpu = gpu_libraries() if lm.device.type == "cuda" and with_umap else None
-    if lm.device.type == "cuda" and with_umap:
+    if lm.device.type == "cuda" and with_umap and (layers is None or layers[:1] == selection.layers[:1]):  # once
         print("headvis: UMAP on the GPU with cuML" if gpu else
               "headvis: UMAP on the CPU with umap-learn (install headvis[gpu] for cuML)", flush=True)
-    for layer in tqdm(selection.layers, desc="pass 3: projections", unit="layer"):
+    for layer in tqdm(selection.layers if layers is None else layers, desc="pass 3: projections", unit="layer",
+                      disable=not progress):
         if layer not in w_o:
             raise RuntimeError(f"no output projection found for layer {layer}")
         clouds = {head: points.cloud(layer, head, w_o[layer]) for head in selection.heads}

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 import headvis
 from headvis.accumulate import HEAD_METRICS, ScanAccumulator
@@ -37,7 +38,7 @@ from headvis.metrics import distance_bin_edges
 from headvis.models import DEFAULT_MODEL, LoadedModel, load_model, weights_sha256
 from headvis.output import ScanTarget
 from headvis.token_store import TokenStore
-from headvis.units import UnitFiles, load_pass2, read_shown, save_pass2, scan_key, unit_ranges, unit_size_for, write_shown
+from headvis.units import UnitFiles, load_pass2, pass2_path, read_shown, save_pass2, scan_key, unit_ranges, unit_size_for, write_shown
 from headvis.pipeline import (HeadSelection, KeptRows, ProjectionPoints, SequenceText, Tokens, fit_projections,
                               metric_pass, record_of, sequence_records)
 from headvis.projection import COMPONENTS, UMAP_VIEW, VECTORS
@@ -402,6 +403,7 @@ def _run_ranked(opts: ScanOptions, lm: LoadedModel | None, ranks: Ranks, start: 
             n_rerun = len({sid for per_head in missing.values() for sid in per_head})
             print(f"headvis: pass 2 ran {n_rerun} of {len({s for p in wanted.values() for s in p})} shown "
                   "sequences again (pass 1 kept the rest)", flush=True)
+            layer_records = lambda layer: records  # noqa: E731 - all in memory already
         else:
             # Pass 2 across the ranks: rank 0 names the shown sequences, each rank runs those of its own units
             # and saves their rows and edges, rank 0 gathers them
@@ -419,31 +421,28 @@ def _run_ranked(opts: ScanOptions, lm: LoadedModel | None, ranks: Ranks, start: 
             for key, per_head in held.items():
                 rows.setdefault(key, {}).update(per_head)
             if not ranks.first:
-                save_pass2(files.folder / f"pass2-{ranks.rank:05d}.safetensors", rows, points)
+                save_pass2(files.folder, ranks.rank, rows, points, layers)
                 ranks.barrier()
                 return None
             ranks.barrier()  # every rank's pass 2 is on disk
-            for rank in range(1, ranks.world):
-                for key, per_head in load_pass2(files.folder / f"pass2-{rank:05d}.safetensors", points).items():
-                    rows.setdefault(key, {}).update(per_head)
-            text = SequenceText(sequences, tokens)
-            records = {key: {sid: record_of(sid, interval, rows[key][sid], *text(sid))
-                             for sid, interval in per_head.items()} for key, per_head in wanted.items()}
             print(f"headvis: pass 2 ran the shown sequences that pass 1 did not keep on {ranks.world} processes "
                   f"({len({s for p in missing.values() for s in p})} on rank 0)", flush=True)
+            text = SequenceText(sequences, tokens)
+
+            def layer_records(layer: int) -> dict:
+                """The records of one layer's heads: rank 0's own, and the other ranks' read from their files of
+                that layer alone (their edges go into `points` until the layer is fitted)."""
+                got = {key: per_head for key, per_head in rows.items() if key[0] == layer}
+                for rank in range(1, ranks.world):
+                    for key, per_head in load_pass2(pass2_path(files.folder, rank, layer), points).items():
+                        got.setdefault(key, {}).update(per_head)
+                return {key: {sid: record_of(sid, interval, got[key][sid], *text(sid))
+                              for sid, interval in per_head.items()} for key, per_head in wanted.items()
+                        if key[0] == layer}
         clock["pass 2"], mark = time.perf_counter() - mark, time.perf_counter()
 
-        scatter = []
-        for (layer, head), result in results.items():
-            order = list(wanted[(layer, head)])  # interval 10 first, by activation within each
-            write_json(staging / "heads" / f"L{layer}H{head}.json", _head_file(
-                layer, head, result, edges_of[(layer, head)], [records[(layer, head)][sid] for sid in order],
-                bin_edges, tokens))
-            scatter.append({"layer": layer, "head": head, **result.metrics})
-        write_json(staging / "scatter_data.json", scatter)
-        clock["head files"], mark = time.perf_counter() - mark, time.perf_counter()
-
-        # Pass 3: projections of the clouds gathered in passes 1 and 2 (no forward pass), written as they come.
+        # The head files and pass 3 (the projections of the clouds gathered in passes 1 and 2, no forward pass),
+        # a layer at a time: under torchrun rank 0 then holds one layer of the other ranks' rows and edges
         cloud_ids: set[int] = set()
 
         def on_head(layer: int, head: int, edges: dict, fields: dict, rotation: dict) -> None:
@@ -453,8 +452,23 @@ def _run_ranked(opts: ScanOptions, lm: LoadedModel | None, ranks: Ranks, start: 
             write_json(staging / "umap" / f"L{layer}H{head}.rotation.json",
                        {"layer": layer, "head": head, "points": len(edges["seq_idx"]), **rotation})
 
-        fit_projections(points, lm, selection, with_umap=opts.umap, seed=opts.seed, on_head=on_head)
-        clock["pass 3"], mark = time.perf_counter() - mark, time.perf_counter()
+        clock["head files"] = clock["pass 3"] = 0.0
+        for layer in tqdm(layers, desc="head files and projections", unit="layer"):
+            of_layer = layer_records(layer)
+            for head in heads:
+                order = list(wanted[(layer, head)])  # interval 10 first, by activation within each
+                write_json(staging / "heads" / f"L{layer}H{head}.json", _head_file(
+                    layer, head, results[(layer, head)], edges_of[(layer, head)],
+                    [of_layer[(layer, head)][sid] for sid in order], bin_edges, tokens))
+            del of_layer
+            now = time.perf_counter()
+            clock["head files"], mark = clock["head files"] + now - mark, now
+            fit_projections(points, lm, selection, with_umap=opts.umap, seed=opts.seed, on_head=on_head,
+                            layers=[layer], progress=False)
+            now = time.perf_counter()
+            clock["pass 3"], mark = clock["pass 3"] + now - mark, now
+        write_json(staging / "scatter_data.json", [{"layer": layer, "head": head, **result.metrics}
+                                                   for (layer, head), result in results.items()])
         write_json(staging / "umap" / "sequences.json",
                    {str(sid): tokens(sequences[sid].tolist()) for sid in sorted(cloud_ids)})
         write_json(staging / "custom_sequences" / "index.json", {"sequences": []})

@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from headvis.errors import HeadvisError
 from headvis.io import atomic_write_bytes
 
-__all__ = ["UnitFiles", "load_pass2", "read_shown", "save_pass2", "scan_key", "unit_ranges", "unit_size_for",
+__all__ = ["UnitFiles", "load_pass2", "pass2_path", "read_shown", "save_pass2", "scan_key", "unit_ranges", "unit_size_for",
            "write_shown"]
 
 MIN_UNIT = 32  # sequences: smaller units cost more files than they save on a resume
@@ -175,8 +175,20 @@ def read_shown(path: Path) -> dict[tuple[int, int], dict[int, int]]:
             for layer, head, per_head in json.loads(path.read_text(encoding="utf-8"))}
 
 
-def save_pass2(path: Path, rows: dict[tuple[int, int], dict], points) -> None:
-    """One rank's pass-2 rows ({(layer, head): {sid: (indices, values, max, [q, k])}}) and gathered edges."""
+def pass2_path(folder: Path, rank: int, layer: int) -> Path:
+    return Path(folder) / f"pass2-{rank:05d}-L{layer:03d}.safetensors"
+
+
+def save_pass2(folder: Path, rank: int, rows: dict[tuple[int, int], dict], points, layers: list[int]) -> None:
+    """One rank's pass-2 rows ({(layer, head): {sid: (indices, values, max, [q, k])}}) and gathered edges, one
+    file per layer (`pass2_path`): rank 0 reads them back a layer at a time, so that it never holds more than
+    one layer's rows and edges of the other ranks."""
+    for layer in layers:
+        _save_pass2_file(pass2_path(folder, rank, layer), {key: per_head for key, per_head in rows.items()
+                                                           if key[0] == layer}, points.parts_tensors(layer))
+
+
+def _save_pass2_file(path: Path, rows: dict[tuple[int, int], dict], edges: dict[str, torch.Tensor]) -> None:
     meta, best, indices, values = [], [], [], []
     for (layer, head), per_head in rows.items():
         for sid, (idx, val, top, (q, k)) in per_head.items():
@@ -188,7 +200,7 @@ def save_pass2(path: Path, rows: dict[tuple[int, int], dict], points) -> None:
                "best": torch.tensor(best, dtype=torch.float64),
                "indices": torch.from_numpy(np.concatenate(indices) if indices else np.zeros(0, np.int64)),
                "values": torch.from_numpy(np.concatenate(values) if values else np.zeros(0, np.float32))}
-    tensors.update({f"points.{name}": value for name, value in points.parts_tensors().items()})
+    tensors.update({f"points.{name}": value for name, value in edges.items()})
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
     os.replace(tmp, path)

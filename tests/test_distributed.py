@@ -169,3 +169,31 @@ def test_each_process_of_a_machine_spreads_its_model_over_its_own_share_of_the_g
     assert replica_gpus(0, 1, 8) == list(range(8))
     with pytest.raises(HeadvisError, match="9 processes on this machine share 8 GPU"):
         replica_gpus(0, 9, 8)
+
+
+def test_rank_0_reads_the_other_ranks_rows_and_edges_a_layer_at_a_time(gpt2, corpus, tiny_lm, one_process, tmp_path,
+                                                                       monkeypatch):
+    """Pass 2's files are one per rank and layer; rank 0 reads layer L's only after writing layer L - 1's head
+    and projection files, so it never holds more than one layer of the other ranks' rows and edges."""
+    import headvis.scan as scan
+
+    events = []
+    real_load, real_write = scan.load_pass2, scan.write_json
+
+    def load(path, points):
+        events.append(("read", int(path.name.split("-L")[1].split(".")[0])))
+        return real_load(path, points)
+
+    def write(path, body, **kw):
+        if path.parent.name in ("heads", "umap") and path.name.startswith("L"):
+            events.append(("wrote", int(path.name[1:].split("H")[0])))
+        return real_write(path, body, **kw)
+
+    monkeypatch.setattr(scan, "load_pass2", load)
+    monkeypatch.setattr(scan, "write_json", write)
+    out = tmp_path / "tree"
+    ranked_scan(options(gpt2, corpus, out), tiny_lm, 2)
+    assert_same_tree(one_process, out)
+    order = [event for i, event in enumerate(events) if i == 0 or event != events[i - 1]]
+    n_layers = tiny_lm.info.n_layers
+    assert order == [step for layer in range(n_layers) for step in (("read", layer), ("wrote", layer))], order
