@@ -214,6 +214,31 @@ class ScanAccumulator:
         self.seq_argmax[:, ids] = state["seq_argmax"]
         self.seq_seen[ids] = True
 
+    _TOTALS = ("metric_sum", "metric_count", "dist_hist", "sink_hist", "key_weight", "query_max_sum", "query_count")
+
+    def totals(self) -> dict[str, Tensor]:
+        """The folded sums (not the per-sequence values): what a prefix snapshot saves."""
+        return {name: getattr(self, name) for name in self._TOTALS}
+
+    def load_totals(self, state: dict[str, Tensor]) -> None:
+        """Replace the folded sums by a snapshot's (`totals`), checked to have their shapes."""
+        for name in self._TOTALS:
+            if state[name].shape != getattr(self, name).shape:
+                raise ValueError(f"{name}: the snapshot's shape {tuple(state[name].shape)} is not this scan's")
+        for name in self._TOTALS:
+            getattr(self, name).copy_(state[name])
+
+    def sequence_values(self, seq_ids: list[int]) -> dict[str, Tensor]:
+        """The per-sequence values of `seq_ids` (folded): what a prefix snapshot's segment saves."""
+        ids = torch.tensor(seq_ids, dtype=torch.int64)
+        return {"seq_ids": ids, "seq_max": self.seq_max[:, ids].clone(), "seq_argmax": self.seq_argmax[:, ids].clone()}
+
+    def load_sequence_values(self, state: dict[str, Tensor]) -> None:
+        ids = state["seq_ids"]
+        self.seq_max[:, ids] = state["seq_max"]
+        self.seq_argmax[:, ids] = state["seq_argmax"]
+        self.seq_seen[ids] = True
+
     def count_tokens(self, seq_ids: Tensor, token_ids: Tensor) -> None:
         """Once per batch: query occurrences (rows q >= 1) and which sequences were seen."""
         tokens = token_ids[:, 1:].reshape(-1).cpu()

@@ -38,7 +38,8 @@ from headvis.metrics import distance_bin_edges
 from headvis.models import DEFAULT_MODEL, LoadedModel, load_model, weights_sha256
 from headvis.output import ScanTarget
 from headvis.token_store import TokenStore
-from headvis.units import UnitFiles, load_pass2, pass2_path, read_shown, save_pass2, scan_key, unit_ranges, unit_size_for, write_shown
+from headvis.units import (UnitFiles, load_pass2, pass2_path, read_shown, save_pass2, scan_key, snapshot_due,
+                           unit_ranges, unit_size_for, write_shown)
 from headvis.pipeline import (HeadSelection, KeptRows, ProjectionPoints, SequenceText, Tokens, fit_projections,
                               metric_pass, record_of, sequence_records)
 from headvis.projection import COMPONENTS, UMAP_VIEW, VECTORS
@@ -320,6 +321,16 @@ def _run_ranked(opts: ScanOptions, lm: LoadedModel | None, ranks: Ranks, start: 
         if not opts.resume and ranks.first:
             files.remove()
         files.open(writer=ranks.first)
+        folded = [0]  # units [0, folded) are in the totals; the next is folded once it exists
+        snapshot = {"first": 0, "bytes": 0}  # the units folded since the last prefix snapshot, and their files' size
+        if ranks.first and opts.resume:
+            folded[0], sums, segments = files.load_prefix()
+            if sums is not None:
+                acc.load_totals(sums)
+                for segment in segments:
+                    acc.load_sequence_values(segment)
+            snapshot["first"] = folded[0]
+        prefix_bytes = sum(t.numel() * t.element_size() for t in acc.totals().values())
         ranks.barrier()  # the others read the folder only once rank 0 has checked its key
         if not ranks.first:
             files.check(ranks.rank)
@@ -341,9 +352,8 @@ def _run_ranked(opts: ScanOptions, lm: LoadedModel | None, ranks: Ranks, start: 
         clock = {"setup": time.perf_counter() - start}
         mark = time.perf_counter()
 
-        folded = [0]  # units [0, folded) are in the totals; the next is folded once it exists
-
         def fold_ready(fresh: dict[int, dict] | None = None) -> None:
+            """Rank 0: fold the units that are there, in unit order; snapshot the prefix when it is due."""
             while folded[0] < len(units):
                 u = folded[0]
                 if fresh is not None and u in fresh:
@@ -351,17 +361,25 @@ def _run_ranked(opts: ScanOptions, lm: LoadedModel | None, ranks: Ranks, start: 
                 elif u in done or files.path(u).exists():
                     acc.fold(files.load(u, units[u]))
                 else:
-                    return
+                    break
+                snapshot["bytes"] += files.path(u).stat().st_size if files.path(u).exists() else 0
                 folded[0] += 1
+            if folded[0] > snapshot["first"] and folded[0] < len(units) and snapshot_due(snapshot["bytes"],
+                                                                                         prefix_bytes):
+                ids = [sid for u in range(snapshot["first"], folded[0]) for sid in units[u]]
+                files.save_prefix(folded[0], acc.totals(), snapshot["first"], acc.sequence_values(ids))
+                snapshot.update(first=folded[0], bytes=0)
 
         pending: dict[int, dict] = {}
 
         def after_unit(u: int, state: dict) -> None:
             files.save(u, state)
             return_freed_memory()
-            if ranks.world == 1:  # in unit order as they come; several processes fold at the end
+            if ranks.world == 1:  # in unit order as they come
                 pending[u] = state
                 fold_ready(pending)
+            elif ranks.first:  # the prefix the other ranks have finished too, between rank 0's own units
+                fold_ready()
 
         mine = [(u, units[u]) for u in range(len(units)) if u % ranks.world == ranks.rank and u not in done]
         done_everywhere = lambda: sum(len(units[u]) for u in files.done_in(len(units)))  # noqa: E731 - the bar's count

@@ -11,6 +11,15 @@ rerun with the same settings and any number of processes, scans only the
 units that have no file yet. `key.json` names the scan (settings and the
 packed token ids' digest); a folder of another scan is discarded, saying so.
 A finished scan removes the folder.
+
+A folded prefix keeps the folder's size bounded by what is in flight, not by
+the corpus: once the units folded since the last snapshot weigh as much as
+the totals themselves (and at least `SNAPSHOT_MIN_BYTES`), the process that
+folds writes the per-sequence values of those units to
+`seqs-{a:06d}-{b:06d}.safetensors`, then the totals after unit b - 1 to
+`prefix.safetensors` (which names b), then deletes those unit files. A resume
+starts from the prefix; a crash between the steps leaves files that the
+next open recognises (a segment past the prefix, units below it) and drops.
 """
 
 from __future__ import annotations
@@ -33,10 +42,12 @@ from safetensors.torch import load_file, save_file
 from headvis.errors import HeadvisError
 from headvis.io import atomic_write_bytes
 
-__all__ = ["UnitFiles", "load_pass2", "pass2_path", "read_shown", "save_pass2", "scan_key", "unit_ranges", "unit_size_for",
+__all__ = ["UnitFiles", "load_pass2", "pass2_path", "read_shown", "save_pass2", "scan_key", "snapshot_due",
+           "unit_ranges", "unit_size_for",
            "write_shown"]
 
 MIN_UNIT = 32  # sequences: smaller units cost more files than they save on a resume
+SNAPSHOT_MIN_BYTES = 256 << 20  # folded unit files to gather before a prefix snapshot is worth writing
 MAX_BATCHES = 32  # batches per unit at most
 TARGET_UNITS = 64  # a scan is cut into about this many units, within those bounds
 
@@ -152,12 +163,81 @@ class UnitFiles:
                                "or a second scan of the same --out); remove it (that unit is then scanned again)")
         return state
 
+    # -- the folded prefix
+
+    def prefix_units(self) -> int:
+        """How many units the prefix snapshot holds (0: none). Read from its metadata alone."""
+        path = self.folder / "prefix.safetensors"
+        if not path.exists():
+            return 0
+        try:
+            with safe_open(path, framework="pt") as f:
+                meta = f.metadata() or {}
+        except Exception as e:  # safetensors raises its own error type for a damaged file
+            raise HeadvisError(f"the saved prefix {path} is unreadable ({type(e).__name__}: {e}); run with "
+                               "--no-resume") from e
+        if meta.get("scan") != self.digest:
+            raise HeadvisError(f"the saved prefix {path} belongs to another scan; run with --no-resume")
+        return int(meta.get("units", 0))
+
+    def save_prefix(self, units: int, sums: dict[str, torch.Tensor], first: int,
+                    sequences: dict[str, torch.Tensor]) -> None:
+        """Units [first, units) are folded: their per-sequence values to a segment, the totals to the prefix,
+        then their unit files go (in that order: a crash between leaves a state `load_prefix` sorts out)."""
+        self._write(self.folder / f"seqs-{first:06d}-{units:06d}.safetensors", sequences, {})
+        self._write(self.folder / "prefix.safetensors", sums, {"units": str(units)})
+        for u in range(first, units):
+            self.path(u).unlink(missing_ok=True)
+
+    def load_prefix(self) -> tuple[int, dict[str, torch.Tensor] | None, list[dict[str, torch.Tensor]]]:
+        """(units folded, their totals or None, the per-sequence segments of those units), checked; the files
+        a crash left behind (segments past the prefix, unit files below it) are removed."""
+        units = self.prefix_units()
+        segments = []
+        for path in sorted(self.folder.glob("seqs-*.safetensors")):
+            first, last = (int(x) for x in re.fullmatch(r"seqs-(\d{6})-(\d{6})\.safetensors", path.name).groups())
+            if last > units:
+                path.unlink(missing_ok=True)  # written before a prefix that never came
+                continue
+            segments.append(self._read(path))
+        for u in range(units):
+            self.path(u).unlink(missing_ok=True)  # folded into the prefix before the crash
+        sums = self._read(self.folder / "prefix.safetensors") if units else None
+        return units, sums, segments
+
+    def _write(self, path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"scan": self.digest, **meta})
+        except SafetensorError as e:
+            tmp.unlink(missing_ok=True)
+            found = re.search(r"os error (\d+)", str(e))
+            raise OSError(int(found[1]) if found else errno.EIO, str(e), str(tmp)) from e
+        os.replace(tmp, path)
+
+    def _read(self, path: Path) -> dict[str, torch.Tensor]:
+        try:
+            with safe_open(path, framework="pt") as f:
+                written_for = (f.metadata() or {}).get("scan")
+            tensors = load_file(path)
+        except Exception as e:  # safetensors raises its own error type for a damaged file
+            raise HeadvisError(f"the saved {path} is unreadable ({type(e).__name__}: {e}); run with --no-resume") from e
+        if written_for != self.digest:
+            raise HeadvisError(f"the saved {path} belongs to another scan; run with --no-resume")
+        return tensors
+
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
 
     def done_in(self, n_units: int) -> set[int]:
-        """`done`, limited to this scan's unit numbers."""
-        return {u for u in self.done() if u < n_units}
+        """`done` (a unit file, or folded into the prefix), limited to this scan's unit numbers."""
+        return {u for u in self.done() if u < n_units} | set(range(min(n_units, self.prefix_units())))
+
+
+def snapshot_due(folded_bytes: int, prefix_bytes: int) -> bool:
+    """Whether the unit files folded since the last snapshot are worth a prefix snapshot: they weigh at least
+    as much as the snapshot itself (so its writes at most double the units'), and at least SNAPSHOT_MIN_BYTES."""
+    return folded_bytes >= max(prefix_bytes, SNAPSHOT_MIN_BYTES)
 
 
 # -- pass 2 across processes: rank 0 names the shown sequences, each rank hands back its rows and edges

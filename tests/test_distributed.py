@@ -197,3 +197,62 @@ def test_rank_0_reads_the_other_ranks_rows_and_edges_a_layer_at_a_time(gpt2, cor
     order = [event for i, event in enumerate(events) if i == 0 or event != events[i - 1]]
     n_layers = tiny_lm.info.n_layers
     assert order == [step for layer in range(n_layers) for step in (("read", layer), ("wrote", layer))], order
+
+
+@pytest.mark.parametrize("first_world, world", [(1, 2), (2, 3)])
+def test_a_folded_prefix_bounds_the_resume_folder_and_resumes_to_the_same_tree(first_world, world, gpt2, corpus,
+                                                                              tiny_lm, one_process, tmp_path,
+                                                                              monkeypatch):
+    """With a prefix snapshot after every fold, the folded units' files go (their sums in `prefix.safetensors`,
+    their per-sequence values in segments); a scan killed after unit 2 resumes from the prefix with another
+    number of processes, and every tree is the one-process tree."""
+    import headvis.pipeline as pipeline
+
+    monkeypatch.setattr("headvis.scan.snapshot_due", lambda folded_bytes, prefix_bytes: True)
+    whole = tmp_path / "whole"
+    ranked_scan(options(gpt2, corpus, whole), tiny_lm, world) if world > 1 else None
+    if world > 1:
+        assert_same_tree(one_process, whole)
+
+    out = tmp_path / "tree"
+    real_pass = pipeline.metric_pass
+    seen = {}
+
+    def killed_pass(*a, after_unit, **kw):
+        def after(u, state):
+            after_unit(u, state)
+            if u == 2 * first_world:  # rank 0's units are 0, W, 2W: 2W is its third
+                seen["files"] = sorted(p.name for p in (tmp_path / ".tree.resume").glob("*.safetensors"))
+                raise KeyboardInterrupt
+        real_pass(*a, after_unit=after, **kw)
+
+    monkeypatch.setattr("headvis.scan.metric_pass", killed_pass)
+    with pytest.raises(KeyboardInterrupt):
+        if first_world == 1:
+            run_scan(options(gpt2, corpus, out), tiny_lm, Ranks())
+        else:
+            ranked_scan(options(gpt2, corpus, out), tiny_lm, first_world)
+    names = seen["files"]
+    assert "prefix.safetensors" in names and any(n.startswith("seqs-000000-") for n in names), names
+    prefix = max(int(n.split("-")[2][:6]) for n in names if n.startswith("seqs-"))  # the segments end there
+    assert prefix >= 1 and not [n for n in names if n.startswith("unit-") and int(n[5:11]) < prefix], names
+    monkeypatch.setattr("headvis.scan.metric_pass", real_pass)
+    ranked_scan(options(gpt2, corpus, out), tiny_lm, world)
+    assert_same_tree(one_process, out)
+
+
+def test_a_corpus_of_three_shards_scanned_by_two_ranks_is_the_one_process_tree(gpt2, tiny_lm, tmp_path):
+    """Rank 0 alone packs the shards, in sorted order, into the token store the others read: sequence id N is
+    the same text whatever the shard count and the number of processes."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for s in (2, 0, 1):  # written out of order: read sorted
+        rows = [{"text": f"shard {s} row {i}: the {i % 4} brown foxes meet {s * 3 + i % 7} grey wolves."}
+                for i in range(30)]
+        (shards / f"part-{s:02d}.jsonl").write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_scan(options(gpt2, shards, one), tiny_lm, Ranks())
+    ranked_scan(options(gpt2, shards, two), tiny_lm, 2)
+    assert_same_tree(one, two)
+    config = json.loads((one / "config.json").read_text())
+    assert config["dataset"]["n_sequences"] == NUM_SEQS

@@ -289,3 +289,29 @@ def test_pca_equals_scikit_learn(n, dim):
     assert coords.shape == (n, 3) and np.all(coords[:, c:] == 0)
     pivots = np.abs(rotation["components"]).argmax(1)
     assert np.all(rotation["components"][np.arange(c), pivots] > 0), "sign: the largest entry is positive"
+
+
+def test_a_crash_between_the_prefix_snapshot_steps_leaves_files_the_next_open_drops(tmp_path):
+    """save_prefix writes the segment, then the prefix, then deletes the folded units: whichever step a crash
+    stops at, load_prefix gives a consistent state (a segment past the prefix and units below it go)."""
+    from headvis.errors import HeadvisError
+    from headvis.units import UnitFiles
+
+    files = UnitFiles(tmp_path / "r", {"scan": 1})
+    files.folder.mkdir()
+    sums = {"metric_sum": torch.arange(4.0, dtype=torch.float64)}
+    values = {"seq_ids": torch.arange(8), "seq_max": torch.ones(1, 8), "seq_argmax": torch.zeros(1, 8, 1, 2)}
+    for u in range(3):
+        files.save(u, {"seq_ids": torch.arange(4 * u, 4 * u + 4)})
+    files.save_prefix(2, sums, 0, values)
+    assert files.prefix_units() == 2 and files.done_in(3) == {0, 1, 2} and not files.path(0).exists()
+    files.save(1, {"seq_ids": torch.arange(4, 8)})  # a folded unit whose deletion the crash stopped
+    files._write(files.folder / "seqs-000002-000003.safetensors", values, {})  # a segment whose prefix never came
+    units, got, segments = files.load_prefix()
+    assert units == 2 and torch.equal(got["metric_sum"], sums["metric_sum"]) and len(segments) == 1
+    assert torch.equal(segments[0]["seq_ids"], values["seq_ids"])
+    assert not files.path(1).exists() and files.path(2).exists()
+    assert not (files.folder / "seqs-000002-000003.safetensors").exists()
+    other = UnitFiles(tmp_path / "r", {"scan": 2})
+    with pytest.raises(HeadvisError, match="belongs to another scan"):
+        other.prefix_units()
