@@ -1,6 +1,6 @@
 """Choosing the row-statistics backend: the torch reference, the Triton kernels or the CPU kernel.
 
-- `torch`: `headvis.metrics.ref_row_stats`, plain torch, any device (the reference);
+- `torch`: `headvis.kernels.row_stats_ref.ref_row_stats`, plain torch, any device (the reference);
 - `triton`: `headvis.kernels.row_stats.tri_row_stats`, fused GPU kernels (CUDA,
   or the CPU under TRITON_INTERPRET=1 for verification);
 - `numba`: `headvis.kernels.row_stats_cpu.cpu_row_stats`, a fused CPU loop;

@@ -1,1 +1,2 @@
-"""Fused Triton kernels for the scan; `ref_*` in headvis.metrics is their reference."""
+"""The row-statistics op whole: its types and torch reference (`row_stats_ref`), its Triton (`row_stats`) and
+numba (`row_stats_cpu`) kernels. Imports nothing of the rest of headvis."""

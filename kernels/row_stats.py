@@ -1,4 +1,4 @@
-"""Fused attention row statistics: `tri_row_stats`, the Triton twin of `headvis.metrics.ref_row_stats`.
+"""Fused attention row statistics: `tri_row_stats`, the Triton twin of `row_stats_ref.ref_row_stats`.
 
 Same inputs, same `RowStats`, same conventions (row 0 present, zeros for rows
 without an allowed key, -1 for missing indices, the lowest key index wins every
@@ -33,7 +33,7 @@ try:
 except ImportError as error:  # the optional `triton` extra
     raise ImportError("headvis.kernels.row_stats needs triton: pip install 'headvis[triton]'") from error
 
-from headvis.metrics import ROW_METRICS, AttentionSpec, RowStats, drop_light_entries
+from headvis.kernels.row_stats_ref import ROW_METRICS, AttentionSpec, RowStats, drop_light_entries
 
 __all__ = ["is_available", "tri_row_stats"]
 

@@ -1,8 +1,8 @@
 """Fused CPU row statistics (`cpu_row_stats`): the numba counterpart of `tri_row_stats`.
 
-The torch reference (`headvis.metrics.ref_row_stats`) makes ~25 passes over
+The torch reference (`row_stats_ref.ref_row_stats`) makes ~25 passes over
 each (batch, head, rows, keys) block of scores. Here BLAS computes the scores
-of `q_chunk` query rows (`headvis.metrics.chunk_scores`), masked in place, and
+of `q_chunk` query rows (`row_stats_ref.chunk_scores`), masked in place, and
 torch's vectorized exp their exponentials; one compiled loop per (batch, head)
 then reads each row in short loops that LLVM vectorizes: integer maxima over
 the scores' bits (an order-preserving int32 key: max, runner-up and ties for
@@ -32,7 +32,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from headvis.metrics import ROW_METRICS, AttentionSpec, RowStats, allowed_keys, chunk_scores, drop_light_entries
+from headvis.kernels.row_stats_ref import (ROW_METRICS, AttentionSpec, RowStats, allowed_keys, chunk_scores,
+                                           drop_light_entries)
 
 try:
     import numba
