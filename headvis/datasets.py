@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from headvis.errors import HeadvisError
 
-__all__ = ["DEFAULT_DATASET", "iter_texts", "pack_blocks", "pack_sequences", "prefix_token"]
+__all__ = ["DEFAULT_DATASET", "corpus_files", "iter_texts", "pack_blocks", "pack_sequences", "prefix_token"]
 
 DEFAULT_DATASET = "pydoc_data.topics"
 _SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -208,7 +208,7 @@ def iter_texts(dataset: str, split: str = "train", text_column: str = "text") ->
             raise HeadvisError(f"{path}: unsupported file type (use {', '.join(_SUFFIXES)})")
         yield from _texts_from_file(path, text_column)
     elif path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in _SUFFIXES)
+        files = corpus_files(path)
         if not files:
             raise HeadvisError(f"{path}: folder holds no {', '.join(_SUFFIXES)} files")
         for file in files:
@@ -217,6 +217,11 @@ def iter_texts(dataset: str, split: str = "train", text_column: str = "text") ->
         raise HeadvisError(f"dataset path {dataset!r} does not exist")
     else:
         yield from _texts_from_hub(dataset, split, text_column)
+
+
+def corpus_files(folder: Path) -> list[Path]:
+    """The files a folder `--dataset` reads, in the order it reads them."""
+    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix in _SUFFIXES)
 
 
 def prefix_token(tokenizer) -> int | None:

@@ -233,8 +233,8 @@ def _placement(opts: ScanOptions, ranks: Ranks, device: str) -> dict:
     90% of each one's memory (activations need the rest); on the CPU, the CPU."""
     if opts.device_map is None:
         return {}
-    if not device.startswith("cuda"):
-        return {"device_map": opts.device_map, "max_memory": None}
+    if not device.startswith("cuda"):  # --device cpu: the CPU, even where accelerate would see GPUs
+        return {"device_map": {"": "cpu"}, "max_memory": None}
     gpus = ranks.gpus() if ranks.world > 1 else list(range(torch.cuda.device_count()))
     return {"device_map": opts.device_map,
             "max_memory": {g: int(0.9 * torch.cuda.get_device_properties(g).total_memory) for g in gpus}}
@@ -295,8 +295,11 @@ def _run_ranked(opts: ScanOptions, lm: LoadedModel | None, ranks: Ranks, start: 
         store_at = out.parent / f".{out.name}.tokens"
         store_opts = dict(dataset=opts.dataset, split=opts.split, text_column=opts.text_column,
                           tokenizer=lm.tokenizer, seq_len=opts.seq_len, num_seqs=opts.num_seqs)
+        files = UnitFiles(out.parent / f".{out.name}.resume")
         if ranks.first:
+            files.lock()  # before anything beside --out changes: a second scan of it stops here
             if not opts.resume:
+                files.clear()
                 shutil.rmtree(store_at, ignore_errors=True)  # tokenized again (a hub dataset's new revision)
             sequences = TokenStore.open_or_build(store_at, **store_opts, progress=True)
         ranks.barrier()
@@ -317,9 +320,7 @@ def _run_ranked(opts: ScanOptions, lm: LoadedModel | None, ranks: Ranks, start: 
                     "split": opts.split, "text_column": opts.text_column, "layers": layers, "heads": heads,
                     "backend": backend, "device": lm.device.type, "weights_sha256": weights,
                     "format_version": FORMAT_VERSION, "batch_size": opts.batch_size, "unit_size": unit_size}
-        files = UnitFiles(out.parent / f".{out.name}.resume", scan_key(settings, sequences.sha256, sequences.shape))
-        if not opts.resume and ranks.first:
-            files.remove()
+        files.set_key(scan_key(settings, sequences.sha256, sequences.shape))
         files.open(writer=ranks.first)
         folded = [0]  # units [0, folded) are in the totals; the next is folded once it exists
         snapshot = {"first": 0, "bytes": 0}  # the units folded since the last prefix snapshot, and their files' size
@@ -445,8 +446,6 @@ def _run_ranked(opts: ScanOptions, lm: LoadedModel | None, ranks: Ranks, start: 
             ranks.barrier()  # every rank's pass 2 is on disk
             print(f"headvis: pass 2 ran the shown sequences that pass 1 did not keep on {ranks.world} processes "
                   f"({len({s for p in missing.values() for s in p})} on rank 0)", flush=True)
-            text = SequenceText(sequences, tokens)
-
             def layer_records(layer: int) -> dict:
                 """The records of one layer's heads: rank 0's own, and the other ranks' read from their files of
                 that layer alone (their edges go into `points` until the layer is fitted)."""
@@ -454,6 +453,7 @@ def _run_ranked(opts: ScanOptions, lm: LoadedModel | None, ranks: Ranks, start: 
                 for rank in range(1, ranks.world):
                     for key, per_head in load_pass2(pass2_path(files.folder, rank, layer), points).items():
                         got.setdefault(key, {}).update(per_head)
+                text = SequenceText(sequences, tokens)  # this layer's: strings are not held across layers
                 return {key: {sid: record_of(sid, interval, got[key][sid], *text(sid))
                               for sid, interval in per_head.items()} for key, per_head in wanted.items()
                         if key[0] == layer}

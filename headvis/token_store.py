@@ -3,17 +3,19 @@
 The scan's first stage. The documents of --dataset, in their canonical order (`iter_texts`: sorted file
 list, the hub dataset's own order), are tokenized and packed (`pack_blocks`) straight into `tokens.bin`
 (int32, n x seq_len, row-major) in the folder `.{out}.tokens` beside --out, a few thousand sequences at a
-time, so that memory stays bounded whatever the corpus size (one huge text file included: `.txt` files are
-read in pieces). `manifest.json` says what made them: the dataset and its source's fingerprint (files: path,
-size and modification time; the hub: name and split; pydoc: the Python version), the tokenizer (class,
-name, vocabulary size and a digest of its vocabulary), seq_len, the number of sequences and whether the
-corpus ended before --num-seqs. Sequence id N is row N: the same text on every rank, in every resume, at
-any world size.
+time, so that memory stays bounded by one block and one text: a `.txt` is read in 1 MiB pieces, except for
+tokenizers that mark each call (SentencePiece: Llama 2, Mistral), which get a whole document at a time.
+`manifest.json` says what made them: the dataset and its source's fingerprint (the files `iter_texts`
+reads: path, size and modification time; the hub: name and split; pydoc: the Python version), the
+tokenizer (a digest of its whole definition, and the special tokens packing adds), seq_len, the number of
+sequences and whether the corpus ended before --num-seqs. Sequence id N is row N: the same text on every
+rank, in every resume, at any world size.
 
 A later scan with the same manifest reads the file again instead of tokenizing (the rows it needs: the
-first --num-seqs, when the file holds them or the corpus ended); anything else rebuilds it. The scan
-removes the folder with its resume folder once the tree is published. Rows come back as int64 tensors
-(`TokenStore.__getitem__`); nothing holds the whole corpus in memory.
+first --num-seqs, when the file holds them or the corpus ended); anything else rebuilds it. Ranks other
+than 0 open what rank 0 wrote, checking the settings and the tokenizer, not their own view of the source.
+The scan removes the folder with its resume folder once the tree is published. Rows come back as int64
+tensors (`TokenStore.__getitem__`); nothing holds the whole corpus in memory.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from headvis.datasets import DEFAULT_DATASET, iter_texts, pack_blocks
+from headvis.datasets import DEFAULT_DATASET, corpus_files, iter_texts, pack_blocks, prefix_token
 from headvis.errors import HeadvisError
 from headvis.io import atomic_write_bytes
 
@@ -45,18 +47,24 @@ def source_fingerprint(dataset: str, split: str, text_column: str) -> dict:
         return {"kind": "pydoc", "python": sys.version}
     path = Path(dataset).expanduser()
     if path.is_file() or path.is_dir():
-        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        files = [path] if path.is_file() else corpus_files(path)  # what iter_texts reads, nothing else
         return {"kind": "files", "text_column": text_column, "files": [
-            [str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files]}
+            [str(p.relative_to(path)) if p != path else p.name, p.stat().st_size, p.stat().st_mtime_ns]
+            for p in files]}
     # a hub dataset is named by its name and split; a new revision on the hub is not seen (--no-resume)
     return {"kind": "hub", "name": dataset, "split": split, "text_column": text_column}
 
 
 def tokenizer_fingerprint(tokenizer) -> dict:
-    vocab = sorted(tokenizer.get_vocab().items())
-    digest = hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode("utf-8")).hexdigest()
-    return {"class": type(tokenizer).__name__, "name": getattr(tokenizer, "name_or_path", ""),
-            "size": len(tokenizer), "vocab_sha256": digest}
+    """What decides the token ids of a text and the packing: the whole tokenizer (a fast tokenizer's own JSON:
+    vocabulary, merges, normalizer, pre-tokenizer; else its vocabulary) and the special tokens packing adds."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()),
+                                                                   ensure_ascii=False)
+    special = {name: getattr(tokenizer, name, None) for name in ("bos_token_id", "eos_token_id", "sep_token_id",
+                                                                  "cls_token_id")}
+    return {"class": type(tokenizer).__name__, "size": len(tokenizer), "special": special,
+            "prefix": prefix_token(tokenizer), "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}
 
 
 class TokenStore:
@@ -95,15 +103,20 @@ class TokenStore:
         build=False (a torchrun rank other than 0): the store rank 0 wrote must be there and match.
         """
         folder = Path(folder)
-        want = {"version": MANIFEST_VERSION, "dataset": dataset, "source": source_fingerprint(dataset, split,
-                text_column), "tokenizer": tokenizer_fingerprint(tokenizer), "seq_len": seq_len}
+        want = {"version": MANIFEST_VERSION, "dataset": dataset, "tokenizer": tokenizer_fingerprint(tokenizer),
+                "seq_len": seq_len}
         found = cls._manifest(folder)
+        if not build:
+            # another rank: rank 0 has just written or checked the store; its view of the source (paths, times)
+            # may differ from this machine's, so only what this rank's tokenizer and settings decide is checked
+            if found is None or {k: found.get(k) for k in want} != want:
+                raise HeadvisError(f"no token store of these settings at {folder}: rank 0 writes it; is --out on a "
+                                   "file system every process sees, with the same tokenizer?")
+            return cls(folder, min(found["n"], num_seqs), seq_len)
+        want["source"] = source_fingerprint(dataset, split, text_column)
         if found is not None and {k: found.get(k) for k in want} == want and (
                 found["n"] >= num_seqs or found["ended"]):
             return cls(folder, min(found["n"], num_seqs), seq_len)
-        if not build:
-            raise HeadvisError(f"no token store for these settings at {folder} (rank 0 writes it: is --out on a "
-                               "file system every process sees?)")
         n, ended = cls._write(folder, iter_texts(dataset, split, text_column), tokenizer, seq_len, num_seqs,
                               progress)
         atomic_write_bytes(folder / "manifest.json", json.dumps({**want, "n": n, "ended": ended}).encode("utf-8"))
@@ -127,6 +140,8 @@ class TokenStore:
         made = not folder.exists()
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "manifest.json").unlink(missing_ok=True)  # the old rows go: no manifest may name them
+        for stale in folder.glob(".tokens.bin.*.tmp"):  # a killed scan's (the caller holds the scan's lock)
+            stale.unlink(missing_ok=True)
         temp = folder / f".tokens.bin.{os.getpid()}.tmp"
         n = 0
         try:

@@ -74,27 +74,48 @@ def unit_ranges(n_sequences: int, unit_size: int) -> list[range]:
 class UnitFiles:
     """The saved units of one scan in `folder` (`.{out}.resume/`)."""
 
-    def __init__(self, folder: Path, key: dict):
+    def __init__(self, folder: Path, key: dict | None = None):
         self.folder = Path(folder)
+        self._lock = None
+        self.set_key(key or {})
+
+    def set_key(self, key: dict) -> None:
+        """The scan's key (its settings and token digest), known once the corpus is tokenized."""
         self.key = key
         self.digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode("utf-8")).hexdigest()
-        self._lock = None
 
-    def open(self, writer: bool) -> None:
-        """The writer (rank 0, or the only process) locks the folder against a second scan, discards another
-        scan's folder and writes the key."""
-        if not writer:
+    def lock(self) -> None:
+        """Lock the folder against a second scan of the same --out (rank 0, before it touches anything beside
+        --out: the token rows, the units); the lock file stays while this scan runs, whatever it removes."""
+        if self._lock is not None:
             return
-        from headvis.lock import LOCK_NAME, TreeLock, TreeLocked
+        from headvis.lock import TreeLock, TreeLocked
 
         self.folder.mkdir(parents=True, exist_ok=True)
-        self._lock = TreeLock(self.folder, "scan")  # the lock file stays while this scan runs, whatever it removes
+        lock = TreeLock(self.folder, "scan")
         try:
-            self._lock.acquire()
+            lock.acquire()
         except TreeLocked as e:
-            self._lock = None
             raise HeadvisError(f"another scan of the same --out is running ({e}); wait for it or scan into "
                                "another --out") from None
+        self._lock = lock
+
+    def clear(self) -> None:
+        """Everything in the folder but the lock (--no-resume, under the lock)."""
+        from headvis.lock import LOCK_NAME
+
+        for path in self.folder.iterdir() if self.folder.is_dir() else ():
+            if path.name != LOCK_NAME:
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+    def open(self, writer: bool) -> None:
+        """The writer (rank 0, or the only process) locks the folder against a second scan (if `lock` has not),
+        drops the temp files of killed scans, discards another scan's folder and writes the key."""
+        if not writer:
+            return
+        self.lock()
+        for stale in self.folder.glob(".*.tmp"):  # a killed scan's half-written files: no writer is running
+            stale.unlink(missing_ok=True)
         try:
             stored = json.loads((self.folder / "key.json").read_text(encoding="utf-8"))
         except FileNotFoundError:
@@ -103,9 +124,7 @@ class UnitFiles:
             stored = "unreadable"
         if stored is not None and stored != self.key:
             print("headvis: a resume checkpoint of another scan was found and is discarded", flush=True)
-            for path in self.folder.iterdir():
-                if path.name != LOCK_NAME:
-                    shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+            self.clear()
         atomic_write_bytes(self.folder / "key.json", json.dumps(self.key, sort_keys=True).encode("utf-8"))
 
     def check(self, rank: int) -> None:
@@ -184,7 +203,7 @@ class UnitFiles:
                     sequences: dict[str, torch.Tensor]) -> None:
         """Units [first, units) are folded: their per-sequence values to a segment, the totals to the prefix,
         then their unit files go (in that order: a crash between leaves a state `load_prefix` sorts out)."""
-        self._write(self.folder / f"seqs-{first:06d}-{units:06d}.safetensors", sequences, {})
+        self._write(self.folder / f"seqs-{first:06d}-{units:06d}.safetensors", sequences, {})  # >= 6 digits
         self._write(self.folder / "prefix.safetensors", sums, {"units": str(units)})
         for u in range(first, units):
             self.path(u).unlink(missing_ok=True)
@@ -193,16 +212,25 @@ class UnitFiles:
         """(units folded, their totals or None, the per-sequence segments of those units), checked; the files
         a crash left behind (segments past the prefix, unit files below it) are removed."""
         units = self.prefix_units()
-        segments = []
-        for path in sorted(self.folder.glob("seqs-*.safetensors")):
-            first, last = (int(x) for x in re.fullmatch(r"seqs-(\d{6})-(\d{6})\.safetensors", path.name).groups())
+        sums = self._read(self.folder / "prefix.safetensors") if units else None
+        segments, stale, covered = [], [], 0
+        found = [(re.fullmatch(r"seqs-(\d+)-(\d+)\.safetensors", p.name), p) for p in self.folder.glob("seqs-*")]
+        for (first, last), path in sorted(((int(m[1]), int(m[2])), p) for m, p in found if m):
             if last > units:
-                path.unlink(missing_ok=True)  # written before a prefix that never came
+                stale.append(path)  # written before a prefix that never came
                 continue
+            if first != covered:
+                raise HeadvisError(f"the saved prefix in {self.folder} lacks the segment of units {covered}-{first}; "
+                                   "run with --no-resume")
             segments.append(self._read(path))
+            covered = last
+        if covered != units:
+            raise HeadvisError(f"the saved prefix in {self.folder} holds {units} units but its segments {covered}; "
+                               "run with --no-resume")
+        for path in stale:
+            path.unlink(missing_ok=True)
         for u in range(units):
             self.path(u).unlink(missing_ok=True)  # folded into the prefix before the crash
-        sums = self._read(self.folder / "prefix.safetensors") if units else None
         return units, sums, segments
 
     def _write(self, path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
@@ -282,7 +310,12 @@ def _save_pass2_file(path: Path, rows: dict[tuple[int, int], dict], edges: dict[
                "values": torch.from_numpy(np.concatenate(values) if values else np.zeros(0, np.float32))}
     tensors.update({f"points.{name}": value for name, value in edges.items()})
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+    except SafetensorError as e:  # Rust's IO error (a full disk): an OSError, which the scan reports in one line
+        tmp.unlink(missing_ok=True)
+        found = re.search(r"os error (\d+)", str(e))
+        raise OSError(int(found[1]) if found else errno.EIO, str(e), str(tmp)) from e
     os.replace(tmp, path)
 
 

@@ -24,6 +24,8 @@ interpreter when `TRITON_INTERPRET=1` is set before triton is first imported
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
@@ -706,22 +708,25 @@ def tri_row_stats(
     window = int(spec.window) if spec.window is not None else 0
     softcap = float(spec.softcap) if spec.softcap is not None else 1.0
     group = n_heads // n_kv
-    _row_stats_fwd_kernel[(triton.cdiv(seq_len, block_m), batch * n_heads)](
-        query, key, tokens, key_valid, sinks, edges, bin_of,
-        metrics, counted, max_nobos, argmax_nobos, dist_hist, top_values, top_indices, row_norm,
-        *query.stride(), *key.stride(),
-        seq_len, n_heads, group, n_bins, window, float(spec.scaling), softcap, plane,
-        BLOCK_M=block_m, BLOCK_N=block_n, HAS_SINKS=has_sinks,
-        TOP_K=top_k, KEEP=keep, KEEP_PAD=_next_power_of_2(keep),
-        BINS_PAD=_next_power_of_2(n_bins, 2), TOKEN_COUNTED=token_counted,
-        **common, **launch,
-    )
-    _key_weight_kernel[(triton.cdiv(seq_len, block_n), batch * n_heads)](
-        query, key, key_valid, row_norm, key_weight,
-        *query.stride(), *key.stride(),
-        seq_len, n_heads, group, window, float(spec.scaling), softcap, plane,
-        BLOCK_M=block_m, BLOCK_N=block_n, **common, **launch,
-    )
+    # Triton launches on the current device: a layer that --device-map put on another GPU launches on its own
+    guard = torch.cuda.device(device) if device.type == "cuda" and not _interpreted() else contextlib.nullcontext()
+    with guard:
+        _row_stats_fwd_kernel[(triton.cdiv(seq_len, block_m), batch * n_heads)](
+            query, key, tokens, key_valid, sinks, edges, bin_of,
+            metrics, counted, max_nobos, argmax_nobos, dist_hist, top_values, top_indices, row_norm,
+            *query.stride(), *key.stride(),
+            seq_len, n_heads, group, n_bins, window, float(spec.scaling), softcap, plane,
+            BLOCK_M=block_m, BLOCK_N=block_n, HAS_SINKS=has_sinks,
+            TOP_K=top_k, KEEP=keep, KEEP_PAD=_next_power_of_2(keep),
+            BINS_PAD=_next_power_of_2(n_bins, 2), TOKEN_COUNTED=token_counted,
+            **common, **launch,
+        )
+        _key_weight_kernel[(triton.cdiv(seq_len, block_n), batch * n_heads)](
+            query, key, key_valid, row_norm, key_weight,
+            *query.stride(), *key.stride(),
+            seq_len, n_heads, group, window, float(spec.scaling), softcap, plane,
+            BLOCK_M=block_m, BLOCK_N=block_n, **common, **launch,
+        )
     drop_light_entries(top_values, top_indices, min_weight)
     return RowStats(
         metrics={name: metrics[i] for i, name in enumerate(ROW_METRICS)},

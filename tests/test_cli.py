@@ -266,7 +266,7 @@ def test_killed_scan_resumes_where_it_stopped(capsys, tmp_path, gpt2_dir, corpus
 
 
 def test_device_map_spreads_the_model_and_scans_the_same_tree(capsys, tmp_path, gpt2_dir, corpus, monkeypatch):
-    """--device-map loads through transformers' device_map (on this CPU machine: every layer on the CPU) and
+    """--device-map loads through transformers' device_map (on the CPU: every layer on the CPU) and
     the tree is the one of a plain load."""
     import transformers
 
@@ -278,7 +278,7 @@ def test_device_map_spreads_the_model_and_scans_the_same_tree(capsys, tmp_path, 
     monkeypatch.setattr(transformers.AutoModel, "from_pretrained",
                         lambda *a, **kw: (placed.append(kw.get("device_map")), real(*a, **kw))[1])
     assert run_main(capsys, *args, "--device-map", "auto", "--out", str(tmp_path / "mapped"))[0] == 0
-    assert placed == ["auto"]
+    assert placed == [{"": "cpu"}]  # the scan runs on the CPU here: the map is the CPU, whatever accelerate sees
     for name in ["scatter_data.json", *(f"heads/{p.name}" for p in (tmp_path / "plain" / "heads").iterdir())]:
         assert (tmp_path / "plain" / name).read_bytes() == (tmp_path / "mapped" / name).read_bytes(), name
     with pytest.raises(SystemExit) as stopped:  # argparse's one-line usage error, as for any flag
@@ -393,3 +393,23 @@ def test_pass_1_keeps_the_rows_it_can_and_the_tree_is_the_same(capsys, tmp_path,
         if rel.name == "config.json":
             a.pop("created"), b.pop("created")
         assert a == b, rel
+
+
+def test_a_second_scan_of_the_same_out_stops_before_it_touches_anything(capsys, tmp_path, gpt2_dir, corpus):
+    """The resume folder's lock comes first: a second scan neither tokenizes into nor clears the running one's
+    files beside --out (with --no-resume too)."""
+    from headvis.lock import TreeLock
+
+    running = TreeLock(tmp_path / ".o.resume", "scan")
+    (tmp_path / ".o.resume").mkdir()
+    running.acquire()
+    (tmp_path / ".o.resume" / "unit-000000.safetensors").write_bytes(b"the running scan's")
+    try:
+        for extra in ([], ["--no-resume"]):
+            code, err = run_main(capsys, "--model", gpt2_dir, "--dataset", corpus, "--seq-len", "16", "--num-seqs",
+                                 "8", "--out", str(tmp_path / "o"), *extra)
+            assert code == 2 and "another scan of the same --out is running" in err, err
+            assert not (tmp_path / ".o.tokens").exists()
+            assert (tmp_path / ".o.resume" / "unit-000000.safetensors").read_bytes() == b"the running scan's"
+    finally:
+        running.release()

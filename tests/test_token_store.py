@@ -77,7 +77,7 @@ def test_more_sequences_another_file_or_a_cut_file_are_tokenized_again(tmp_path,
 
 
 def test_another_rank_finds_no_store_and_says_why(tmp_path, text_file, smollm):
-    with pytest.raises(HeadvisError, match="rank 0 writes it: is --out on a file system every process sees"):
+    with pytest.raises(HeadvisError, match="rank 0 writes it; is --out on a file system every process sees"):
         _open(tmp_path / "s", text_file, smollm.tokenizer, 10, build=False)
 
 
@@ -109,3 +109,34 @@ def test_a_100_mb_text_file_is_scanned_in_the_memory_of_a_small_one(tmp_path, ti
         assert (tmp_path / f"out-{size}" / "config.json").is_file()
         assert not (tmp_path / f".out-{size}.tokens").exists(), "a finished scan removes its token store"
     assert peaks[100 << 20] < peaks[1 << 20] + 64, peaks
+
+
+def test_a_tokenizer_with_other_special_tokens_is_tokenized_again(tmp_path, text_file, smollm, monkeypatch):
+    """Same vocabulary, another EOS (which packing puts between documents): the rows are written anew."""
+    import copy
+
+    import headvis.token_store as token_store
+
+    _open(tmp_path / "s", text_file, smollm.tokenizer, 30)
+    other = copy.deepcopy(smollm.tokenizer)
+    other.eos_token = "<|endoftext|>"
+    assert other.eos_token_id != smollm.tokenizer.eos_token_id
+    packed = []
+    real = token_store.pack_blocks
+    monkeypatch.setattr(token_store, "pack_blocks", lambda *a, **kw: (packed.append(1), real(*a, **kw))[1])
+    second = _open(tmp_path / "s", text_file, other, 30)
+    assert packed == [1]
+    assert torch.equal(second[list(range(len(second)))],
+                       pack_sequences(iter_texts(str(text_file)), other, 32, 30, progress=False))
+
+
+def test_a_folder_corpus_is_fingerprinted_by_the_files_it_reads(tmp_path, smollm, monkeypatch):
+    """Other files in the folder (the scan's own output beside the texts, logs) do not make it tokenize again."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "a.txt").write_text("Some text of the corpus. " * 300, encoding="utf-8")
+    _open(tmp_path / "s", folder, smollm.tokenizer, 10)
+    (folder / "notes.log").write_text("written while scanning", encoding="utf-8")
+    (folder / ".data.tokens").mkdir()
+    _no_tokenizing(monkeypatch)
+    assert len(_open(tmp_path / "s", folder, smollm.tokenizer, 10)) == 10
