@@ -21,6 +21,7 @@ tensors (`TokenStore.__getitem__`); nothing holds the whole corpus in memory.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -33,7 +34,7 @@ import torch
 
 from headvis.datasets import DEFAULT_DATASET, corpus_files, iter_texts, pack_blocks, prefix_token
 from headvis.errors import HeadvisError
-from headvis.io import atomic_write_bytes
+from headvis.io import atomic_write_bytes, durable_replace
 
 __all__ = ["TokenStore", "source_fingerprint", "tokenizer_fingerprint"]
 
@@ -67,31 +68,45 @@ def tokenizer_fingerprint(tokenizer) -> dict:
             "prefix": prefix_token(tokenizer), "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}
 
 
+class _Summary:
+    """sha256 (of the rows' int64 bytes, row-major, as `scan_key` hashed the in-memory tensor), largest id and
+    the ids at positions >= 1, of rows seen block by block."""
+
+    def __init__(self):
+        self.digest, self.counts, self.top = hashlib.sha256(), np.zeros(1, np.int64), -1
+
+    def add(self, block: np.ndarray) -> None:
+        block = np.ascontiguousarray(block, dtype=np.int64)
+        self.digest.update(block.tobytes())
+        self.top = max(self.top, int(block.max()))
+        found = np.bincount(block[:, 1:].ravel(), minlength=len(self.counts))
+        found[: len(self.counts)] += self.counts
+        self.counts = found
+
+    def result(self) -> tuple[str, int, np.ndarray]:
+        return self.digest.hexdigest(), self.top, np.flatnonzero(self.counts)
+
+
 class TokenStore:
     """(n, seq_len) token ids in `folder/tokens.bin`, memory-mapped; rows as int64 tensors.
 
     `sha256`, `max_id` and `present` (the ids that occur at positions >= 1, ascending) describe the rows in
-    use; they are computed by one pass over them when the store is opened.
+    use: made while the rows are written and kept beside them (`present.npy`, the manifest), so that opening
+    the store (every rank, every resume) reads no row; computed by one pass over the rows when fewer than
+    the file holds are used.
     """
 
-    def __init__(self, folder: Path, n: int, seq_len: int):
+    def __init__(self, folder: Path, n: int, seq_len: int, summary: tuple[str, int, np.ndarray] | None = None):
         self.folder = Path(folder)
         self.seq_len = seq_len
         self._rows = np.memmap(self.folder / "tokens.bin", dtype=np.int32, mode="r", shape=(n, seq_len)) \
             if n else np.zeros((0, seq_len), np.int32)
-        digest = hashlib.sha256()
-        counts = np.zeros(1, np.int64)
-        top = -1
-        for start in range(0, n, _READ_ROWS):
-            block = np.ascontiguousarray(self._rows[start : start + _READ_ROWS], dtype=np.int64)
-            digest.update(block.tobytes())  # the int64 bytes, as `scan_key` hashed the in-memory tensor
-            top = max(top, int(block.max()))
-            found = np.bincount(block[:, 1:].ravel(), minlength=len(counts))
-            found[: len(counts)] += counts
-            counts = found
-        self.sha256 = digest.hexdigest()
-        self.max_id = top
-        self.present = np.flatnonzero(counts)
+        if summary is None:
+            running = _Summary()
+            for start in range(0, n, _READ_ROWS):
+                running.add(self._rows[start : start + _READ_ROWS])
+            summary = running.result()
+        self.sha256, self.max_id, self.present = summary
 
     # -- opening
 
@@ -112,15 +127,31 @@ class TokenStore:
             if found is None or {k: found.get(k) for k in want} != want:
                 raise HeadvisError(f"no token store of these settings at {folder}: rank 0 writes it; is --out on a "
                                    "file system every process sees, with the same tokenizer?")
-            return cls(folder, min(found["n"], num_seqs), seq_len)
+            return cls._opened(folder, found, num_seqs, seq_len)
         want["source"] = source_fingerprint(dataset, split, text_column)
         if found is not None and {k: found.get(k) for k in want} == want and (
                 found["n"] >= num_seqs or found["ended"]):
-            return cls(folder, min(found["n"], num_seqs), seq_len)
-        n, ended = cls._write(folder, iter_texts(dataset, split, text_column), tokenizer, seq_len, num_seqs,
-                              progress)
-        atomic_write_bytes(folder / "manifest.json", json.dumps({**want, "n": n, "ended": ended}).encode("utf-8"))
-        return cls(folder, n, seq_len)
+            return cls._opened(folder, found, num_seqs, seq_len)
+        n, ended, (digest, top, present) = cls._write(folder, iter_texts(dataset, split, text_column), tokenizer,
+                                                      seq_len, num_seqs, progress)
+        buffer = io.BytesIO()
+        np.save(buffer, present.astype(np.int64))
+        atomic_write_bytes(folder / "present.npy", buffer.getvalue(), durable=True)
+        atomic_write_bytes(folder / "manifest.json", json.dumps(
+            {**want, "n": n, "ended": ended, "sha256": digest, "max_id": top}).encode("utf-8"), durable=True)
+        return cls(folder, n, seq_len, (digest, top, present))
+
+    @classmethod
+    def _opened(cls, folder: Path, found: dict, num_seqs: int, seq_len: int) -> "TokenStore":
+        """The store a manifest describes, its first min(n, num_seqs) rows: the saved summary when all are used."""
+        n = min(found["n"], num_seqs)
+        summary = None
+        if n == found["n"] and "sha256" in found:
+            try:
+                summary = (found["sha256"], int(found["max_id"]), np.load(folder / "present.npy"))
+            except (OSError, ValueError):
+                summary = None  # read the rows instead
+        return cls(folder, n, seq_len, summary)
 
     @staticmethod
     def _manifest(folder: Path) -> dict | None:
@@ -135,29 +166,33 @@ class TokenStore:
 
     @staticmethod
     def _write(folder: Path, texts: Iterator[str], tokenizer, seq_len: int, num_seqs: int,
-               progress: bool) -> tuple[int, bool]:
-        """Pack `texts` into folder/tokens.bin (temp file, then rename): (sequences written, corpus ended)."""
+               progress: bool) -> tuple[int, bool, tuple[str, int, np.ndarray]]:
+        """Pack `texts` into folder/tokens.bin (temp file, then rename): (sequences written, corpus ended, their
+        summary)."""
         made = not folder.exists()
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "manifest.json").unlink(missing_ok=True)  # the old rows go: no manifest may name them
+        (folder / "present.npy").unlink(missing_ok=True)
         for stale in folder.glob(".tokens.bin.*.tmp"):  # a killed scan's (the caller holds the scan's lock)
             stale.unlink(missing_ok=True)
         temp = folder / f".tokens.bin.{os.getpid()}.tmp"
         n = 0
+        summary = _Summary()
         try:
             with open(temp, "wb") as f:
                 for block in pack_blocks(texts, tokenizer, seq_len, num_seqs, progress=progress):
                     if int(block.max()) > np.iinfo(np.int32).max:
                         raise HeadvisError(f"token id {int(block.max())} does not fit the token store's int32")
                     f.write(np.ascontiguousarray(block, dtype=np.int32).tobytes())
+                    summary.add(block)
                     n += len(block)
-            os.replace(temp, folder / "tokens.bin")
+            durable_replace(temp, folder / "tokens.bin")
         except BaseException:
             temp.unlink(missing_ok=True)
             if made:  # nothing of this scan stays beside --out when its corpus gives no sequence
                 shutil.rmtree(folder, ignore_errors=True)
             raise
-        return n, n < num_seqs
+        return n, n < num_seqs, summary.result()
 
     # -- rows
 

@@ -40,7 +40,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from headvis.errors import HeadvisError
-from headvis.io import atomic_write_bytes
+from headvis.io import atomic_write_bytes, durable_replace
 
 __all__ = ["UnitFiles", "load_pass2", "pass2_path", "read_shown", "save_pass2", "scan_key", "snapshot_due",
            "unit_ranges", "unit_size_for",
@@ -165,7 +165,7 @@ class UnitFiles:
             tmp.unlink(missing_ok=True)
             found = re.search(r"os error (\d+)", str(e))
             raise OSError(int(found[1]) if found else errno.EIO, str(e), str(tmp)) from e
-        os.replace(tmp, self.path(unit))
+        durable_replace(tmp, self.path(unit))
 
     def load(self, unit: int, seq_ids: range) -> dict[str, torch.Tensor]:
         """Unit `unit`'s state, checked: written for this scan (its key's digest) and holding `seq_ids`."""
@@ -241,7 +241,7 @@ class UnitFiles:
             tmp.unlink(missing_ok=True)
             found = re.search(r"os error (\d+)", str(e))
             raise OSError(int(found[1]) if found else errno.EIO, str(e), str(tmp)) from e
-        os.replace(tmp, path)
+        durable_replace(tmp, path)
 
     def _read(self, path: Path) -> dict[str, torch.Tensor]:
         try:

@@ -140,3 +140,22 @@ def test_a_folder_corpus_is_fingerprinted_by_the_files_it_reads(tmp_path, smollm
     (folder / ".data.tokens").mkdir()
     _no_tokenizing(monkeypatch)
     assert len(_open(tmp_path / "s", folder, smollm.tokenizer, 10)) == 10
+
+
+def test_opening_every_row_reads_none_and_fewer_rows_are_summarized_again(tmp_path, text_file, smollm, monkeypatch):
+    """The rows' digest, largest id and token set are made while writing and kept beside them: a rank or a resume
+    opening the whole store reads no row; a store used in part gets the part's own summary."""
+    import headvis.token_store as token_store
+
+    written = _open(tmp_path / "s", text_file, smollm.tokenizer, 40)
+    real_add = token_store._Summary.add
+    monkeypatch.setattr(token_store._Summary, "add", lambda self, block: pytest.fail("read the rows"))
+    for build in (True, False):
+        again = _open(tmp_path / "s", text_file, smollm.tokenizer, 40, build=build)
+        assert (again.sha256, again.max_id) == (written.sha256, written.max_id)
+        assert np.array_equal(again.present, written.present)
+    monkeypatch.setattr(token_store._Summary, "add", real_add)
+    part = _open(tmp_path / "s", text_file, smollm.tokenizer, 25)
+    rows = part[list(range(25))]
+    assert part.sha256 == hashlib.sha256(rows.numpy().tobytes()).hexdigest()
+    assert np.array_equal(part.present, np.unique(rows[:, 1:].numpy()))
