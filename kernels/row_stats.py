@@ -98,7 +98,7 @@ def _key_block(state, q, q0, q_pos, tok_q, k0, k_base, tok_base, valid_base, off
                seq_len, window, scaling, softcap, EDGES, BIN_OF, bin_reach, n_bins, edge_first, edge_last,
                bin_col, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                HAS_SOFTCAP: tl.constexpr, HAS_KEY_VALID: tl.constexpr, DOT_PRECISION: tl.constexpr,
-               TOKEN_COUNTED: tl.constexpr, MASKED: tl.constexpr):
+               TOKEN_COUNTED: tl.constexpr, SPARSE_MATCHES: tl.constexpr, MASKED: tl.constexpr):
     """The running row state of `_row_stats_fwd_kernel` after the key block k0 .. k0 + BLOCK_N.
 
     With MASKED False the caller guarantees that every key of the block is allowed for every row (no window,
@@ -161,24 +161,25 @@ def _key_block(state, q, q0, q_pos, tok_q, k0, k_base, tok_base, valid_base, off
         dist_acc = dist_acc * alpha + (b * e_sum + e1)
         dist_sq_acc = dist_sq_acc * alpha + (b * (b * e_sum + 2.0 * e1) + tl.sum(e * (r * r)[None, :], 1))
 
-    # Induction (1 <= k < q, tok[k-1] == tok[q]) and duplicate (k < q, tok[k] == tok[q]) keys. Key 0 needs no
-    # test of its own: its "previous token" loads as -1, which no token id of a real row equals.
-    tok_k = tl.load(tok_base + k_pos, mask=k_in, other=-1)
-    tok_prev_k = tl.load(tok_base + k_pos - 1, mask=k_in & (k_pos >= 1), other=-1)
-    ind_keys = tok_prev_k[None, :] == tok_q[:, None]
-    dup_keys = tok_k[None, :] == tok_q[:, None]
-    if MASKED:
-        earlier = allowed & (dist > 0)
-        ind_keys = ind_keys & earlier
-        dup_keys = dup_keys & earlier
-    elif not CAUSAL:
-        ind_keys = ind_keys & (dist > 0)
-        dup_keys = dup_keys & (dist > 0)
-    ind_acc = ind_acc * alpha + tl.sum(tl.where(ind_keys, e, 0.0), 1)
-    dup_acc = dup_acc * alpha + tl.sum(tl.where(dup_keys, e, 0.0), 1)
-    if not TOKEN_COUNTED:  # else the launcher finds the counted rows from the tokens alone
-        ind_any = tl.maximum(ind_any, tl.max(ind_keys.to(tl.int32), 1))
-        dup_any = tl.maximum(dup_any, tl.max(dup_keys.to(tl.int32), 1))
+    if not SPARSE_MATCHES:  # else the launcher sums these few pairs from the token list, after the loop
+        # Induction (1 <= k < q, tok[k-1] == tok[q]) and duplicate (k < q, tok[k] == tok[q]) keys. Key 0 needs no
+        # test of its own: its "previous token" loads as -1, which no token id of a real row equals.
+        tok_k = tl.load(tok_base + k_pos, mask=k_in, other=-1)
+        tok_prev_k = tl.load(tok_base + k_pos - 1, mask=k_in & (k_pos >= 1), other=-1)
+        ind_keys = tok_prev_k[None, :] == tok_q[:, None]
+        dup_keys = tok_k[None, :] == tok_q[:, None]
+        if MASKED:
+            earlier = allowed & (dist > 0)
+            ind_keys = ind_keys & earlier
+            dup_keys = dup_keys & earlier
+        elif not CAUSAL:
+            ind_keys = ind_keys & (dist > 0)
+            dup_keys = dup_keys & (dist > 0)
+        ind_acc = ind_acc * alpha + tl.sum(tl.where(ind_keys, e, 0.0), 1)
+        dup_acc = dup_acc * alpha + tl.sum(tl.where(dup_keys, e, 0.0), 1)
+        if not TOKEN_COUNTED:  # else the launcher finds the counted rows from the tokens alone
+            ind_any = tl.maximum(ind_any, tl.max(ind_keys.to(tl.int32), 1))
+            dup_any = tl.maximum(dup_any, tl.max(dup_keys.to(tl.int32), 1))
 
     # Logit mean / std: the block's (count, mean, M2), merged with Chan's formula.
     if MASKED:
@@ -247,6 +248,7 @@ def _row_stats_fwd_kernel(
     HAS_KEY_VALID: tl.constexpr, HAS_SINKS: tl.constexpr,
     TOP_K: tl.constexpr, KEEP: tl.constexpr, KEEP_PAD: tl.constexpr,
     BINS_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, TOKEN_COUNTED: tl.constexpr,
+    SPARSE_MATCHES: tl.constexpr,
 ):
     """Every per-row quantity of BLOCK_M query rows of one (batch, head), streaming over key blocks.
 
@@ -273,7 +275,10 @@ def _row_stats_fwd_kernel(
     padding) take `_key_block`'s unmasked path; and without a window or
     padding the rows that count for induction / duplicate are found from the
     tokens by the launcher (TOKEN_COUNTED), so the key loop skips those two
-    reductions. `benchmarks/kernel_resources.py` reads the compiled cost.
+    reductions; where the matching (q, k) pairs are few (SPARSE_MATCHES, real
+    text: ~1% of them) the key loop skips the induction and duplicate sums too
+    and the launcher evaluates those pairs after it (`_sparse_match_sums`).
+    `benchmarks/kernel_resources.py` reads the compiled cost.
     Top-k: softmax is monotone in s within a row, so a running top-KEEP set
     of raw scores is kept (ties: lowest key index) and turned into
     probabilities at the end. A key enters only when it beats the
@@ -368,12 +373,12 @@ def _row_stats_fwd_kernel(
         state = _key_block(state, q, q0, q_pos, tok_q, k0, k_base, tok_base, valid_base, offs_d, d_in,
                            stride_kt, stride_kd, seq_len, window, scaling, softcap, EDGES, BIN_OF, bin_reach,
                            n_bins, edge_first, edge_last, bin_col, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
-                           HAS_KEY_VALID, DOT_PRECISION, TOKEN_COUNTED, False)
+                           HAS_KEY_VALID, DOT_PRECISION, TOKEN_COUNTED, SPARSE_MATCHES, False)
     for k0 in range(k_split, k_hi, BLOCK_N):
         state = _key_block(state, q, q0, q_pos, tok_q, k0, k_base, tok_base, valid_base, offs_d, d_in,
                            stride_kt, stride_kd, seq_len, window, scaling, softcap, EDGES, BIN_OF, bin_reach,
                            n_bins, edge_first, edge_last, bin_col, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_SOFTCAP,
-                           HAS_KEY_VALID, DOT_PRECISION, TOKEN_COUNTED, True)
+                           HAS_KEY_VALID, DOT_PRECISION, TOKEN_COUNTED, SPARSE_MATCHES, True)
     (m_i, l_i, t_i, dist_acc, dist_sq_acc, ind_acc, dup_acc, ind_any, dup_any, n_i, mean_i, m2_i, hist, top_s, top_i,
      theta) = state
 
@@ -604,6 +609,53 @@ def _token_counted(tokens: Tensor) -> tuple[Tensor, Tensor]:
     return (first <= pos - 2).to(torch.int8), (first < pos).to(torch.int8)
 
 
+SPARSE_MAX_SHARE = 1 / 8  # matching pairs beyond this share of the causal pairs: the key loop sums them (dense)
+
+
+def _match_pairs(tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Every (batch, q, k) with k < q and tokens[b, k] == tokens[b, q] (the duplicate-token pairs), as three
+    flat int64 tensors ordered by (batch, token, q, k); built from one sort of each row, O(T log T + pairs)."""
+    batch, seq_len = tokens.shape
+    device = tokens.device
+    sorted_tokens, order = torch.sort(tokens, dim=1, stable=True)  # equal tokens in position order
+    pos = torch.arange(seq_len, device=device).expand(batch, seq_len)
+    run_start = torch.ones_like(sorted_tokens, dtype=torch.bool)
+    run_start[:, 1:] = sorted_tokens[:, 1:] != sorted_tokens[:, :-1]
+    first = torch.cummax(torch.where(run_start, pos, 0), dim=1).values  # each slot's run begins here
+    earlier = (pos - first).reshape(-1)  # the run's members before each slot: that row's matching keys
+    slot = torch.repeat_interleave(torch.arange(batch * seq_len, device=device), earlier)
+    offset = torch.arange(len(slot), device=device) - torch.repeat_interleave(torch.cumsum(earlier, 0) - earlier,
+                                                                              earlier)
+    b = slot // seq_len
+    flat_order = order.reshape(-1)
+    q = flat_order[slot]
+    k = flat_order[b * seq_len + first.reshape(-1)[slot] + offset]
+    return b, q, k
+
+
+def _sparse_match_sums(query: Tensor, key: Tensor, spec: AttentionSpec, row_norm: Tensor, b: Tensor, q: Tensor,
+                       k: Tensor) -> Tensor:
+    """sum over the pairs (b, q, k) of p[b, h, q, k] for every head h: (batch, heads, T) float32, with p from the
+    row normalizers the key loop left (`row_norm`: c and log L per row) and the score computed here as there."""
+    batch, n_heads, seq_len, d_head = query.shape
+    group = n_heads // key.shape[1]
+    out = torch.zeros(batch * seq_len, n_heads, dtype=torch.float32, device=query.device)
+    c = row_norm[0].permute(0, 2, 1).reshape(batch * seq_len, n_heads)  # (batch * T, heads)
+    log_norm = row_norm[1].permute(0, 2, 1).reshape(batch * seq_len, n_heads)
+    chunk = max(1, (1 << 24) // (n_heads * d_head))  # pairs per step: ~64 MB of gathered vectors
+    for start in range(0, len(b), chunk):
+        bs, qs, ks = b[start : start + chunk], q[start : start + chunk], k[start : start + chunk]
+        qv = query[bs, :, qs].float()  # (n, heads, d)
+        kv = key[bs, :, ks].float().repeat_interleave(group, dim=1)  # (n, heads, d)
+        scores = (qv * kv).sum(-1) * spec.scaling
+        if spec.softcap is not None:
+            scores = torch.tanh(scores / spec.softcap) * spec.softcap
+        row = bs * seq_len + qs
+        p = torch.exp((scores - c[row]) - log_norm[row])
+        out.index_add_(0, row, torch.where(torch.isfinite(c[row]), p, 0.0))
+    return out.reshape(batch, seq_len, n_heads).permute(0, 2, 1)
+
+
 def _next_power_of_2(n: int, minimum: int = 1) -> int:
     return max(minimum, triton.next_power_of_2(max(n, 1)))
 
@@ -690,10 +742,16 @@ def tri_row_stats(
     # duplicate key depends on the tokens alone: found here in O(T log T), and the kernel skips two
     # reductions per key block.
     token_counted = spec.window is None and not has_key_valid
+    sparse = None
     if token_counted:
         induction, duplicate = _token_counted(tokens)
         counted[0] = induction[:, None, :]
         counted[1] = duplicate[:, None, :]
+        # duplicate pairs, and the induction pairs they give (k = j + 1 for a match j <= q - 2): few on real text
+        pairs = _match_pairs(tokens)
+        if len(pairs[0]) <= SPARSE_MAX_SHARE * batch * seq_len * (seq_len - 1) / 2:
+            shift = pairs[2] <= pairs[1] - 2
+            sparse = (pairs, (pairs[0][shift], pairs[1][shift], pairs[2][shift] + 1))
 
     keep = max(top_k, 2)
     common = dict(
@@ -718,7 +776,7 @@ def tri_row_stats(
             seq_len, n_heads, group, n_bins, window, float(spec.scaling), softcap, plane,
             BLOCK_M=block_m, BLOCK_N=block_n, HAS_SINKS=has_sinks,
             TOP_K=top_k, KEEP=keep, KEEP_PAD=_next_power_of_2(keep),
-            BINS_PAD=_next_power_of_2(n_bins, 2), TOKEN_COUNTED=token_counted,
+            BINS_PAD=_next_power_of_2(n_bins, 2), TOKEN_COUNTED=token_counted, SPARSE_MATCHES=sparse is not None,
             **common, **launch,
         )
         _key_weight_kernel[(triton.cdiv(seq_len, block_n), batch * n_heads)](
@@ -727,6 +785,11 @@ def tri_row_stats(
             seq_len, n_heads, group, window, float(spec.scaling), softcap, plane,
             BLOCK_M=block_m, BLOCK_N=block_n, **common, **launch,
         )
+    if sparse is not None:
+        duplicates, inductions = sparse
+        metrics[ROW_METRICS.index("duplicate_token_score")] = _sparse_match_sums(query, key, spec, row_norm,
+                                                                                 *duplicates)
+        metrics[ROW_METRICS.index("induction_score")] = _sparse_match_sums(query, key, spec, row_norm, *inductions)
     drop_light_entries(top_values, top_indices, min_weight)
     return RowStats(
         metrics={name: metrics[i] for i, name in enumerate(ROW_METRICS)},

@@ -387,3 +387,31 @@ def test_token_counted_matches_brute_force(vocab: int) -> None:
             want_dup = any(tok[k] == tok[q] for k in range(q))
             assert (bool(induction[b, q]), bool(duplicate[b, q])) == (want_ind, want_dup), (b, q)
     assert induction.dtype == duplicate.dtype == torch.int8
+
+
+SPARSE_CASES = [CASES[1], CASES[2], CASES[4], CASES[10], CASES[12], Case(1, 2, 1, 63, 16, sinks=True, block=32)]
+
+
+@pytest.mark.parametrize("share", [0.0, 1.0], ids=["dense", "from-the-token-list"])
+@pytest.mark.parametrize("case", SPARSE_CASES, ids=lambda c: c.id)
+def test_induction_and_duplicate_sums_in_the_key_loop_or_from_the_token_list(case: Case, share: float,
+                                                                            monkeypatch) -> None:
+    """Either path (chosen by how many pairs match: SPARSE_MAX_SHARE) gives the reference's row statistics."""
+    from headvis.kernels import row_stats
+
+    monkeypatch.setattr(row_stats, "SPARSE_MAX_SHARE", share)
+    ref, tri, pattern = run_both(case, torch.float32)
+    compare(ref, tri, pattern, tolerance(ref, torch.float32))
+
+
+@pytest.mark.parametrize("vocab", [1, 3, 50])
+def test_match_pairs_are_every_earlier_equal_token(vocab: int) -> None:
+    from headvis.kernels.row_stats import _match_pairs
+
+    gen = torch.Generator().manual_seed(vocab)
+    tokens = torch.randint(0, vocab, (2, 30), generator=gen, dtype=torch.int32)
+    b, q, k = _match_pairs(tokens)
+    got = sorted(zip(b.tolist(), q.tolist(), k.tolist()))
+    want = sorted((i, qq, kk) for i in range(2) for qq in range(30) for kk in range(qq)
+                  if tokens[i, kk] == tokens[i, qq])
+    assert got == want
