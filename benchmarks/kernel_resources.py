@@ -25,6 +25,10 @@ T = 2048. The report gives, per configuration:
   (`capture_scores`, `simulate_topk`: per block the share of heads that enter
   and the mean trips). A loop it cannot name stops the report
   (`UnchargedLoop`); any other conditional region counts as always taken;
+- where the kernel leaves the induction and duplicate sums to the token
+  list (SPARSE_MATCHES), the listed pairs (`match_share` of the same
+  sequence) at an estimated SPARSE_PAIR_INSTRUCTIONS each: torch runs them,
+  so there is no compiled code to read;
 - instructions per (q, k) pair per lane: every key block a causal head of
   length T visits, unmasked and masked, charged so, times the threads of a
   program, over the T(T+1)/2 pairs; plus the column pass
