@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-__all__ = ["DIR_MODE", "FILE_MODE", "atomic_write_bytes", "dumps", "durable_replace", "publish_folder", "read_json", "round_sig",
+__all__ = ["DIR_MODE", "FILE_MODE", "JsonList", "atomic_write_bytes", "dumps", "durable_replace", "publish_folder", "read_json", "round_sig",
            "write_json"]
 
 SIG_DIGITS = 6
@@ -29,27 +29,34 @@ def round_sig(values: np.ndarray, digits: int = SIG_DIGITS) -> list:
     return _round_array(values, digits).tolist()
 
 
+_POW10 = 10.0 ** np.arange(23)  # exact: every power of ten up to 1e22 is a float64
+
+
 def _round_array(values: np.ndarray, digits: int = SIG_DIGITS) -> np.ndarray:
     x = np.asarray(values, dtype=np.float64)
     if not np.all(np.isfinite(x)):
         raise ValueError("refusing to write NaN or Infinity")
-    out = np.zeros_like(x)
-    nz = x != 0
-    exponent = np.floor(np.log10(np.abs(x[nz]))).astype(np.int64)
-    shift = digits - 1 - exponent  # decimal places to keep
-    small = shift >= 0
-    y = x[nz]
-    r = np.empty_like(y)
-    scale = 10.0 ** np.clip(shift[small], 0, 22)
-    r[small] = np.round(y[small] * scale) / scale
-    big = ~small
-    scale_big = 10.0 ** (-shift[big])
-    r[big] = np.round(y[big] / scale_big) * scale_big
-    out[nz] = r
-    return out
+    a = np.abs(x)
+    nz = a != 0
+    exponent = np.floor(np.log10(np.where(nz, a, 1.0))).astype(np.int64)
+    shift = (digits - 1) - exponent  # decimal places to keep
+    # whole arrays, no fancy indexing (1.5x faster): the scan rounds ~20 M floats, nearly all below 1e5
+    if not shift.size or shift.min() >= 0:
+        scale = _POW10[np.minimum(shift, 22)]
+        out = np.round(x * scale) / scale
+    else:
+        scale = _POW10[np.clip(shift, 0, 22)]
+        scale_big = 10.0 ** np.clip(-shift, 0, None)
+        out = np.where(shift >= 0, np.round(x * scale) / scale, np.round(x / scale_big) * scale_big)
+    return np.where(nz, out, 0.0)
 
 
 _PLAIN = {int, str, bool, type(None)}  # JSON-ready as they are
+
+
+class JsonList(list):
+    """A list known to hold only str / int / bool / None: written as it is, never walked (orjson writes list
+    subclasses). For the token strings and ids that every head file showing a sequence repeats."""
 
 
 class _Rounder:
@@ -79,7 +86,9 @@ class _Rounder:
 
 def _clean_into(container: Any, key: Any, obj: Any, rounder: _Rounder) -> None:
     """container[key] = obj made JSON-ready: numpy values to Python ones, floats rounded (by `rounder`)."""
-    if isinstance(obj, dict):
+    if type(obj) is JsonList:
+        container[key] = obj
+    elif isinstance(obj, dict):
         out: dict = {}
         container[key] = out
         for k, v in obj.items():

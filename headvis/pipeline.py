@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from headvis.accumulate import ScanAccumulator, sequence_argmax
 from headvis.backends import RowStatsFn
 from headvis.capture import CaptureSession, LayerCapture
-from headvis.io import return_freed_memory
+from headvis.io import JsonList, return_freed_memory
 from headvis.metrics import RowStats
 from headvis.models import LoadedModel, output_projections
 from headvis.projection import VECTORS, batched_pca, fit_head, gpu_libraries, small_linalg
@@ -81,7 +81,7 @@ class SequenceText:
     def __call__(self, sid: int) -> tuple[list[int], list[str]]:
         if sid not in self._done:
             ids = self.sequences[sid].tolist()
-            self._done[sid] = (ids, self.tokens(ids))
+            self._done[sid] = (JsonList(ids), JsonList(self.tokens(ids)))
         return self._done[sid]
 
 

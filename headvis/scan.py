@@ -464,7 +464,7 @@ def _run_ranked(opts: ScanOptions, lm: LoadedModel | None, ranks: Ranks, start: 
         cloud_ids: set[int] = set()
 
         def on_head(layer: int, head: int, edges: dict, fields: dict, rotation: dict) -> None:
-            cloud_ids.update(int(i) for i in edges["seq_idx"])
+            cloud_ids.update(np.unique(edges["seq_idx"]).tolist())
             write_json(staging / "umap" / f"L{layer}H{head}.json",
                        {**edges, **fields, "clusters": [], "projected_points": [], "layer": layer, "head": head})
             write_json(staging / "umap" / f"L{layer}H{head}.rotation.json",
