@@ -132,14 +132,18 @@ class CaptureSession:
     """Runs forward passes of `model`, calling `on_layer` for each wanted layer.
 
     The model must have been loaded (or switched) to the "headvis" attention
-    implementation. Layers after the last wanted one are skipped.
+    implementation. Layers after the last wanted one are skipped. tp > 1: the model is split over the `tp`
+    processes of the process group by heads (--tp), every one runs the same forward passes; their heads are
+    gathered on rank 0 in rank order (the global head order of transformers' column-wise split), and only
+    there is `on_layer` called.
     """
 
-    def __init__(self, model: nn.Module, layers: set[int], on_layer: Callable[[LayerCapture], None]):
+    def __init__(self, model: nn.Module, layers: set[int], on_layer: Callable[[LayerCapture], None], tp: int = 1):
         install()
         self.model = model
         self.layers = set(layers)
         self.on_layer = on_layer
+        self.tp = tp
         self.key_valid: Tensor | None = None
         self._last = max(self.layers) if self.layers else -1
 
@@ -162,7 +166,10 @@ class CaptureSession:
     def _on_layer(self, module, query, key, value, output, spec) -> None:
         index = layer_index(module)
         if index in self.layers:
-            self.on_layer(LayerCapture(index, module, query, key, value, output, spec))
+            if self.tp > 1:
+                query, key, value, output = _gather_heads(self.tp, query, key, value, output)
+            if query is not None:
+                self.on_layer(LayerCapture(index, module, query, key, value, output, spec))
         if index >= self._last:
             raise _StopForward
 
@@ -174,6 +181,20 @@ class CaptureSession:
             self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         except _StopForward:
             pass
+
+
+def _gather_heads(tp: int, query: Tensor, key: Tensor, value: Tensor, output: Tensor) -> tuple:
+    """Every process's heads of one layer, concatenated on rank 0 (Nones elsewhere): query, key, value on
+    their head axis 1, output on its head axis 2."""
+    import torch.distributed as dist
+
+    whole = []
+    for part, axis in ((query, 1), (key, 1), (value, 1), (output, 2)):
+        part = part.contiguous()
+        parts = [torch.empty_like(part) for _ in range(tp)] if dist.get_rank() == 0 else None
+        dist.gather(part, parts, dst=0)
+        whole.append(torch.cat(parts, dim=axis) if parts is not None else None)
+    return tuple(whole)
 
 
 @torch.inference_mode()

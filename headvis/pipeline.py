@@ -132,7 +132,7 @@ def metric_pass(
             keep.add(capture, selection, state["ids"].tolist(), stats)
 
     total, done_everywhere = progress if progress is not None else (0, lambda: 0)
-    with CaptureSession(lm.model, set(selection.layers), on_layer) as session, \
+    with CaptureSession(lm.model, set(selection.layers), on_layer, tp=lm.tp) as session, \
             tqdm(total=total, initial=done_everywhere(), desc="pass 1: metrics", unit="seq",
                  disable=progress is None) as bar:
         for index, ids in units:
@@ -423,13 +423,15 @@ def sequence_records(
 
     rows = {sid: i for i, sid in enumerate(seq_ids)}
     token_lists: dict = {}
-    with CaptureSession(lm.model, set(selection.layers), on_layer) as session:
+    with CaptureSession(lm.model, set(selection.layers), on_layer, tp=lm.tp) as session:
         batches = _batches(needed, batch_size)
         for batch in tqdm(batches, desc="pass 2: samples", unit="batch", disable=not progress or not batches):
             state["ids"] = batch
             state["tokens"] = sequences[[rows[s] for s in batch]].to(lm.device)
             token_lists.update(zip(batch, state["tokens"].cpu().tolist()))
             session.run(state["tokens"])
+    if lm.tp > 1 and not kept and torch.distributed.get_rank() != 0:
+        return {}  # a TP helper: its heads went to rank 0
     if raw:
         return {key: {sid: kept[key][sid] for sid in per_head} for key, per_head in wanted.items() if per_head}
     strings = {sid: tokens(ids) for sid, ids in token_lists.items()}
@@ -479,7 +481,7 @@ def fit_projections(
     PCA: one `batched_pca` call per layer over all its heads' Q/K/V/O clouds, on the model's device.
     layers: these of the selection's only (the scan fits a layer once its edges are in); progress: a bar.
     """
-    w_o = output_projections(lm.model)
+    w_o = lm.output_weights if lm.output_weights is not None else output_projections(lm.model)
     gpu = gpu_libraries() if lm.device.type == "cuda" and with_umap else None
     if lm.device.type == "cuda" and with_umap and (layers is None or layers[:1] == selection.layers[:1]):  # once
         print("headvis: UMAP on the GPU with cuML" if gpu else

@@ -110,6 +110,7 @@ class ScanOptions:
     out: str = "data"
     device: str | None = None  # cpu or cuda; default cuda when available
     device_map: str | None = None  # auto, balanced, sequential: spread the model over this process's devices
+    tp: int = 1  # tensor parallelism: the torchrun processes (all of them) share the model's heads
     backend: str = "auto"  # auto, triton, torch
     top_k: int = 8  # keys kept per attention row in the head files
     min_weight: float = 0.01  # weights below this are dropped (the row's largest is always kept)
@@ -174,6 +175,10 @@ def _validate(opts: ScanOptions) -> None:
         raise HeadvisError(f"--device must be cpu or cuda, not {opts.device!r}")
     if opts.device_map is not None and opts.device_map not in DEVICE_MAPS:
         raise HeadvisError(f"--device-map must be one of {', '.join(DEVICE_MAPS)}, not {opts.device_map!r}")
+    if opts.tp < 1:
+        raise HeadvisError(f"--tp must be at least 1, not {opts.tp}")
+    if opts.tp > 1 and opts.device_map is not None:
+        raise HeadvisError("--tp and --device-map are two ways to split one model: choose one")
 
 
 def _top_tokens(result, tokens: Tokens) -> tuple[list[dict], list[dict]]:
@@ -266,7 +271,7 @@ def run_scan(opts: ScanOptions, lm: LoadedModel | None = None, ranks: Ranks | No
     _validate(opts)
     own_group = ranks is None
     if ranks is None:
-        ranks = Ranks.from_env(opts.device, spread=opts.device_map is not None)
+        ranks = Ranks.from_env(opts.device, spread=opts.device_map is not None, tp=opts.tp)
     try:
         return _run_ranked(opts, lm, ranks, start)
     finally:
@@ -283,9 +288,9 @@ def _run_ranked(opts: ScanOptions, lm: LoadedModel | None, ranks: Ranks, start: 
     try:
         device = ranks.device(opts.device) or ("cuda" if torch.cuda.is_available() else "cpu")
         if lm is None:
-            lm = load_model(opts.model, device=device, **_placement(opts, ranks, device))
+            lm = load_model(opts.model, device=device, tp=opts.tp, **_placement(opts, ranks, device))
         info = lm.info
-        weights = weights_sha256(lm.model)  # keys the saved units and the rescan's carry-over
+        weights = weights_sha256(lm.model, lm.tp)  # keys the saved units and the rescan's carry-over
         layers = parse_selection(opts.layers, info.n_layers, "layers")
         heads = parse_selection(opts.heads, info.n_heads, "heads")
         if info.max_positions and opts.seq_len > info.max_positions:
@@ -374,17 +379,19 @@ def _run_ranked(opts: ScanOptions, lm: LoadedModel | None, ranks: Ranks, start: 
         pending: dict[int, dict] = {}
 
         def after_unit(u: int, state: dict) -> None:
+            if not ranks.leader:  # a TP helper: its heads went to rank 0, which saves the unit
+                return
             files.save(u, state)
             return_freed_memory()
-            if ranks.world == 1:  # in unit order as they come
+            if ranks.dp_world == 1:  # in unit order as they come
                 pending[u] = state
                 fold_ready(pending)
             elif ranks.first:  # the prefix the other ranks have finished too, between rank 0's own units
                 fold_ready()
 
-        mine = [(u, units[u]) for u in range(len(units)) if u % ranks.world == ranks.rank and u not in done]
+        mine = [(u, units[u]) for u in range(len(units)) if u % ranks.dp_world == ranks.dp_rank and u not in done]
         done_everywhere = lambda: sum(len(units[u]) for u in files.done_in(len(units)))  # noqa: E731 - the bar's count
-        if ranks.world == 1:
+        if ranks.dp_world == 1 and ranks.leader:
             fold_ready()  # the resumed prefix
         metric_pass(lm, sequences, selection, fn, acc, batch_size=opts.batch_size, bin_edges=bin_edges,
                     units=mine, after_unit=after_unit, keep=keep if keeping else None,
@@ -409,14 +416,19 @@ def _run_ranked(opts: ScanOptions, lm: LoadedModel | None, ranks: Ranks, start: 
         pass2 = dict(lm=lm, sequences=sequences, seq_ids=list(range(n_seqs)), selection=selection, fn=fn,
                      top_k=opts.top_k, min_weight=opts.min_weight, bin_edges=bin_edges, batch_size=opts.batch_size,
                      tokens=tokens)
-        if ranks.world == 1:
+        if ranks.dp_world == 1:
             # Pass 2: only the shown sequences pass 1 did not keep run through the model again.
             # the edges pass 1 gathered stay for the pairs it holds; the others' come again from pass 2
-            points.restrict({key: {sid for sid in per_head if keep.holds(key, sid)} for key, per_head in wanted.items()})
-            records = keep.records(wanted, sequences, tokens)
-            missing = {key: {sid: interval for sid, interval in per_head.items() if not keep.holds(key, sid)}
-                       for key, per_head in wanted.items()}
+            if ranks.leader:
+                points.restrict({key: {sid for sid in per_head if keep.holds(key, sid)}
+                                 for key, per_head in wanted.items()})
+                records = keep.records(wanted, sequences, tokens)
+                missing = {key: {sid: interval for sid, interval in per_head.items() if not keep.holds(key, sid)}
+                           for key, per_head in wanted.items()}
+            missing = ranks.from_leader(missing if ranks.leader else None)  # TP helpers run the same batches
             rerun = sequence_records(wanted=missing, points=points, **pass2)
+            if not ranks.leader:
+                return None
             for key, per_head in rerun.items():
                 records[key].update(per_head)
             n_rerun = len({sid for per_head in missing.values() for sid in per_head})
@@ -578,6 +590,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device-map", default=None, choices=DEVICE_MAPS,
                    help="spread the model's layers over the GPUs (transformers' device_map): all of them, or under "
                         "torchrun an equal share of the machine's per process; every head is still scanned")
+    p.add_argument("--tp", type=int, default=d.tp, metavar="N",
+                   help="tensor parallelism (transformers' tp plan): the N processes of `torchrun --nproc-per-node N` "
+                        "each hold 1/N of the model's heads and run one scan together")
     p.add_argument("--backend", default=d.backend, choices=BACKENDS,
                    help="row statistics: auto = triton on CUDA, numba on the CPU; torch = the reference")
     p.add_argument("--top-k", type=int, default=d.top_k, help="keys kept per attention row in the head files")

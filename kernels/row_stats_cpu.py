@@ -277,13 +277,15 @@ _BUFFER_CACHE_BYTES = 64 << 20
 
 def _chunk_buffers(size: int) -> tuple[Tensor, Tensor]:
     """Two float32 buffers of `size` elements for a chunk's scores and exponentials, kept by the thread between
-    calls up to 64 MiB: fresh ones each chunk cost their page faults again (~10% of the call at T = 256)."""
-    held = getattr(_buffers, "pair", None)
+    calls up to 64 MiB: fresh ones each chunk cost their page faults again (~10% of the call at T = 256).
+    One pair in inference mode and one outside (an inference tensor cannot be written outside it)."""
+    mode = torch.is_inference_mode_enabled()
+    held = getattr(_buffers, "pairs", {}).get(mode)
     if held is not None and held[0].numel() >= size:
         return held
     pair = (torch.empty(size), torch.empty(size))
     if 2 * 4 * size <= _BUFFER_CACHE_BYTES:
-        _buffers.pair = pair
+        _buffers.pairs = {**getattr(_buffers, "pairs", {}), mode: pair}
     return pair
 
 

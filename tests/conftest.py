@@ -30,6 +30,8 @@ TINY_CONFIGS = {
                      max_position_embeddings=128, rotary_pct=0.5),
     "bert": dict(num_hidden_layers=2, num_attention_heads=4, hidden_size=32, intermediate_size=64,
                  max_position_embeddings=128),
+    "llama": dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
+                  intermediate_size=64, max_position_embeddings=128, head_dim=8, initializer_range=0.5),
     "mistral": dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
                     intermediate_size=64, max_position_embeddings=128, sliding_window=5, head_dim=8),
     "gemma2": dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, hidden_size=32,

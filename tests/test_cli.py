@@ -14,7 +14,7 @@ from headvis.scan import build_parser, main, parse_selection
 # Frozen public flags (CONTRACT section 5 plus headvis' own).
 FLAGS = {
     "--model", "--dataset", "--split", "--text-column", "--seq-len", "--num-seqs", "--batch-size", "--layers",
-    "--heads", "--out", "--device", "--device-map", "--backend", "--top-k", "--min-weight", "--per-interval", "--umap",
+    "--heads", "--out", "--device", "--device-map", "--tp", "--backend", "--top-k", "--min-weight", "--per-interval", "--umap",
     "--no-umap", "--seed", "--max-points", "--resume", "--no-resume", "--keep-memory", "--unit-size",
 }
 

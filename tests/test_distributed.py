@@ -256,3 +256,73 @@ def test_a_corpus_of_three_shards_scanned_by_two_ranks_is_the_one_process_tree(g
     assert_same_tree(one, two)
     config = json.loads((one / "config.json").read_text())
     assert config["dataset"]["n_sequences"] == NUM_SEQS
+
+
+def _numbers_close(a, b, where: str = "") -> None:
+    """The same JSON structure, strings and integers equal, floats within float tolerance (TP sums in another
+    order; the tree then differs in the last printed digits)."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for k in a:
+            _numbers_close(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _numbers_close(x, y, f"{where}[{i}]")
+    elif isinstance(a, float) or isinstance(b, float):
+        assert b == pytest.approx(a, rel=1e-4, abs=1e-5), where
+    else:
+        assert a == b, where
+
+
+def test_tensor_parallel_over_two_processes_writes_the_tree_of_one_within_float_tolerance(tiny_model_dir, corpus,
+                                                                                           tmp_path):
+    """--tp 2 (transformers' tp plan, gloo): each process holds 2 of the 4 query heads and 1 of the 2 kv heads;
+    rank 0 gathers them in global head order. Every file of the one-process tree is there with the same
+    structure and numbers within float tolerance, and every head's metrics are its own (heads differ by more
+    than the tolerance, so a swapped mapping fails)."""
+    llama = tiny_model_dir("llama")
+    flags = ["--model", str(llama), "--dataset", str(corpus), "--seq-len", str(SEQ_LEN), "--num-seqs",
+             str(NUM_SEQS), "--batch-size", str(BATCH), "--unit-size", str(UNIT), "--per-interval", "1",
+             "--max-points", "30", "--device", "cpu"]
+    alone = _run([sys.executable, "-m", "headvis.scan", *flags, "--out", str(tmp_path / "alone")], tmp_path)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    ran = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                "-m", "headvis.scan", *flags, "--tp", "2", "--out", str(tmp_path / "tp")], tmp_path)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert ran.stdout.count("headvis: scanned 22 sequences") == 1, "one summary: rank 0's"
+    one, tp = tmp_path / "alone", tmp_path / "tp"
+    names = sorted(str(p.relative_to(one)) for p in one.rglob("*.json"))
+    assert names == sorted(str(p.relative_to(tp)) for p in tp.rglob("*.json"))
+    for name in names:
+        a, b = json.loads((one / name).read_text()), json.loads((tp / name).read_text())
+        if name == "config.json":
+            for config in (a, b):
+                config.pop("created")
+                assert len(config["model"].pop("weights_sha256")) == 64  # of the shards' digests under --tp
+        _numbers_close(a, b, name)
+    metrics = {(r["layer"], r["head"]): r for r in json.loads((one / "scatter_data.json").read_text())}
+    for layer in (0, 1):  # (initializer_range 0.5: heads far from uniform attention, each its own pattern)
+        own = [metrics[(layer, h)]["pattern_entropy"] for h in range(4)]
+        assert min(abs(x - y) for i, x in enumerate(own) for y in own[i + 1:]) > 1e-3, f"heads tell apart: {own}"
+
+    no_plan = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                    "-m", "headvis.scan", *flags, "--model", str(tiny_model_dir("gpt2")), "--tp", "2",
+                    "--out", str(tmp_path / "gpt2")], tmp_path)
+    assert no_plan.returncode != 0
+    assert "has no tensor-parallel plan" in no_plan.stderr and "--device-map auto" in no_plan.stderr, \
+        no_plan.stderr[-2000:]
+    assert "headvis: rank 0: error: " in no_plan.stderr and "headvis: rank 1: error: " in no_plan.stderr
+
+
+def test_tp_asks_for_as_many_torchrun_processes(monkeypatch):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    from headvis.errors import HeadvisError
+
+    with pytest.raises(HeadvisError, match=r"torchrun --nproc-per-node 2 -m headvis.scan \.\.\. --tp 2"):
+        Ranks.from_env("cpu", tp=2)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(HeadvisError, match="--tp must be the number of processes"):
+        Ranks.from_env("cpu", tp=2)

@@ -96,3 +96,21 @@ def test_known_answers(case: KnownCase):
     edges = distance_bin_edges(case.seq_len, case.causal)
     assert_known_answers(case, cpu_row_stats(query, key, tokens, spec, top_k=2, bin_edges=edges, q_chunk=16))
     compare(query, key, tokens, spec, 2, q_chunk=16)
+
+
+def test_the_kept_chunk_buffers_serve_calls_in_and_out_of_inference_mode():
+    """The thread keeps its chunk buffers between calls; one made under inference mode cannot be written
+    outside it, so each mode has its own (a call outside after one inside used to fail)."""
+    g = torch.Generator().manual_seed(3)
+    args = (torch.randn(1, 2, 12, 4, generator=g), torch.randn(1, 2, 12, 4, generator=g),
+            torch.randint(0, 5, (1, 12), generator=g), AttentionSpec(causal=True, scaling=0.5))
+    edges = distance_bin_edges(12, True)
+    with torch.inference_mode():
+        inside = cpu_row_stats(*args, top_k=2, bin_edges=edges)
+    outside = cpu_row_stats(*args, top_k=2, bin_edges=edges)
+    with torch.inference_mode():
+        again = cpu_row_stats(*args, top_k=2, bin_edges=edges)
+    for got in (outside, again):
+        for name, value in inside.metrics.items():
+            assert torch.equal(got.metrics[name], value), name
+        assert torch.equal(got.top_indices, inside.top_indices)
