@@ -179,11 +179,24 @@ def _texts_from_file(path: Path, text_column: str) -> Iterator[str]:
             yield from (t for t in batch.column(0).to_pylist() if isinstance(t, str))
 
 
-def _texts_from_hub(name: str, split: str, text_column: str) -> Iterator[str]:
+def hub_revision(name: str) -> str | None:
+    """The commit a hub dataset's name points to now, or None when the hub cannot say (offline,
+    HF_HUB_OFFLINE=1, an unknown name: loading then reports it)."""
+    try:
+        from huggingface_hub import HfApi, constants
+
+        if constants.HF_HUB_OFFLINE:
+            return None
+        return HfApi().dataset_info(name, timeout=10).sha
+    except Exception:  # no network, no such dataset, an old huggingface_hub: the name alone identifies it
+        return None
+
+
+def _texts_from_hub(name: str, split: str, text_column: str, revision: str | None = None) -> Iterator[str]:
     import datasets
 
     try:
-        stream = datasets.load_dataset(name, split=split, streaming=True)
+        stream = datasets.load_dataset(name, split=split, streaming=True, revision=revision)
         first = next(iter(stream))
     except Exception as e:  # datasets raises many types for a missing or offline set
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -195,8 +208,9 @@ def _texts_from_hub(name: str, split: str, text_column: str) -> Iterator[str]:
             yield row[text_column]
 
 
-def iter_texts(dataset: str, split: str = "train", text_column: str = "text") -> Iterator[str]:
-    """Documents of `dataset` in a stable order."""
+def iter_texts(dataset: str, split: str = "train", text_column: str = "text",
+               revision: str | None = None) -> Iterator[str]:
+    """Documents of `dataset` in a stable order; revision: a hub dataset's commit (None: what its name points to)."""
     if dataset == DEFAULT_DATASET:
         from pydoc_data.topics import topics
 
@@ -216,7 +230,7 @@ def iter_texts(dataset: str, split: str = "train", text_column: str = "text") ->
     elif dataset.startswith((".", "/", "~")) or dataset.endswith(_SUFFIXES):
         raise HeadvisError(f"dataset path {dataset!r} does not exist")
     else:
-        yield from _texts_from_hub(dataset, split, text_column)
+        yield from _texts_from_hub(dataset, split, text_column, revision)
 
 
 def corpus_files(folder: Path) -> list[Path]:

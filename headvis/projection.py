@@ -132,12 +132,21 @@ def _batched_pca(clouds: list[torch.Tensor], device: torch.device) -> list[tuple
 
 
 def _umap(x: np.ndarray, seed: int) -> np.ndarray:
+    """UMAP coordinates of the rows of x, fitted on its distinct rows (a repeated row gets its row's point).
+
+    K and V clouds repeat a key at every edge that reads it (a third of the rows are distinct in a SmolLM2
+    K cloud); on repeated rows umap-learn's result changed from one process to the next with the same seed
+    and input (measured), so a scan's UMAP views differed between runs and between numbers of processes.
+    """
     import umap
 
-    n_neighbors = min(UMAP_VIEW["n_neighbors"], x.shape[0] - 1)
+    distinct, where = np.unique(x, axis=0, return_inverse=True)
+    if len(distinct) < UMAP_MIN_POINTS:  # too few to fit on: all the rows, as they are
+        distinct, where = x, np.arange(len(x))
+    n_neighbors = min(UMAP_VIEW["n_neighbors"], distinct.shape[0] - 1)
     reducer = umap.UMAP(n_components=COMPONENTS, n_neighbors=n_neighbors, min_dist=UMAP_VIEW["min_dist"],
                         random_state=seed, n_jobs=1)
-    return reducer.fit_transform(x)
+    return reducer.fit_transform(distinct)[where.reshape(-1)]
 
 
 def gpu_libraries() -> GpuLibraries | None:

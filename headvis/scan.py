@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import errno
+import json
 import math
 import os
 import shutil
@@ -22,6 +23,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -33,7 +35,7 @@ from headvis.backends import BACKENDS, resolve_backend
 from headvis.distributed import Ranks
 from headvis.datasets import DEFAULT_DATASET
 from headvis.errors import HeadvisError, run_cli
-from headvis.io import return_freed_memory, write_json
+from headvis.io import atomic_write_bytes, return_freed_memory, write_json
 from headvis.metrics import distance_bin_edges
 from headvis.models import DEFAULT_MODEL, LoadedModel, load_model, weights_sha256
 from headvis.output import ScanTarget
@@ -245,6 +247,24 @@ def _placement(opts: ScanOptions, ranks: Ranks, device: str) -> dict:
             "max_memory": {g: int(0.9 * torch.cuda.get_device_properties(g).total_memory) for g in gpus}}
 
 
+def _projection_writer(staging: Path, cloud_ids: set[int]) -> Callable[[int, int, dict, dict, dict], None]:
+    """`fit_projections`' on_head: a head's umap/ files into the staging folder, its sequences into cloud_ids."""
+
+    def on_head(layer: int, head: int, edges: dict, fields: dict, rotation: dict) -> None:
+        cloud_ids.update(np.unique(edges["seq_idx"]).tolist())
+        write_json(staging / "umap" / f"L{layer}H{head}.json",
+                   {**edges, **fields, "clusters": [], "projected_points": [], "layer": layer, "head": head})
+        write_json(staging / "umap" / f"L{layer}H{head}.rotation.json",
+                   {"layer": layer, "head": head, "points": len(edges["seq_idx"]), **rotation})
+
+    return on_head
+
+
+def _clouds_path(folder: Path, rank: int) -> Path:
+    """The sequence ids of the clouds rank `rank` fitted (for umap/sequences.json, which rank 0 writes)."""
+    return Path(folder) / f"clouds-{rank:05d}.json"
+
+
 def _write_error(e: OSError, out: Path) -> HeadvisError:
     """One line for a file error of the scan; --out is untouched (the new tree is built beside it)."""
     where = f" ({e.filename})" if e.filename else ""
@@ -413,6 +433,9 @@ def _run_ranked(opts: ScanOptions, lm: LoadedModel | None, ranks: Ranks, start: 
                     results[(layer, head)] = result
                     edges_of[(layer, head)] = edges
                     wanted[(layer, head)] = {sid: interval for sid, interval in chosen}
+        # pass 3's fits: layer i by replica i % dp_world (rank 0 alone in one process or under --tp), each from
+        # every rank's edges of it; rank 0 writes every head file
+        fitter = {layer: i % ranks.dp_world for i, layer in enumerate(layers)}
         pass2 = dict(lm=lm, sequences=sequences, seq_ids=list(range(n_seqs)), selection=selection, fn=fn,
                      top_k=opts.top_k, min_weight=opts.min_weight, bin_edges=bin_edges, batch_size=opts.batch_size,
                      tokens=tokens)
@@ -437,9 +460,10 @@ def _run_ranked(opts: ScanOptions, lm: LoadedModel | None, ranks: Ranks, start: 
             layer_records = lambda layer: records  # noqa: E731 - all in memory already
         else:
             # Pass 2 across the ranks: rank 0 names the shown sequences, each rank runs those of its own units
-            # and saves their rows and edges, rank 0 gathers them
+            # and saves their rows and edges, rank 0 gathers the rows and each layer's fitter its edges
             if ranks.first:
                 write_shown(files.folder / "shown.json", wanted)
+                atomic_write_bytes(files.folder / "staging.json", json.dumps({"staging": str(staging)}).encode())
             ranks.barrier()
             shown = wanted if ranks.first else read_shown(files.folder / "shown.json")
             mine = {key: {sid: iv for sid, iv in per_head.items() if (sid // unit_size) % ranks.world == ranks.rank}
@@ -451,11 +475,23 @@ def _run_ranked(opts: ScanOptions, lm: LoadedModel | None, ranks: Ranks, start: 
             rows = sequence_records(wanted=missing, points=points, raw=True, progress=ranks.first, **pass2)
             for key, per_head in held.items():
                 rows.setdefault(key, {}).update(per_head)
-            if not ranks.first:
+            if ranks.first:  # its rows stay here; its edges of the layers others fit go to them
+                save_pass2(files.folder, 0, {}, points, [layer for layer in layers if fitter[layer] != 0])
+            else:
                 save_pass2(files.folder, ranks.rank, rows, points, layers)
-                ranks.barrier()
-                return None
             ranks.barrier()  # every rank's pass 2 is on disk
+            if not ranks.first:
+                at = Path(json.loads((files.folder / "staging.json").read_text(encoding="utf-8"))["staging"])
+                clouds: set[int] = set()
+                for layer in [layer for layer in layers if fitter[layer] == ranks.rank]:
+                    for rank in range(ranks.world):
+                        if rank != ranks.rank:  # the others' edges of this layer; its own are in `points`
+                            load_pass2(pass2_path(files.folder, rank, layer), points, rows=False)
+                    fit_projections(points, lm, selection, with_umap=opts.umap, seed=opts.seed,
+                                    on_head=_projection_writer(at, clouds), layers=[layer], progress=False)
+                atomic_write_bytes(_clouds_path(files.folder, ranks.rank), json.dumps(sorted(clouds)).encode())
+                ranks.barrier()  # every layer is fitted
+                return None
             print(f"headvis: pass 2 ran the shown sequences that pass 1 did not keep on {ranks.world} processes "
                   f"({len({s for p in missing.values() for s in p})} on rank 0)", flush=True)
             def layer_records(layer: int) -> dict:
@@ -463,7 +499,8 @@ def _run_ranked(opts: ScanOptions, lm: LoadedModel | None, ranks: Ranks, start: 
                 that layer alone (their edges go into `points` until the layer is fitted)."""
                 got = {key: per_head for key, per_head in rows.items() if key[0] == layer}
                 for rank in range(1, ranks.world):
-                    for key, per_head in load_pass2(pass2_path(files.folder, rank, layer), points).items():
+                    edges_to = points if fitter[layer] == 0 else None  # another rank fits this layer
+                    for key, per_head in load_pass2(pass2_path(files.folder, rank, layer), edges_to).items():
                         got.setdefault(key, {}).update(per_head)
                 text = SequenceText(sequences, tokens)  # this layer's: strings are not held across layers
                 return {key: {sid: record_of(sid, interval, got[key][sid], *text(sid))
@@ -474,14 +511,7 @@ def _run_ranked(opts: ScanOptions, lm: LoadedModel | None, ranks: Ranks, start: 
         # The head files and pass 3 (the projections of the clouds gathered in passes 1 and 2, no forward pass),
         # a layer at a time: under torchrun rank 0 then holds one layer of the other ranks' rows and edges
         cloud_ids: set[int] = set()
-
-        def on_head(layer: int, head: int, edges: dict, fields: dict, rotation: dict) -> None:
-            cloud_ids.update(np.unique(edges["seq_idx"]).tolist())
-            write_json(staging / "umap" / f"L{layer}H{head}.json",
-                       {**edges, **fields, "clusters": [], "projected_points": [], "layer": layer, "head": head})
-            write_json(staging / "umap" / f"L{layer}H{head}.rotation.json",
-                       {"layer": layer, "head": head, "points": len(edges["seq_idx"]), **rotation})
-
+        on_head = _projection_writer(staging, cloud_ids)
         clock["head files"] = clock["pass 3"] = 0.0
         for layer in tqdm(layers, desc="head files and projections", unit="layer"):
             of_layer = layer_records(layer)
@@ -493,10 +523,15 @@ def _run_ranked(opts: ScanOptions, lm: LoadedModel | None, ranks: Ranks, start: 
             del of_layer
             now = time.perf_counter()
             clock["head files"], mark = clock["head files"] + now - mark, now
-            fit_projections(points, lm, selection, with_umap=opts.umap, seed=opts.seed, on_head=on_head,
-                            layers=[layer], progress=False)
+            if fitter[layer] == 0:
+                fit_projections(points, lm, selection, with_umap=opts.umap, seed=opts.seed, on_head=on_head,
+                                layers=[layer], progress=False)
             now = time.perf_counter()
             clock["pass 3"], mark = clock["pass 3"] + now - mark, now
+        if ranks.dp_world > 1:
+            ranks.barrier()  # the other ranks' layers are fitted, their files in the staging folder
+            for rank in range(1, ranks.world):
+                cloud_ids.update(json.loads(_clouds_path(files.folder, rank).read_text(encoding="utf-8")))
         write_json(staging / "scatter_data.json", [{"layer": layer, "head": head, **result.metrics}
                                                    for (layer, head), result in results.items()])
         write_json(staging / "umap" / "sequences.json",

@@ -6,7 +6,8 @@ list, the hub dataset's own order), are tokenized and packed (`pack_blocks`) str
 time, so that memory stays bounded by one block and one text: a `.txt` is read in 1 MiB pieces, except for
 tokenizers that mark each call (SentencePiece: Llama 2, Mistral), which get a whole document at a time.
 `manifest.json` says what made them: the dataset and its source's fingerprint (the files `iter_texts`
-reads: path, size and modification time; the hub: name and split; pydoc: the Python version), the
+reads: path, size and modification time; the hub: name, split and the commit its name points to, which is
+the one streamed; pydoc: the Python version), the
 tokenizer (a digest of its whole definition, and the special tokens packing adds), seq_len, the number of
 sequences and whether the corpus ended before --num-seqs. Sequence id N is row N: the same text on every
 rank, in every resume, at any world size.
@@ -32,7 +33,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from headvis.datasets import DEFAULT_DATASET, corpus_files, iter_texts, pack_blocks, prefix_token
+from headvis.datasets import DEFAULT_DATASET, corpus_files, hub_revision, iter_texts, pack_blocks, prefix_token
 from headvis.errors import HeadvisError
 from headvis.io import atomic_write_bytes, durable_replace
 
@@ -52,8 +53,19 @@ def source_fingerprint(dataset: str, split: str, text_column: str) -> dict:
         return {"kind": "files", "text_column": text_column, "files": [
             [str(p.relative_to(path)) if p != path else p.name, p.stat().st_size, p.stat().st_mtime_ns]
             for p in files]}
-    # a hub dataset is named by its name and split; a new revision on the hub is not seen (--no-resume)
-    return {"kind": "hub", "name": dataset, "split": split, "text_column": text_column}
+    # a hub dataset: its name, split and the commit the name points to now (None offline: then the name alone)
+    return {"kind": "hub", "name": dataset, "split": split, "text_column": text_column,
+            "revision": hub_revision(dataset)}
+
+
+def _same_source(found: dict | None, want: dict) -> bool:
+    """Whether a store's recorded source is `want`'s; a hub dataset whose commit cannot be told now (offline)
+    matches its name and split at any recorded commit."""
+    if found is None or found.get("kind") != want.get("kind"):
+        return False
+    if want.get("kind") == "hub" and want.get("revision") is None:
+        return {k: v for k, v in found.items() if k != "revision"} == {k: v for k, v in want.items() if k != "revision"}
+    return found == want
 
 
 def tokenizer_fingerprint(tokenizer) -> dict:
@@ -128,12 +140,13 @@ class TokenStore:
                 raise HeadvisError(f"no token store of these settings at {folder}: rank 0 writes it; is --out on a "
                                    "file system every process sees, with the same tokenizer?")
             return cls._opened(folder, found, num_seqs, seq_len)
-        want["source"] = source_fingerprint(dataset, split, text_column)
-        if found is not None and {k: found.get(k) for k in want} == want and (
-                found["n"] >= num_seqs or found["ended"]):
+        source = source_fingerprint(dataset, split, text_column)
+        if found is not None and {k: found.get(k) for k in want} == want and _same_source(found.get("source"), source) \
+                and (found["n"] >= num_seqs or found["ended"]):
             return cls._opened(folder, found, num_seqs, seq_len)
-        n, ended, (digest, top, present) = cls._write(folder, iter_texts(dataset, split, text_column), tokenizer,
-                                                      seq_len, num_seqs, progress)
+        want["source"] = source
+        texts = iter_texts(dataset, split, text_column, revision=source.get("revision"))  # a hub commit: pinned
+        n, ended, (digest, top, present) = cls._write(folder, texts, tokenizer, seq_len, num_seqs, progress)
         buffer = io.BytesIO()
         np.save(buffer, present.astype(np.int64))
         atomic_write_bytes(folder / "present.npy", buffer.getvalue(), durable=True)

@@ -319,18 +319,20 @@ def _save_pass2_file(path: Path, rows: dict[tuple[int, int], dict], edges: dict[
     os.replace(tmp, path)
 
 
-def load_pass2(path: Path, points) -> dict[tuple[int, int], dict]:
-    """A rank's `save_pass2` file: its rows, its edges added to `points`."""
+def load_pass2(path: Path, points, rows: bool = True) -> dict[tuple[int, int], dict]:
+    """A rank's `save_pass2` file: its rows ({} with rows=False), its edges added to `points` (None: left)."""
     try:
         tensors = load_file(path)
     except Exception as e:  # safetensors raises its own error type for a damaged file
         raise HeadvisError(f"pass 2 of another process is unreadable ({path}: {e}); run the same command again") from e
-    rows: dict[tuple[int, int], dict] = {}
+    got: dict[tuple[int, int], dict] = {}
     offset = 0
     indices, values = tensors["indices"].numpy(), tensors["values"].numpy()
-    for (layer, head, sid, q, k, n), top in zip(tensors["meta"].tolist(), tensors["best"].tolist()):
-        rows.setdefault((layer, head), {})[sid] = (indices[offset:offset + n].copy(), values[offset:offset + n].copy(),
-                                                    top, [q, k])
+    for (layer, head, sid, q, k, n), top in zip(tensors["meta"].tolist() if rows else [], tensors["best"].tolist()):
+        got.setdefault((layer, head), {})[sid] = (indices[offset:offset + n].copy(), values[offset:offset + n].copy(),
+                                                   top, [q, k])
         offset += n
-    points.add_tensors({name[len("points."):]: value for name, value in tensors.items() if name.startswith("points.")})
-    return rows
+    if points is not None:
+        points.add_tensors({name[len("points."):]: value for name, value in tensors.items()
+                            if name.startswith("points.")})
+    return got

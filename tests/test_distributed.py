@@ -171,22 +171,29 @@ def test_each_process_of_a_machine_spreads_its_model_over_its_own_share_of_the_g
         replica_gpus(0, 9, 8)
 
 
-def test_rank_0_reads_the_other_ranks_rows_and_edges_a_layer_at_a_time(gpt2, corpus, tiny_lm, one_process, tmp_path,
-                                                                       monkeypatch):
-    """Pass 2's files are one per rank and layer; rank 0 reads layer L's only after writing layer L - 1's head
-    and projection files, so it never holds more than one layer of the other ranks' rows and edges."""
+def test_rank_0_reads_the_other_ranks_rows_a_layer_at_a_time_and_the_ranks_share_the_fits(gpt2, corpus, tiny_lm,
+                                                                                          one_process, tmp_path,
+                                                                                          monkeypatch):
+    """Pass 2's files are one per rank and layer. Rank 0 reads layer L's only after writing layer L - 1's head
+    files, so it never holds more than one layer of the other ranks' rows; the projections are fitted layer i
+    by rank i % world, each from every rank's edges of that layer (2 ranks, 2 layers: one each)."""
+    import threading
+
     import headvis.scan as scan
 
-    events = []
+    events: dict[int, list] = {}  # thread -> its own events, in order
     real_load, real_write = scan.load_pass2, scan.write_json
 
-    def load(path, points):
-        events.append(("read", int(path.name.split("-L")[1].split(".")[0])))
-        return real_load(path, points)
+    def record(event):
+        events.setdefault(threading.get_ident(), []).append(event)
+
+    def load(path, points, **kw):
+        record(("read", int(path.name.split("-L")[1].split(".")[0]), int(path.name.split("-")[1])))
+        return real_load(path, points, **kw)
 
     def write(path, body, **kw):
         if path.parent.name in ("heads", "umap") and path.name.startswith("L"):
-            events.append(("wrote", int(path.name[1:].split("H")[0])))
+            record((f"wrote {path.parent.name}", int(path.name[1:].split("H")[0])))
         return real_write(path, body, **kw)
 
     monkeypatch.setattr(scan, "load_pass2", load)
@@ -194,9 +201,15 @@ def test_rank_0_reads_the_other_ranks_rows_and_edges_a_layer_at_a_time(gpt2, cor
     out = tmp_path / "tree"
     ranked_scan(options(gpt2, corpus, out), tiny_lm, 2)
     assert_same_tree(one_process, out)
-    order = [event for i, event in enumerate(events) if i == 0 or event != events[i - 1]]
-    n_layers = tiny_lm.info.n_layers
-    assert order == [step for layer in range(n_layers) for step in (("read", layer), ("wrote", layer))], order
+    squeeze = lambda seq: [e for i, e in enumerate(seq) if i == 0 or e != seq[i - 1]]  # noqa: E731
+    by_thread = [squeeze(seq) for seq in events.values()]
+    assert tiny_lm.info.n_layers == 2 and len(by_thread) == 2
+    rank_0 = next(seq for seq in by_thread if ("wrote heads", 0) in seq)
+    other = next(seq for seq in by_thread if seq is not rank_0)
+    # rank 0: rank 1's layer 0 (rows and edges: it fits layer 0), its head and umap files, then rank 1's
+    # layer 1 (rows only) and its head files; rank 1 fits layer 1 from rank 0's edges of it
+    assert rank_0 == [("read", 0, 1), ("wrote heads", 0), ("wrote umap", 0), ("read", 1, 1), ("wrote heads", 1)]
+    assert other == [("read", 1, 0), ("wrote umap", 1)]
 
 
 @pytest.mark.parametrize("first_world, world", [(1, 2), (2, 3)])

@@ -159,3 +159,47 @@ def test_opening_every_row_reads_none_and_fewer_rows_are_summarized_again(tmp_pa
     rows = part[list(range(25))]
     assert part.sha256 == hashlib.sha256(rows.numpy().tobytes()).hexdigest()
     assert np.array_equal(part.present, np.unique(rows[:, 1:].numpy()))
+
+
+def test_a_hub_dataset_is_tokenized_again_at_a_new_commit_and_read_at_its_pinned_one(tmp_path, smollm, monkeypatch):
+    """The store records the commit a hub dataset's name points to and streams that commit; a new commit is
+    tokenized again, the same one is read, and offline (no commit known) the stored rows are read."""
+    import headvis.datasets as datasets_module
+
+    commit = {"now": "c1"}
+    streamed = []
+    texts = {"c1": [f"first revision, paragraph {i}." for i in range(200)],
+             "c2": [f"second revision, another paragraph {i}." for i in range(200)]}
+
+    def load_dataset(name, split, streaming, revision):
+        assert name == "someone/corpus" and split == "train" and streaming
+        streamed.append(revision)
+        return [{"text": t} for t in texts[revision]]
+
+    monkeypatch.setattr(datasets_module, "hub_revision", lambda name: commit["now"])
+    monkeypatch.setattr("headvis.token_store.hub_revision", lambda name: commit["now"])
+    monkeypatch.setattr("datasets.load_dataset", load_dataset)
+
+    def open_hub():
+        return TokenStore.open_or_build(tmp_path / "s", dataset="someone/corpus", split="train", text_column="text",
+                                        tokenizer=smollm.tokenizer, seq_len=16, num_seqs=20, progress=False)
+
+    first = open_hub()
+    assert streamed == ["c1"], "the commit of the fingerprint is the one streamed"
+    expected = pack_sequences(iter(texts["c1"]), smollm.tokenizer, 16, 20, progress=False)
+    assert torch.equal(first[list(range(20))], expected)
+    assert open_hub().sha256 == first.sha256 and streamed == ["c1"], "the same commit: read, not streamed"
+    commit["now"] = "c2"
+    second = open_hub()
+    assert streamed == ["c1", "c2"] and second.sha256 != first.sha256
+    assert torch.equal(second[list(range(20))], pack_sequences(iter(texts["c2"]), smollm.tokenizer, 16, 20,
+                                                               progress=False))
+    commit["now"] = None  # offline: the commit cannot be told, the rows there are used
+    assert open_hub().sha256 == second.sha256 and streamed == ["c1", "c2"]
+
+
+def test_the_hub_commit_is_none_offline(monkeypatch):
+    from headvis.datasets import hub_revision
+
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    assert hub_revision("HuggingFaceFW/fineweb") is None

@@ -315,3 +315,36 @@ def test_a_crash_between_the_prefix_snapshot_steps_leaves_files_the_next_open_dr
     other = UnitFiles(tmp_path / "r", {"scan": 2})
     with pytest.raises(HeadvisError, match="belongs to another scan"):
         other.prefix_units()
+
+
+_UMAP_CLOUD = r"""
+import sys
+import numpy as np
+from headvis.projection import _umap
+rng = np.random.default_rng(7)
+keys = rng.standard_normal((150, 16)) * rng.uniform(0.5, 2.0, (150, 1))
+rows = np.repeat(keys, rng.integers(1, 8, 150), axis=0)  # a K cloud: a key at every edge that reads it
+rows = rows[rng.permutation(len(rows))]
+np.save(sys.argv[1], _umap(rows, 0))
+np.save(sys.argv[2], rows)
+"""
+
+
+def test_umap_of_a_cloud_with_repeated_rows_is_the_same_in_every_process(tmp_path):
+    """K and V clouds repeat rows; UMAP is fitted on the distinct ones, so a repeated row gets one point and
+    two processes (two runs, or two ranks of a scan) give the same coordinates bit for bit."""
+    import subprocess
+    import sys
+
+    runs = []
+    for run in range(2):
+        coords, rows = tmp_path / f"coords{run}.npy", tmp_path / f"rows{run}.npy"
+        done = subprocess.run([sys.executable, "-c", _UMAP_CLOUD, str(coords), str(rows)], capture_output=True,
+                              text=True, timeout=300, env={**__import__("os").environ, "NUMBA_NUM_THREADS": "1"})
+        assert done.returncode == 0, done.stderr[-2000:]
+        runs.append((np.load(coords), np.load(rows)))
+    (a, rows), (b, _) = runs
+    assert a.shape == (len(rows), 3) and np.isfinite(a).all()
+    assert np.array_equal(a, b), "the same coordinates in both processes"
+    _, first, where = np.unique(rows, axis=0, return_index=True, return_inverse=True)
+    assert np.array_equal(a, a[first[where.reshape(-1)]]), "a repeated row has its row's point"
