@@ -14,6 +14,7 @@ layer's `AttentionSpec` to the active `CaptureSession`.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import threading
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
+from headvis.errors import HeadvisError
 from headvis.metrics import AttentionSpec
 
 __all__ = ["IMPLEMENTATION", "CaptureSession", "LayerCapture", "install", "run_attention"]
@@ -167,7 +169,13 @@ class CaptureSession:
         index = layer_index(module)
         if index in self.layers:
             if self.tp > 1:
-                query, key, value, output = _gather_heads(self.tp, query, key, value, output)
+                n_heads = getattr(self.model.config, "num_attention_heads", None)
+                if n_heads is not None and query.shape[1] * self.tp != n_heads:
+                    raise HeadvisError(f"--tp {self.tp}: transformers' tensor-parallel plan for this model does "
+                                       f"not split its attention by heads (a process holds {query.shape[1]} of "
+                                       f"{n_heads}); use --device-map auto instead")
+                query, key, value, output, sinks = _gather_heads(self.tp, query, key, value, output, spec.sinks)
+                spec = dataclasses.replace(spec, sinks=sinks)
             if query is not None:
                 self.on_layer(LayerCapture(index, module, query, key, value, output, spec))
         if index >= self._last:
@@ -183,16 +191,25 @@ class CaptureSession:
             pass
 
 
-def _gather_heads(tp: int, query: Tensor, key: Tensor, value: Tensor, output: Tensor) -> tuple:
+def _gather_heads(tp: int, query: Tensor, key: Tensor, value: Tensor, output: Tensor,
+                  sinks: Tensor | None) -> tuple:
     """Every process's heads of one layer, concatenated on rank 0 (Nones elsewhere): query, key, value on
-    their head axis 1, output on its head axis 2."""
+    their head axis 1, output on its head axis 2, the attention sinks (one per query head) on axis 0."""
     import torch.distributed as dist
 
+    from headvis.distributed import peer_failed
+
     whole = []
-    for part, axis in ((query, 1), (key, 1), (value, 1), (output, 2)):
-        part = part.contiguous()
+    for part, axis in ((query, 1), (key, 1), (value, 1), (output, 2), (sinks, 0)):
+        if part is None:
+            whole.append(None)
+            continue
+        part = part.detach().contiguous()
         parts = [torch.empty_like(part) for _ in range(tp)] if dist.get_rank() == 0 else None
-        dist.gather(part, parts, dst=0)
+        try:
+            dist.gather(part, parts, dst=0)
+        except Exception as e:  # gloo / NCCL: a peer that died closes the connection
+            raise peer_failed() from e
         whole.append(torch.cat(parts, dim=axis) if parts is not None else None)
     return tuple(whole)
 

@@ -20,9 +20,15 @@ from typing import Callable
 
 from headvis.errors import HeadvisError
 
-__all__ = ["BARRIER_TIMEOUT_S", "Ranks", "replica_gpus"]
+__all__ = ["BARRIER_TIMEOUT_S", "Ranks", "peer_failed", "replica_gpus"]
 
 BARRIER_TIMEOUT_S = 6 * 3600.0  # a rank may wait this long for the slowest one at the end of pass 1
+
+
+def peer_failed() -> HeadvisError:
+    """What a process says when a collective fails because another process of the scan stopped."""
+    return HeadvisError("stopped: another process of the scan failed (its own message says why); the saved units "
+                        "stay beside --out for a rerun")
 
 
 def replica_gpus(local_rank: int, local_world: int, n_gpus: int) -> list[int]:
@@ -74,7 +80,10 @@ class Ranks:
         import torch.distributed as dist
 
         box = [obj]
-        dist.broadcast_object_list(box, src=self.rank - self.rank % self.tp)
+        try:
+            dist.broadcast_object_list(box, src=self.rank - self.rank % self.tp)
+        except Exception as e:  # gloo / NCCL: a peer that died closes the connection
+            raise peer_failed() from e
         return box[0]
 
     @classmethod
@@ -138,8 +147,7 @@ class Ranks:
             try:
                 dist.barrier()
             except Exception as e:  # gloo / NCCL: a peer that died closes the connection
-                raise HeadvisError("stopped: another process of the scan failed (its own message says why); the "
-                                   "saved units stay beside --out for a rerun") from e
+                raise peer_failed() from e
 
     def close(self) -> None:
         if self.joined:

@@ -219,8 +219,13 @@ def weights_sha256(model: nn.Module, tp: int = 1) -> str:
     if tp > 1:
         import torch.distributed as dist
 
+        from headvis.distributed import peer_failed
+
         shards: list = [None] * tp
-        dist.all_gather_object(shards, digest.hexdigest())
+        try:
+            dist.all_gather_object(shards, digest.hexdigest())
+        except Exception as e:  # gloo / NCCL: a peer that died closes the connection
+            raise peer_failed() from e
         return hashlib.sha256(f"tp{tp}:{','.join(shards)}".encode("utf-8")).hexdigest()
     return digest.hexdigest()
 

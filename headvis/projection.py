@@ -137,16 +137,19 @@ def _umap(x: np.ndarray, seed: int) -> np.ndarray:
     K and V clouds repeat a key at every edge that reads it (a third of the rows are distinct in a SmolLM2
     K cloud); on repeated rows umap-learn's result changed from one process to the next with the same seed
     and input (measured), so a scan's UMAP views differed between runs and between numbers of processes.
+    Fewer than UMAP_MIN_POINTS distinct rows (UMAP cannot fit them) are laid out by their PCA, which keeps every
+    distance between at most 4 points.
     """
     import umap
 
     distinct, where = np.unique(x, axis=0, return_inverse=True)
-    if len(distinct) < UMAP_MIN_POINTS:  # too few to fit on: all the rows, as they are
-        distinct, where = x, np.arange(len(x))
+    where = where.reshape(-1)
+    if len(distinct) < UMAP_MIN_POINTS:  # too few for UMAP: at most 4 points, which 3 PCA axes hold exactly
+        return _pca(distinct, seed)[0][where]
     n_neighbors = min(UMAP_VIEW["n_neighbors"], distinct.shape[0] - 1)
     reducer = umap.UMAP(n_components=COMPONENTS, n_neighbors=n_neighbors, min_dist=UMAP_VIEW["min_dist"],
                         random_state=seed, n_jobs=1)
-    return reducer.fit_transform(distinct)[where.reshape(-1)]
+    return reducer.fit_transform(distinct)[where]
 
 
 def gpu_libraries() -> GpuLibraries | None:

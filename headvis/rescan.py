@@ -72,8 +72,12 @@ def carry_over(old: Path, new: Path, lm: LoadedModel, sequences: torch.Tensor, k
 
     `sequences` (n_sequences, seq_len) are the new scan's token ids; `kept` the folder that receives, under a
     time-stamped subfolder, whatever is not carried whole. An old tree of another format, or one whose files
-    cannot be read, is carried not at all: its user folders are copied aside whole.
+    cannot be read, is carried not at all: its user folders are copied aside whole; so is everything under
+    --tp, where rank 0 alone cannot run the split model (the other processes have left).
     """
+    if lm.tp > 1:
+        return _all_aside(old, new, kept, "--tp: the old tree's custom sequences and projected points are not "
+                                          "recomputed (the model is split over processes that have finished)")
     try:
         old_config = read_json(old / "config.json")
         version = old_config.get("format_version") if isinstance(old_config, dict) else None

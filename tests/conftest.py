@@ -32,6 +32,12 @@ TINY_CONFIGS = {
                  max_position_embeddings=128),
     "llama": dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
                   intermediate_size=64, max_position_embeddings=128, head_dim=8, initializer_range=0.5),
+    "granite_swa": dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
+                        intermediate_size=64, max_position_embeddings=128, initializer_range=0.5),  # sinks
+    "gpt_oss": dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
+                    intermediate_size=32, head_dim=8, num_local_experts=2, num_experts_per_tok=1,
+                    max_position_embeddings=128, sliding_window=8,
+                    layer_types=["sliding_attention", "full_attention"]),  # a tp plan that leaves attention whole
     "mistral": dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32,
                     intermediate_size=64, max_position_embeddings=128, sliding_window=5, head_dim=8),
     "gemma2": dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, hidden_size=32,

@@ -319,6 +319,19 @@ def test_tensor_parallel_over_two_processes_writes_the_tree_of_one_within_float_
         own = [metrics[(layer, h)]["pattern_entropy"] for h in range(4)]
         assert min(abs(x - y) for i, x in enumerate(own) for y in own[i + 1:]) > 1e-3, f"heads tell apart: {own}"
 
+    # the same command again over a tree with a user's projected point: rank 0 alone cannot run the split model,
+    # so the old tree's user folders are kept aside whole (not recomputed), and the scan succeeds
+    umap_file = tp / "umap" / "L1H3.json"
+    body = json.loads(umap_file.read_text())
+    body["projected_points"] = [{"label": "mine", "x": 0.0, "y": 0.0, "z": 0.0}]
+    umap_file.write_text(json.dumps(body))
+    again = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                  "-m", "headvis.scan", *flags, "--tp", "2", "--out", str(tp)], tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "--tp: the old tree's custom sequences and projected points are not recomputed" in again.stdout
+    kept = [json.loads(p.read_text()) for p in (tmp_path / "tp.kept").rglob("L1H3.json") if p.parent.name == "umap"]
+    assert [k["projected_points"][0]["label"] for k in kept] == ["mine"]
+
     no_plan = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                     "-m", "headvis.scan", *flags, "--model", str(tiny_model_dir("gpt2")), "--tp", "2",
                     "--out", str(tmp_path / "gpt2")], tmp_path)
@@ -326,6 +339,28 @@ def test_tensor_parallel_over_two_processes_writes_the_tree_of_one_within_float_
     assert "has no tensor-parallel plan" in no_plan.stderr and "--device-map auto" in no_plan.stderr, \
         no_plan.stderr[-2000:]
     assert "headvis: rank 0: error: " in no_plan.stderr and "headvis: rank 1: error: " in no_plan.stderr
+
+    whole = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                  "-m", "headvis.scan", *flags, "--model", str(tiny_model_dir("gpt_oss")), "--tp", "2",
+                  "--out", str(tmp_path / "gpt_oss")], tmp_path)
+    assert whole.returncode != 0 and "does not split its attention by heads" in whole.stderr, whole.stderr[-2000:]
+    assert "internal error" not in whole.stderr
+
+
+def test_tensor_parallel_gathers_the_attention_sinks_with_their_heads(tiny_model_dir, corpus, tmp_path):
+    """A model with one sink logit per query head (granite_swa), its sinks split with the heads under --tp 2:
+    rank 0 gathers them in the same order, and the tree is the one-process tree within float tolerance."""
+    flags = ["--model", str(tiny_model_dir("granite_swa")), "--dataset", str(corpus), "--seq-len", str(SEQ_LEN),
+             "--num-seqs", str(NUM_SEQS), "--batch-size", str(BATCH), "--per-interval", "1", "--max-points", "30",
+             "--device", "cpu"]
+    alone = _run([sys.executable, "-m", "headvis.scan", *flags, "--out", str(tmp_path / "alone")], tmp_path)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    ran = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                "-m", "headvis.scan", *flags, "--tp", "2", "--out", str(tmp_path / "tp")], tmp_path)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    for name in ("scatter_data.json", "heads/L0H3.json", "heads/L1H1.json"):
+        _numbers_close(json.loads((tmp_path / "alone" / name).read_text()),
+                       json.loads((tmp_path / "tp" / name).read_text()), name)
 
 
 def test_tp_asks_for_as_many_torchrun_processes(monkeypatch):

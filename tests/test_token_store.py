@@ -198,8 +198,26 @@ def test_a_hub_dataset_is_tokenized_again_at_a_new_commit_and_read_at_its_pinned
     assert open_hub().sha256 == second.sha256 and streamed == ["c1", "c2"]
 
 
-def test_the_hub_commit_is_none_offline(monkeypatch):
+def test_the_hub_commit_comes_from_the_hub_and_is_not_asked_for_offline(monkeypatch):
+    import types
+
     from headvis.datasets import hub_revision
 
+    asked = []
+
+    def dataset_info(self, name, timeout=None):
+        asked.append(name)
+        return types.SimpleNamespace(sha="0123abcd")
+
+    monkeypatch.setattr("huggingface_hub.HfApi.dataset_info", dataset_info)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    assert hub_revision("someone/corpus") == "0123abcd" and asked == ["someone/corpus"]
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
-    assert hub_revision("HuggingFaceFW/fineweb") is None
+    assert hub_revision("someone/corpus") is None and asked == ["someone/corpus"], "offline: the hub is not asked"
+
+    def unreachable(self, name, timeout=None):
+        raise OSError("no network")
+
+    monkeypatch.setattr("huggingface_hub.HfApi.dataset_info", unreachable)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    assert hub_revision("someone/corpus") is None

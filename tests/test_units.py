@@ -348,3 +348,18 @@ def test_umap_of_a_cloud_with_repeated_rows_is_the_same_in_every_process(tmp_pat
     assert np.array_equal(a, b), "the same coordinates in both processes"
     _, first, where = np.unique(rows, axis=0, return_index=True, return_inverse=True)
     assert np.array_equal(a, a[first[where.reshape(-1)]]), "a repeated row has its row's point"
+
+
+def test_a_cloud_of_fewer_distinct_rows_than_umap_needs_is_laid_out_exactly():
+    """UMAP cannot fit fewer than UMAP_MIN_POINTS points: 3 distinct rows, repeated, get their PCA layout,
+    which keeps every distance between them, one point per distinct row."""
+    from headvis.projection import _umap
+
+    rng = np.random.default_rng(2)
+    distinct = rng.standard_normal((3, 16))
+    rows = distinct[[0, 1, 2, 1, 0, 0, 2, 1, 1, 0, 2, 2]]
+    coords = _umap(rows, 0)
+    assert coords.shape == (12, 3)
+    for i in range(12):
+        for j in range(12):
+            assert np.linalg.norm(coords[i] - coords[j]) == pytest.approx(np.linalg.norm(rows[i] - rows[j]), abs=1e-9)
