@@ -2,17 +2,19 @@
 
 The torch reference (`row_stats_ref.ref_row_stats`) makes ~25 passes over
 each (batch, head, rows, keys) block of scores. Here BLAS computes the scores
-of `q_chunk` query rows (`row_stats_ref.chunk_scores`), masked in place, and
-torch's vectorized exp their exponentials; one compiled loop per (batch, head)
-then reads each row in short loops that LLVM vectorizes: integer maxima over
-the scores' bits (an order-preserving int32 key: max, runner-up and ties for
-the margin; non-negative floats order like their bits, for the argmax), float64
-sums that may be reassociated (`reassoc` only: count, mean, the weighted sums,
-the histogram's bins as contiguous key ranges, the column sums), and the
-induction and duplicate keys read from per-sequence token groups (~1% of the
-pairs on real text) instead of comparing tokens at every pair. Top-K ranks
-only keys whose weight can be shown (at least `min_weight`, or the row's
-largest). Same inputs, outputs and conventions as the reference (ties:
+of `q_chunk` query rows (`row_stats_ref.chunk_scores`; only padding is masked),
+and one compiled loop per (batch, head) reads each row's causal or window range
+in short loops that LLVM vectorizes: the integer maximum over the scores' bits
+(an order-preserving int32 key) with their count and sum; then one pass that
+writes e = exp(s - max) (an inline polynomial: numba has no vector exp here,
+and a libm call stops the loop vectorizing) and, from the same registers, the
+float64 sums weighted by it (`reassoc` only), the ties and runner-up for the
+margin and the bits of the largest weight outside column 0 (non-negative floats
+order like their bits); then the histogram's bins as contiguous key ranges and
+the column sums; the induction and duplicate keys are read from per-sequence
+token groups (~1% of the pairs on real text) instead of comparing tokens at
+every pair. Top-K ranks only keys whose weight can be shown (at least
+`min_weight`, or the row's largest). Same inputs, outputs and conventions as the reference (ties:
 lowest key index).
 
 Row formulas, with m = max(row max, sink), d_k = s_k - m, e_k = exp(d_k),
@@ -38,6 +40,9 @@ from headvis.kernels.row_stats_ref import (ROW_METRICS, AttentionSpec, RowStats,
 
 try:
     import numba
+    from llvmlite import ir
+    from numba.core import types
+    from numba.extending import intrinsic
 except ImportError as e:  # pragma: no cover - numba comes with umap-learn
     raise ImportError("cpu_row_stats needs numba (pip install numba)") from e
 
@@ -71,47 +76,90 @@ def _order_key(bits):  # pragma: no cover - compiled
     return bits ^ ((bits >> 31) & _MAGNITUDE)
 
 
-@numba.njit(cache=True, nogil=True)
-def _max_key(s_bits, lo, hi):  # pragma: no cover - compiled
-    """The order key of the largest score in s[lo:hi] (integer max: vectorizes without fast-math)."""
-    best = _INT_MIN
-    for k in range(lo, hi):
-        best = max(best, _order_key(s_bits[k]))
-    return best
+@intrinsic
+def _bits_as_float(typingctx, bits):
+    """An integer's low 32 bits -> the float32 they encode (an LLVM bitcast: free, and it vectorizes)."""
+    if not isinstance(bits, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        low = builder.trunc(args[0], ir.IntType(32)) if bits.bitwidth > 32 else args[0]
+        return builder.bitcast(low, context.get_value_type(types.float32))
+
+    return types.float32(bits), codegen
+
+
+@intrinsic
+def _float_bits(typingctx, value):
+    """A float32's bits as an int32 (an LLVM bitcast)."""
+    if value != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.int32(types.float32), codegen
+
+
+# exp(d) for float32 d <= 0 (Cody-Waite reduction, Cephes' expf polynomial, ~1 ulp): numba has no vector exp
+# here (no SVML), and a call to the libm one stops LLVM vectorizing the loop around it; inline arithmetic does not.
+_LOG2E = np.float32(1.44269504088896341)
+_LN2_HI = np.float32(0.693359375)  # few bits: n * _LN2_HI is exact for the n used here
+_LN2_LO = np.float32(-2.12194440e-4)
+_EXP_FLOOR = np.float32(-104.0)  # exp(-104) < half the smallest float32: 0, as -inf gives
+_P0, _P1, _P2 = np.float32(1.9875691500e-4), np.float32(1.3981999507e-3), np.float32(8.3334519073e-3)
+_P3, _P4, _P5 = np.float32(4.1665795894e-2), np.float32(1.6666665459e-1), np.float32(5.0000001201e-1)
+_HALF, _ONE = np.float32(0.5), np.float32(1.0)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _exp_nonpositive(d):  # pragma: no cover - compiled
+    """exp(d) in float32 for d <= 0 or -inf (-> 0); subnormal results rounded once, like libm's."""
+    d = max(d, _EXP_FLOOR)
+    n = np.floor(d * _LOG2E + _HALF)
+    r = (d - n * _LN2_HI) - n * _LN2_LO
+    p = ((((((_P0 * r + _P1) * r + _P2) * r + _P3) * r + _P4) * r + _P5) * (r * r) + r) + _ONE
+    e = np.int32(n)  # in [-150, 0]: 2^e as two normal factors, so one rounding makes any subnormal
+    half = e >> 1
+    return (p * _bits_as_float((half + 127) << 23)) * _bits_as_float((e - half + 127) << 23)
 
 
 @numba.njit(fastmath=_VEC, cache=True, nogil=True)
-def _count_sum_runner_up(s, s_bits, lo, hi, top):  # pragma: no cover - compiled
-    """Over the allowed scores s[lo:hi] (not allowed: -inf) with largest order key `top`: their count, their
-    sum, how many equal the largest, and the order key of the largest below it."""
+def _max_count_sum(s, s_bits, lo, hi):  # pragma: no cover - compiled
+    """Over the allowed scores s[lo:hi] (not allowed: -inf): the order key of the largest, their count and sum."""
+    best = _INT_MIN
     n = 0
     total = 0.0
-    n_top = 0
-    second = _INT_MIN
     for k in range(lo, hi):
         x = s[k]
         ok = x > -np.inf
-        key = _order_key(s_bits[k])
+        best = max(best, _order_key(s_bits[k]))
         n += 1 if ok else 0
         total += np.float64(x) if ok else 0.0
-        n_top += 1 if key == top else 0
-        second = max(second, key if key < top else _INT_MIN)
-    return n, total, n_top, second
+    return best, n, total
 
 
 @numba.njit(fastmath=_VEC, cache=True, nogil=True)
-def _weighted_sums(s, e, lo, hi, q, shift, mean):  # pragma: no cover - compiled
-    """z = sum e, sum e (s - shift), sum (s - mean)^2, sum e |q-k|, sum e (q-k)^2 over the allowed keys."""
+def _exp_row(s, s_bits, e, lo, hi, q, shift, mean, top):  # pragma: no cover - compiled
+    """e[k] = exp(s[k] - shift) over [lo, hi) (0 where not allowed), and in the same pass: z = sum e,
+    sum e (s - shift), sum (s - mean)^2, sum e |q-k|, sum e (q-k)^2; how many scores have the largest order key
+    `top`, the largest key below it, and the bits of the largest e[k] at k >= 1."""
     z = 0.0
     ed = 0.0
     var = 0.0
     dist = 0.0
     dist_sq = 0.0
+    n_top = 0
+    second = _INT_MIN
+    best_bits = np.int32(0)
+    shift64 = np.float64(shift)
     for k in range(lo, hi):
         x = s[k]
         ok = x > -np.inf
-        w = np.float64(e[k])
-        d = np.float64(x) - shift if ok else 0.0
+        w32 = _exp_nonpositive(x - shift)
+        e[k] = w32
+        w = np.float64(w32)
+        d = np.float64(x) - shift64 if ok else 0.0
         c = np.float64(x) - mean if ok else 0.0
         gap = np.float64(abs(q - k))
         z += w
@@ -119,7 +167,11 @@ def _weighted_sums(s, e, lo, hi, q, shift, mean):  # pragma: no cover - compiled
         var += c * c
         dist += w * gap
         dist_sq += w * (gap * gap)
-    return z, ed, var, dist, dist_sq
+        key = _order_key(s_bits[k])
+        n_top += 1 if key == top else 0
+        second = max(second, key if key < top else _INT_MIN)
+        best_bits = max(best_bits, _float_bits(w32) if k >= 1 else np.int32(0))
+    return z, ed, var, dist, dist_sq, n_top, second, best_bits
 
 
 @numba.njit(fastmath=_VEC, cache=True, nogil=True)
@@ -130,17 +182,8 @@ def _range_sum(e, lo, hi):  # pragma: no cover - compiled
     return total
 
 
-@numba.njit(cache=True, nogil=True)
-def _range_max_bits(e_bits, lo, hi):  # pragma: no cover - compiled
-    """The bits of the largest of e[lo:hi] >= 0 (non-negative floats order like their bits)."""
-    best = np.int32(0)
-    for k in range(lo, hi):
-        best = max(best, e_bits[k])
-    return best
-
-
 @numba.njit(parallel=True, cache=True, nogil=True)
-def _rows_kernel(scores, scores_bits, exps, exps_bits, shifts, q_start, causal, window, key_valid, order, group_start, n_dup, n_ind, sinks,
+def _rows_kernel(scores, scores_bits, q_start, causal, window, key_valid, order, group_start, n_dup, n_ind, sinks,
                  edges, top_k, min_weight, metrics, ind_counted, dup_counted, margin_counted, max_nobos, argmax_nobos,
                  hist, key_weight, top_values, top_indices):  # pragma: no cover - compiled
     batch, heads, rows, keys = scores.shape
@@ -152,31 +195,29 @@ def _rows_kernel(scores, scores_bits, exps, exps_bits, shifts, q_start, causal, 
         best_e = np.empty(max(top_k, 1), dtype=np.float32)
         best_k = np.empty(max(top_k, 1), dtype=np.int64)
         listed = np.empty(keys, dtype=np.int64)  # a row's top-K candidates
-        as_bits = np.empty(2, dtype=np.int32)  # order keys back to floats, through a view
-        as_float = as_bits.view(np.float32)
+        e = np.empty(keys, dtype=np.float32)  # the row's exp(s - shift), valid in [k_lo, k_hi)
+        e_bits = e.view(np.int32)
         for r in range(rows):
             q = q_start + r
-            s = scores[b, h, r]  # masked: -inf where the key is not allowed
+            s = scores[b, h, r]  # read in [k_lo, k_hi) only; -inf there where padding
             s_bits = scores_bits[b, h, r]
-            e = exps[b, h, r]  # exp(s - shift): 0 where not allowed
-            e_bits = exps_bits[b, h, r]
             k_hi = min(q + 1, keys) if causal else keys  # the allowed keys lie in [k_lo, k_hi)
             k_lo = 0
             if window > 0:
                 k_lo = max(0, q - window + 1)
                 if not causal:
                     k_hi = min(keys, q + window)
-            top = _max_key(s_bits, k_lo, k_hi)
-            n, total_s, n_top, second = _count_sum_runner_up(s, s_bits, k_lo, k_hi, top)
+            top, n, total_s = _max_count_sum(s, s_bits, k_lo, k_hi)
             if n == 0:
                 continue  # a fully padded row: every output stays 0 / -1
-            as_bits[0] = _order_key(top)
-            as_bits[1] = _order_key(second)
-            m = np.float64(as_float[0])
-            m2 = np.float64(as_float[1])
+            m32 = _bits_as_float(_order_key(top))
+            shift32 = max(m32, np.float32(sinks[h])) if sinks.shape[0] > 0 else m32  # max(row max, sink)
             mean = total_s / n
-            shift = np.float64(shifts[b, h, r])  # max(row max, sink)
-            z, ed, var, dist, dist_sq = _weighted_sums(s, e, k_lo, k_hi, q, shift, mean)
+            z, ed, var, dist, dist_sq, n_top, second, best_bits = _exp_row(s, s_bits, e, k_lo, k_hi, q, shift32,
+                                                                           mean, top)
+            m = np.float64(m32)
+            m2 = np.float64(_bits_as_float(_order_key(second)))
+            shift = np.float64(shift32)
             sink_e = math.exp(sinks[h] - shift) if sinks.shape[0] > 0 else 0.0
             z_all = z + sink_e
             inv = 1.0 / z_all
@@ -218,7 +259,6 @@ def _rows_kernel(scores, scores_bits, exps, exps_bits, shifts, q_start, causal, 
                 metrics[_PREV, b, h, q] = e[q - 1] * inv
             # the largest weight outside column 0 (first index on ties)
             lo1 = max(k_lo, 1)
-            best_bits = _range_max_bits(e_bits, lo1, k_hi)
             e_top = e[0] if k_lo == 0 else np.float32(0.0)  # the row's largest weight, column 0 included
             if best_bits > 0:
                 for k in range(lo1, k_hi):
@@ -236,7 +276,8 @@ def _rows_kernel(scores, scores_bits, exps, exps_bits, shifts, q_start, causal, 
             if top_k > 0:  # insertion, strict compare: earlier keys stay ahead on ties
                 # only keys that may be shown are ranked: weight >= min_weight, or the row's largest
                 floor = min(np.float32(min_weight * z_all * (1.0 - 1e-6)), e_top)
-                # the keys at or above the floor, listed without a branch (~11 a row on real text), then ranked
+                # the keys at or above the floor (~11 a row on real text), listed without a branch from the blocks
+                # of 16 keys that hold one (a vectorized max of their bits: non-negative floats order like them)
                 n_listed = 0
                 for k in range(k_lo, k_hi):
                     listed[n_listed] = k
@@ -275,18 +316,18 @@ _buffers = threading.local()
 _BUFFER_CACHE_BYTES = 64 << 20
 
 
-def _chunk_buffers(size: int) -> tuple[Tensor, Tensor]:
-    """Two float32 buffers of `size` elements for a chunk's scores and exponentials, kept by the thread between
-    calls up to 64 MiB: fresh ones each chunk cost their page faults again (~10% of the call at T = 256).
-    One pair in inference mode and one outside (an inference tensor cannot be written outside it)."""
+def _chunk_buffer(size: int) -> Tensor:
+    """A float32 buffer of `size` elements for a chunk's scores, kept by the thread between calls up to 64 MiB:
+    a fresh one each chunk costs its page faults again (~10% of the call at T = 256). One in inference mode
+    and one outside (an inference tensor cannot be written outside it)."""
     mode = torch.is_inference_mode_enabled()
-    held = getattr(_buffers, "pairs", {}).get(mode)
-    if held is not None and held[0].numel() >= size:
+    held = getattr(_buffers, "by_mode", {}).get(mode)
+    if held is not None and held.numel() >= size:
         return held
-    pair = (torch.empty(size), torch.empty(size))
-    if 2 * 4 * size <= _BUFFER_CACHE_BYTES:
-        _buffers.pairs = {**getattr(_buffers, "pairs", {}), mode: pair}
-    return pair
+    buffer = torch.empty(size)
+    if 4 * size <= _BUFFER_CACHE_BYTES:
+        _buffers.by_mode = {**getattr(_buffers, "by_mode", {}), mode: buffer}
+    return buffer
 
 
 def _token_groups(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -334,16 +375,16 @@ def cpu_row_stats(
     numba.set_num_threads(max(1, min(numba.config.NUMBA_NUM_THREADS, torch.get_num_threads())))
     if key.shape[2] != seq_len or token_ids.shape != (batch, seq_len) or n_heads % key.shape[1]:
         raise ValueError(f"shape mismatch: query {tuple(query.shape)}, key {tuple(key.shape)}, tokens {tuple(token_ids.shape)}")
-    f64 = np.float64
-    metrics = np.zeros((len(ROW_METRICS), batch, n_heads, seq_len), f64)
+    f32, f64 = np.float32, np.float64  # computed in float64, stored as float32 by the kernel (no copy after)
+    metrics = np.zeros((len(ROW_METRICS), batch, n_heads, seq_len), f32)
     ind_counted = np.zeros((batch, n_heads, seq_len), np.bool_)
     dup_counted = np.zeros_like(ind_counted)
     margin_counted = np.zeros_like(ind_counted)
-    max_nobos = np.zeros((batch, n_heads, seq_len), f64)
+    max_nobos = np.zeros((batch, n_heads, seq_len), f32)
     argmax_nobos = np.full((batch, n_heads, seq_len), -1, np.int64)
-    hist = np.zeros((batch, n_heads, seq_len, len(bin_edges) - 1), f64)
-    key_weight = np.zeros((batch, n_heads, seq_len), f64)
-    top_values = np.zeros((batch, n_heads, seq_len, top_k), f64)
+    hist = np.zeros((batch, n_heads, seq_len, len(bin_edges) - 1), f32)
+    key_weight = np.zeros((batch, n_heads, seq_len), f64)  # summed over rows: float64 until the end
+    top_values = np.zeros((batch, n_heads, seq_len, top_k), f32)
     top_indices = np.full((batch, n_heads, seq_len, top_k), -1, np.int64)
     tokens = token_ids.cpu().numpy().astype(np.int64)
     order, group_start, n_dup, n_ind = _token_groups(tokens)
@@ -352,37 +393,28 @@ def cpu_row_stats(
     edges = np.asarray(bin_edges, dtype=np.int64)
     window = int(spec.window or 0)
     size = batch * n_heads * min(q_chunk, seq_len) * seq_len
-    score_buffer, exp_buffer = _chunk_buffers(size)
+    score_buffer = _chunk_buffer(size)
     for q_start in range(0, seq_len, q_chunk):
         q_end = min(q_start + q_chunk, seq_len)
         k_end = q_end if spec.causal else seq_len  # causal: later keys are never allowed
         scores = chunk_scores(query, key[:, :, :k_end], spec, q_start, q_end, out=score_buffer)  # (batch, head, rows, k_end)
-        # causal, unpadded, no window: only the diagonal block [q_start, k_end) has keys a row may not read
-        lo = q_start if spec.causal and spec.window is None and spec.key_valid is None else 0
-        scores[..., lo:].masked_fill_(~allowed_keys(spec, q_start, q_end, k_end, scores.device)[..., lo:], -math.inf)
-        shift = scores.amax(-1, keepdim=True)
-        shift = torch.where(torch.isfinite(shift), shift, 0.0)
-        if spec.sinks is not None:
-            shift = torch.maximum(shift, spec.sinks.float().to(shift.device)[None, :, None, None])
-        # exp is the costly part of a row: torch's vectorized exp does it, the loop does the rest.
-        exps = torch.sub(scores, shift, out=exp_buffer[: scores.numel()].view(scores.shape)).exp_()
-        scores_np, exps_np = scores.contiguous().numpy(), exps.numpy()
-        _rows_kernel(scores_np, scores_np.view(np.int32), exps_np, exps_np.view(np.int32),
-                     shift[..., 0].contiguous().numpy(), q_start, spec.causal, window, key_valid, order, group_start,
-                     n_dup, n_ind, sinks, edges, top_k, float(min_weight), metrics, ind_counted,
+        if spec.key_valid is not None:  # the kernel reads each row's causal / window range only: mask the padding
+            scores.masked_fill_(~allowed_keys(spec, q_start, q_end, k_end, scores.device), -math.inf)
+        scores_np = scores.contiguous().numpy()
+        _rows_kernel(scores_np, scores_np.view(np.int32), q_start, spec.causal, window, key_valid, order,
+                     group_start, n_dup, n_ind, sinks, edges, top_k, float(min_weight), metrics, ind_counted,
                      dup_counted, margin_counted, max_nobos, argmax_nobos, hist, key_weight, top_values, top_indices)
-    as_f32 = lambda a: torch.from_numpy(a.astype(np.float32))  # noqa: E731 - one conversion, used 6 times
-    values, indices = as_f32(top_values), torch.from_numpy(top_indices)
+    values, indices = torch.from_numpy(top_values), torch.from_numpy(top_indices)
     drop_light_entries(values, indices, min_weight)
     return RowStats(
-        metrics={name: as_f32(metrics[i]) for i, name in enumerate(ROW_METRICS)},
+        metrics={name: torch.from_numpy(metrics[i]) for i, name in enumerate(ROW_METRICS)},
         induction_counted=torch.from_numpy(ind_counted),
         duplicate_counted=torch.from_numpy(dup_counted),
         margin_counted=torch.from_numpy(margin_counted),
-        max_nobos=as_f32(max_nobos),
+        max_nobos=torch.from_numpy(max_nobos),
         argmax_nobos=torch.from_numpy(argmax_nobos),
-        dist_hist=as_f32(hist),
-        key_weight=as_f32(key_weight),
+        dist_hist=torch.from_numpy(hist),
+        key_weight=torch.from_numpy(key_weight.astype(f32)),
         top_values=values,
         top_indices=indices,
     )

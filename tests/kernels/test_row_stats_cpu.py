@@ -114,3 +114,27 @@ def test_the_kept_chunk_buffers_serve_calls_in_and_out_of_inference_mode():
         for name, value in inside.metrics.items():
             assert torch.equal(got.metrics[name], value), name
         assert torch.equal(got.top_indices, inside.top_indices)
+
+
+def test_the_inline_exp_is_within_one_ulp_of_the_exact_one():
+    """The kernel's own exp (a polynomial, so that its loop vectorizes) against exp in float64 rounded once,
+    over every float32 scale a row meets: 0, the subnormal results, -104 and below (0), -inf (0)."""
+    import numba
+    import numpy as np
+
+    from headvis.kernels.row_stats_cpu import _exp_nonpositive
+
+    @numba.njit
+    def exp_all(d, out):
+        for k in range(d.shape[0]):
+            out[k] = _exp_nonpositive(d[k])
+
+    g = np.random.default_rng(0)
+    d = np.concatenate([-g.random(200_000) * 110, -g.random(20_000) * 1e-3,
+                        [0.0, -0.0, -1e-30, -87.33, -88.0, -100.0, -103.2, -103.9, -104.0, -200.0, -np.inf]]).astype(np.float32)
+    out = np.empty_like(d)
+    exp_all(d, out)
+    exact = np.exp(d.astype(np.float64)).astype(np.float32)
+    ulps = np.abs(out.view(np.int32).astype(np.int64) - exact.view(np.int32).astype(np.int64))
+    assert ulps.max() <= 1, d[ulps.argmax()]
+    assert out[d == 0].tolist() == [1.0, 1.0] and (out[d <= -104] == 0).all() and (out >= 0).all()
