@@ -45,6 +45,7 @@ class LayerCapture:
     value: Tensor  # (batch, kv_head, key_pos, d_head)
     output: Tensor  # (batch, query_pos, head, d_head): pattern @ value, before the output projection
     spec: AttentionSpec
+    head_offset: int = 0  # the model's head number of query's head 0 (a --tp process's own heads: rank x count)
 
 
 class _StopForward(Exception):
@@ -137,15 +138,18 @@ class CaptureSession:
     implementation. Layers after the last wanted one are skipped. tp > 1: the model is split over the `tp`
     processes of the process group by heads (--tp), every one runs the same forward passes; their heads are
     gathered on rank 0 in rank order (the global head order of transformers' column-wise split), and only
-    there is `on_layer` called.
+    there is `on_layer` called; with `split`, nothing is gathered: every process's `on_layer` gets its own
+    heads, `head_offset` saying which.
     """
 
-    def __init__(self, model: nn.Module, layers: set[int], on_layer: Callable[[LayerCapture], None], tp: int = 1):
+    def __init__(self, model: nn.Module, layers: set[int], on_layer: Callable[[LayerCapture], None], tp: int = 1,
+                 split: bool = False):
         install()
         self.model = model
         self.layers = set(layers)
         self.on_layer = on_layer
         self.tp = tp
+        self.split = split and tp > 1
         self.key_valid: Tensor | None = None
         self._last = max(self.layers) if self.layers else -1
 
@@ -174,8 +178,15 @@ class CaptureSession:
                     raise HeadvisError(f"--tp {self.tp}: transformers' tensor-parallel plan for this model does "
                                        f"not split its attention by heads (a process holds {query.shape[1]} of "
                                        f"{n_heads}); use --device-map auto instead")
-                query, key, value, output, sinks = _gather_heads(self.tp, query, key, value, output, spec.sinks)
-                spec = dataclasses.replace(spec, sinks=sinks)
+                if self.split:
+                    import torch.distributed as dist
+
+                    self.on_layer(LayerCapture(index, module, query, key, value, output, spec,
+                                               head_offset=dist.get_rank() * query.shape[1]))
+                    query = None
+                else:
+                    query, key, value, output, sinks = _gather_heads(self.tp, query, key, value, output, spec.sinks)
+                    spec = dataclasses.replace(spec, sinks=sinks)
             if query is not None:
                 self.on_layer(LayerCapture(index, module, query, key, value, output, spec))
         if index >= self._last:

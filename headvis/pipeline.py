@@ -12,6 +12,7 @@ PCA (and UMAP) per head on the gathered vectors, with no forward pass.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Container
 
@@ -24,7 +25,7 @@ from headvis.accumulate import ScanAccumulator, sequence_argmax
 from headvis.backends import RowStatsFn
 from headvis.capture import CaptureSession, LayerCapture
 from headvis.io import JsonList, return_freed_memory
-from headvis.metrics import RowStats
+from headvis.metrics import ROW_METRICS, AttentionSpec, RowStats
 from headvis.models import LoadedModel, output_projections
 from headvis.projection import VECTORS, batched_pca, fit_head, gpu_libraries, small_linalg
 from headvis.sampling import sparse_rows_batched
@@ -53,6 +54,27 @@ class HeadSelection:
         group = self.n_heads // self.n_kv_heads
         kv = [h // group for h in self.heads]
         return capture.query[:, self.heads], capture.key[:, kv], capture.value[:, kv]
+
+    def slots_held(self, offset: int, count: int) -> list[int]:
+        """The slots (places in `heads`) of the scanned heads among heads [offset, offset + count)."""
+        return [slot for slot, head in enumerate(self.heads) if offset <= head < offset + count]
+
+    def held(self, capture: LayerCapture) -> tuple[list[int], Tensor, Tensor, AttentionSpec]:
+        """The scanned heads that `capture` holds (all of them, or a --tp process's own: `head_offset` on):
+        their slots, their queries, their kv heads' keys (not repeated), and the spec with their sinks."""
+        count = capture.query.shape[1]
+        slots = self.slots_held(capture.head_offset, count)
+        local = [self.heads[slot] - capture.head_offset for slot in slots]
+        if local == list(range(count)):
+            return slots, capture.query, capture.key, capture.spec
+        group = count // capture.key.shape[1]
+        kv_of = [h // group for h in local]
+        if len(local) % group == 0 and all(kv == kv_of[i - i % group] for i, kv in enumerate(kv_of)):
+            key = capture.key[:, kv_of[::group]]  # whole GQA groups, in order: their keys stay un-repeated
+        else:
+            key = capture.key[:, kv_of]  # one key head per query head
+        sinks = capture.spec.sinks[local] if capture.spec.sinks is not None else None
+        return slots, capture.query[:, local], key, dataclasses.replace(capture.spec, sinks=sinks)
 
 
 class Tokens:
@@ -90,9 +112,59 @@ def _batches(ids: list[int], batch_size: int) -> list[list[int]]:
 
 
 def _row_stats(fn: RowStatsFn, selection: HeadSelection, capture: LayerCapture, tokens: Tensor, *, top_k: int,
-               bin_edges: list[int], min_weight: float = 0.0) -> RowStats:
-    query, key, _ = selection.slice(capture)
-    return fn(query, key, tokens, capture.spec, top_k=top_k, bin_edges=bin_edges, min_weight=min_weight)
+               bin_edges: list[int], min_weight: float = 0.0) -> tuple[list[int], RowStats | None]:
+    """(the slots of the scanned heads the capture holds, their RowStats; None when it holds none)."""
+    slots, query, key, spec = selection.held(capture)
+    if not slots:
+        return slots, None
+    return slots, fn(query, key, tokens, spec, top_k=top_k, bin_edges=bin_edges, min_weight=min_weight)
+
+
+_GATHERED = ("induction_counted", "duplicate_counted", "margin_counted", "max_nobos", "argmax_nobos", "dist_hist",
+             "key_weight", "top_values", "top_indices")
+
+
+def gather_row_stats(stats: RowStats | None, selection: HeadSelection, tp: int, shape: tuple[int, int],
+                     n_bins: int, top_k: int, device: torch.device) -> RowStats | None:
+    """--tp, pass 1: every process's RowStats of its own scanned heads, put together on rank 0 in slot order
+    (None on the others). shape: (batch, seq_len). One gather of one float32 tensor per layer, padded to the
+    most heads a process holds (every field is exact in it: float32 values, flags, and key indices below 2^24;
+    float64 for longer rows). ~30 values a row and head in pass 1, where gathering the heads' queries, keys,
+    values and outputs moved ~2 x d_head + 2 x d_head / group (70B-shaped: 288, 10x the bytes at one width)."""
+    import torch.distributed as dist
+
+    from headvis.distributed import peer_failed
+
+    batch, seq_len = shape
+    per_process = selection.n_heads // tp
+    held = [selection.slots_held(rank * per_process, per_process) for rank in range(tp)]
+    tails = [()] * (len(ROW_METRICS) + 5) + [(n_bins,), (), (top_k,), (top_k,)]  # a head's field: (batch, T, *tail)
+    widths = [batch * seq_len * int(np.prod(tail, dtype=np.int64)) for tail in tails]
+    exact = torch.float32 if seq_len < 2**24 else torch.float64
+    packed = torch.zeros(max(len(h) for h in held), sum(widths), dtype=exact, device=device)
+    if stats is not None:
+        fields = [stats.metrics[name] for name in ROW_METRICS] + [getattr(stats, name) for name in _GATHERED]
+        packed[: fields[0].shape[1]] = torch.cat([f.transpose(0, 1).reshape(f.shape[1], -1).to(packed)
+                                                  for f in fields], dim=1)
+    parts = [torch.empty_like(packed) for _ in range(tp)] if dist.get_rank() == 0 else None
+    try:
+        dist.gather(packed, parts, dst=0)
+    except Exception as e:  # gloo / NCCL: a peer that died closes the connection
+        raise peer_failed() from e
+    if parts is None:
+        return None
+    rows = torch.cat([part[: len(h)] for part, h in zip(parts, held)])  # process by process
+    order = torch.tensor([slot for h in held for slot in h], device=rows.device).argsort()  # -> slot order
+    columns = rows[order].split(widths, dim=1)
+    names = list(ROW_METRICS) + list(_GATHERED)
+    dtypes = [torch.float32] * len(ROW_METRICS) + [torch.bool] * 3 + [torch.float32, torch.int64, torch.float32,
+                                                                      torch.float32, torch.float32, torch.int64]
+    whole = {name: c.reshape(len(selection.heads), batch, seq_len, *tail).transpose(0, 1).contiguous().to(dtype)
+             for name, c, tail, dtype in zip(names, columns, tails, dtypes)}
+    return RowStats(metrics={name: whole.pop(name) for name in ROW_METRICS}, induction_counted=whole["induction_counted"],
+                    duplicate_counted=whole["duplicate_counted"], margin_counted=whole["margin_counted"],
+                    max_nobos=whole["max_nobos"], argmax_nobos=whole["argmax_nobos"], dist_hist=whole["dist_hist"],
+                    key_weight=whole["key_weight"], top_values=whole["top_values"], top_indices=whole["top_indices"])
 
 
 def metric_pass(
@@ -123,16 +195,23 @@ def metric_pass(
     if after_unit is None:
         after_unit = lambda _, unit: accumulator.fold(unit)  # noqa: E731
     state: dict = {}
+    top_k = keep.top_k if keep is not None else 0
+    split = lm.tp > 1 and keep is None  # --tp: each process its own heads' statistics, gathered (keeping: q, k, v)
 
     def on_layer(capture: LayerCapture) -> None:
-        stats = _row_stats(fn, selection, capture, state["tokens"], top_k=keep.top_k if keep is not None else 0,
-                           bin_edges=bin_edges, min_weight=keep.min_weight if keep is not None else 0.0)
+        _, stats = _row_stats(fn, selection, capture, state["tokens"], top_k=top_k, bin_edges=bin_edges,
+                              min_weight=keep.min_weight if keep is not None else 0.0)
+        if split:
+            stats = gather_row_stats(stats, selection, lm.tp, tuple(state["tokens"].shape), len(bin_edges) - 1,
+                                     top_k, lm.device)
+            if stats is None:
+                return  # a helper: rank 0 sums
         accumulator.update(capture.layer, state["ids"], state["tokens"], stats)
         if keep is not None:
             keep.add(capture, selection, state["ids"].tolist(), stats)
 
     total, done_everywhere = progress if progress is not None else (0, lambda: 0)
-    with CaptureSession(lm.model, set(selection.layers), on_layer, tp=lm.tp) as session, \
+    with CaptureSession(lm.model, set(selection.layers), on_layer, tp=lm.tp, split=split) as session, \
             tqdm(total=total, initial=done_everywhere(), desc="pass 1: metrics", unit="seq",
                  disable=progress is None) as bar:
         for index, ids in units:
@@ -411,8 +490,8 @@ def sequence_records(
     state: dict = {}
 
     def on_layer(capture: LayerCapture) -> None:
-        stats = _row_stats(fn, selection, capture, state["tokens"], top_k=top_k, bin_edges=bin_edges,
-                           min_weight=min_weight)
+        _, stats = _row_stats(fn, selection, capture, state["tokens"], top_k=top_k, bin_edges=bin_edges,
+                              min_weight=min_weight)
         if points is not None:
             sampled = torch.tensor([[sid in wanted.get((capture.layer, head), ()) for head in selection.heads]
                                     for sid in state["ids"]])  # (batch, slot)

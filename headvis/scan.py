@@ -373,8 +373,10 @@ def _run_ranked(opts: ScanOptions, lm: LoadedModel | None, ranks: Ranks, start: 
         keep = KeptRows(_kept_ids(opts, priority, len(layers) * len(heads), info.d_head,
                                   math.ceil(opts.max_points / max(1, n_shown))),
                         opts.top_k, opts.min_weight, points, opts.per_interval)
-        # pass 1 keeps rows (so pass 2 runs fewer again): with several processes each keeps those of its units
-        keeping = opts.keep_memory > 0
+        # pass 1 keeps rows (so pass 2 runs fewer again): with several processes each keeps those of its units.
+        # Under --tp it keeps none: each process then computes only its own heads' statistics in pass 1 (keeping
+        # would need every head's queries, keys and values on rank 0), and pass 2 runs the shown sequences
+        keeping = opts.keep_memory > 0 and lm.tp == 1
         clock = {"setup": time.perf_counter() - start}
         mark = time.perf_counter()
 

@@ -375,6 +375,8 @@ def cpu_row_stats(
     numba.set_num_threads(max(1, min(numba.config.NUMBA_NUM_THREADS, torch.get_num_threads())))
     if key.shape[2] != seq_len or token_ids.shape != (batch, seq_len) or n_heads % key.shape[1]:
         raise ValueError(f"shape mismatch: query {tuple(query.shape)}, key {tuple(key.shape)}, tokens {tuple(token_ids.shape)}")
+    if spec.sinks is not None and tuple(spec.sinks.shape) != (n_heads,):  # one per query head, or another head's
+        raise ValueError(f"sinks must be (head,) = ({n_heads},), got {tuple(spec.sinks.shape)}")
     f32, f64 = np.float32, np.float64  # computed in float64, stored as float32 by the kernel (no copy after)
     metrics = np.zeros((len(ROW_METRICS), batch, n_heads, seq_len), f32)
     ind_counted = np.zeros((batch, n_heads, seq_len), np.bool_)
@@ -389,7 +391,7 @@ def cpu_row_stats(
     tokens = token_ids.cpu().numpy().astype(np.int64)
     order, group_start, n_dup, n_ind = _token_groups(tokens)
     key_valid = spec.key_valid.cpu().numpy().astype(np.bool_) if spec.key_valid is not None else np.zeros((batch, 0), np.bool_)
-    sinks = spec.sinks.float().cpu().numpy().astype(f64) if spec.sinks is not None else np.zeros(0, f64)
+    sinks = spec.sinks.detach().float().cpu().numpy().astype(f64) if spec.sinks is not None else np.zeros(0, f64)
     edges = np.asarray(bin_edges, dtype=np.int64)
     window = int(spec.window or 0)
     size = batch * n_heads * min(q_chunk, seq_len) * seq_len

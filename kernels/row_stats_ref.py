@@ -228,6 +228,8 @@ def ref_row_stats(
         raise ValueError(f"shape mismatch: query {tuple(query.shape)}, key {tuple(key.shape)}, tokens {tuple(token_ids.shape)}")
     if n_heads % key.shape[1]:
         raise ValueError(f"{n_heads} query heads do not divide into {key.shape[1]} kv heads")
+    if spec.sinks is not None and tuple(spec.sinks.shape) != (n_heads,):
+        raise ValueError(f"sinks must be (head,) = ({n_heads},), got {tuple(spec.sinks.shape)}")
     device = query.device
     f32 = dict(dtype=torch.float32, device=device)
     out = {name: torch.zeros(batch, n_heads, seq_len, **f32) for name in ROW_METRICS}

@@ -58,7 +58,12 @@ def tiny_model_dir(tmp_path_factory, smollm):
             path = tmp_path_factory.mktemp(f"tiny-{arch}")
             config = AutoConfig.for_model(arch, vocab_size=len(smollm.tokenizer), **TINY_CONFIGS[arch])
             torch.manual_seed(0)
-            AutoModel.from_config(config).save_pretrained(path)
+            model = AutoModel.from_config(config)
+            with torch.no_grad():  # attention sinks start at 0 in every head: give each head its own
+                for name, param in model.named_parameters():
+                    if name.endswith("self_attn.sinks"):
+                        param.copy_(torch.linspace(-2.0, 3.0, param.numel()))
+            model.save_pretrained(path)
             smollm.tokenizer.save_pretrained(path)
             made[arch] = path
         return made[arch]

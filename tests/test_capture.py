@@ -82,3 +82,37 @@ def test_output_matches_plain_sdpa_forward(tiny_model_dir):
         lm.model.set_attn_implementation("headvis")
         ours = lm.model(input_ids=ids).last_hidden_state
     assert torch.allclose(plain, ours, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+def test_a_head_subset_and_a_process_slice_get_their_own_sinks_and_keys(tiny_model_dir, backend):
+    """A model with a sink logit per query head (granite_swa, sinks -2..3, 4 query / 2 kv heads): the row
+    statistics of a subset of heads (--heads 1-2), and of the heads a --tp process holds (heads 2-3, kv head 1,
+    head_offset 2), are those heads' rows of the all-heads statistics (a subset used to read heads 0-1's sinks)."""
+    import dataclasses
+
+    from headvis.backends import resolve_backend
+    from headvis.metrics import distance_bin_edges
+    from headvis.pipeline import HeadSelection, _row_stats
+
+    lm = load_model(str(tiny_model_dir("granite_swa")), device="cpu")
+    captured = {}
+    ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(1))
+    with CaptureSession(lm.model, {0}, lambda c: captured.__setitem__(c.layer, c)) as session:
+        session.run(ids)
+    capture = captured[0]
+    assert capture.spec.sinks is not None and len(set(capture.spec.sinks.tolist())) == 4
+    fn = resolve_backend(backend, torch.device("cpu"))[1]
+    edges = distance_bin_edges(24, True)
+    run = lambda selection, c: _row_stats(fn, selection, c, ids, top_k=3, bin_edges=edges)  # noqa: E731
+    all_slots, whole = run(HeadSelection([0], [0, 1, 2, 3], 4, 2), capture)
+    assert all_slots == [0, 1, 2, 3]
+    process = dataclasses.replace(capture, query=capture.query[:, 2:], key=capture.key[:, 1:],
+                                  spec=dataclasses.replace(capture.spec, sinks=capture.spec.sinks[2:]), head_offset=2)
+    for heads, part, rows in (([1, 2], capture, [1, 2]), ([0, 3, 2], process, [3, 2]), ([2, 3], process, [2, 3])):
+        slots, stats = run(HeadSelection([0], heads, 4, 2), part)
+        assert [heads[s] for s in slots] == rows
+        for name, value in stats.metrics.items():
+            assert torch.allclose(value, whole.metrics[name][:, rows], atol=1e-6), (heads, name)
+        assert torch.equal(stats.top_indices, whole.top_indices[:, rows])
+    assert run(HeadSelection([0], [0, 1], 4, 2), process) == ([], None)  # holds none of them

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -348,16 +349,19 @@ def test_tensor_parallel_over_two_processes_writes_the_tree_of_one_within_float_
 
 
 def test_tensor_parallel_gathers_the_attention_sinks_with_their_heads(tiny_model_dir, corpus, tmp_path):
-    """A model with one sink logit per query head (granite_swa), its sinks split with the heads under --tp 2:
-    rank 0 gathers them in the same order, and the tree is the one-process tree within float tolerance."""
+    """A model with one sink logit per query head (granite_swa: -2..3), its sinks split with the heads under
+    --tp 2, and heads 1-3 scanned: process 0 computes head 1's statistics, process 1 heads 2 and 3 (pass 1), and
+    rank 0 gathers sinks with their heads (pass 2). The tree is the one-process tree within float tolerance."""
     flags = ["--model", str(tiny_model_dir("granite_swa")), "--dataset", str(corpus), "--seq-len", str(SEQ_LEN),
              "--num-seqs", str(NUM_SEQS), "--batch-size", str(BATCH), "--per-interval", "1", "--max-points", "30",
-             "--device", "cpu"]
+             "--heads", "1-3", "--device", "cpu"]
     alone = _run([sys.executable, "-m", "headvis.scan", *flags, "--out", str(tmp_path / "alone")], tmp_path)
     assert alone.returncode == 0, alone.stderr[-3000:]
     ran = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                 "-m", "headvis.scan", *flags, "--tp", "2", "--out", str(tmp_path / "tp")], tmp_path)
     assert ran.returncode == 0, ran.stderr[-3000:]
+    shown = re.search(r"pass 2 ran (\d+) of (\d+) shown", ran.stdout)
+    assert shown and shown[1] == shown[2], "under --tp pass 1 keeps no rows: pass 2 runs every shown sequence"
     for name in ("scatter_data.json", "heads/L0H3.json", "heads/L1H1.json"):
         _numbers_close(json.loads((tmp_path / "alone" / name).read_text()),
                        json.loads((tmp_path / "tp" / name).read_text()), name)
