@@ -59,22 +59,36 @@ class HeadSelection:
         """The slots (places in `heads`) of the scanned heads among heads [offset, offset + count)."""
         return [slot for slot, head in enumerate(self.heads) if offset <= head < offset + count]
 
-    def held(self, capture: LayerCapture) -> tuple[list[int], Tensor, Tensor, AttentionSpec]:
-        """The scanned heads that `capture` holds (all of them, or a --tp process's own: `head_offset` on):
-        their slots, their queries, their kv heads' keys (not repeated), and the spec with their sinks."""
+    def held(self, capture: LayerCapture) -> "HeldHeads":
+        """The scanned heads that `capture` holds (all of them, or a --tp process's own: `head_offset` on),
+        in slot order."""
         count = capture.query.shape[1]
         slots = self.slots_held(capture.head_offset, count)
         local = [self.heads[slot] - capture.head_offset for slot in slots]
         if local == list(range(count)):
-            return slots, capture.query, capture.key, capture.spec
+            return HeldHeads(slots, [self.heads[s] for s in slots], capture.query, capture.key, capture.value,
+                             capture.output, capture.spec)
         group = count // capture.key.shape[1]
         kv_of = [h // group for h in local]
         if len(local) % group == 0 and all(kv == kv_of[i - i % group] for i, kv in enumerate(kv_of)):
-            key = capture.key[:, kv_of[::group]]  # whole GQA groups, in order: their keys stay un-repeated
-        else:
-            key = capture.key[:, kv_of]  # one key head per query head
+            kv_of = kv_of[::group]  # whole GQA groups, in order: their keys stay un-repeated
         sinks = capture.spec.sinks[local] if capture.spec.sinks is not None else None
-        return slots, capture.query[:, local], key, dataclasses.replace(capture.spec, sinks=sinks)
+        return HeldHeads(slots, [self.heads[s] for s in slots], capture.query[:, local], capture.key[:, kv_of],
+                         capture.value[:, kv_of], capture.output[:, :, local],
+                         dataclasses.replace(capture.spec, sinks=sinks))
+
+
+@dataclass
+class HeldHeads:
+    """The scanned heads one capture holds, in slot order (`HeadSelection.held`)."""
+
+    slots: list[int]  # their places among the scanned heads
+    heads: list[int]  # their head numbers
+    query: Tensor  # (batch, head, pos, d_head)
+    key: Tensor  # (batch, kv_head, pos, d_head): one per query head, or the un-repeated kv heads of whole groups
+    value: Tensor  # like key
+    output: Tensor  # (batch, pos, head, d_head)
+    spec: AttentionSpec  # with their attention sinks
 
 
 class Tokens:
@@ -112,12 +126,13 @@ def _batches(ids: list[int], batch_size: int) -> list[list[int]]:
 
 
 def _row_stats(fn: RowStatsFn, selection: HeadSelection, capture: LayerCapture, tokens: Tensor, *, top_k: int,
-               bin_edges: list[int], min_weight: float = 0.0) -> tuple[list[int], RowStats | None]:
-    """(the slots of the scanned heads the capture holds, their RowStats; None when it holds none)."""
-    slots, query, key, spec = selection.held(capture)
-    if not slots:
-        return slots, None
-    return slots, fn(query, key, tokens, spec, top_k=top_k, bin_edges=bin_edges, min_weight=min_weight)
+               bin_edges: list[int], min_weight: float = 0.0) -> tuple["HeldHeads", RowStats | None]:
+    """(the scanned heads the capture holds, their RowStats; None when it holds none)."""
+    held = selection.held(capture)
+    if not held.slots:
+        return held, None
+    return held, fn(held.query, held.key, tokens, held.spec, top_k=top_k, bin_edges=bin_edges,
+                    min_weight=min_weight)
 
 
 _GATHERED = ("induction_counted", "duplicate_counted", "margin_counted", "max_nobos", "argmax_nobos", "dist_hist",
@@ -127,10 +142,11 @@ _GATHERED = ("induction_counted", "duplicate_counted", "margin_counted", "max_no
 def gather_row_stats(stats: RowStats | None, selection: HeadSelection, tp: int, shape: tuple[int, int],
                      n_bins: int, top_k: int, device: torch.device) -> RowStats | None:
     """--tp, pass 1: every process's RowStats of its own scanned heads, put together on rank 0 in slot order
-    (None on the others). shape: (batch, seq_len). One gather of one float32 tensor per layer, padded to the
-    most heads a process holds (every field is exact in it: float32 values, flags, and key indices below 2^24;
-    float64 for longer rows). ~30 values a row and head in pass 1, where gathering the heads' queries, keys,
-    values and outputs moved ~2 x d_head + 2 x d_head / group (70B-shaped: 288, 10x the bytes at one width)."""
+    (None on the others). shape: (batch, seq_len); top_k: the stats' top-K width. One gather of one float32
+    tensor per layer, padded to the most heads a process holds (every field is exact in it: float32 values,
+    flags, and key indices below 2^24; float64 for longer rows). 30 + 2 top_k values a row and head, where
+    gathering the heads' queries, keys, values and outputs moved ~2 x d_head + 2 x d_head / group
+    (70B-shaped: 288, ~6x the bytes at one width with pass 1's top-K of 8)."""
     import torch.distributed as dist
 
     from headvis.distributed import peer_failed
@@ -161,10 +177,7 @@ def gather_row_stats(stats: RowStats | None, selection: HeadSelection, tp: int, 
                                                                       torch.float32, torch.float32, torch.int64]
     whole = {name: c.reshape(len(selection.heads), batch, seq_len, *tail).transpose(0, 1).contiguous().to(dtype)
              for name, c, tail, dtype in zip(names, columns, tails, dtypes)}
-    return RowStats(metrics={name: whole.pop(name) for name in ROW_METRICS}, induction_counted=whole["induction_counted"],
-                    duplicate_counted=whole["duplicate_counted"], margin_counted=whole["margin_counted"],
-                    max_nobos=whole["max_nobos"], argmax_nobos=whole["argmax_nobos"], dist_hist=whole["dist_hist"],
-                    key_weight=whole["key_weight"], top_values=whole["top_values"], top_indices=whole["top_indices"])
+    return RowStats(metrics={name: whole.pop(name) for name in ROW_METRICS}, **whole)
 
 
 def metric_pass(
@@ -187,7 +200,9 @@ def metric_pass(
     and handed to `after_unit(index, state)` when it is complete (the scan saves and folds it there).
     Defaults: every sequence as one unit, folded into `accumulator` at once.
     `keep`: what pass 2 would compute for the sequences it may show is kept here instead (the row
-    statistics then include the top-K rows; the accumulated statistics are the same). `progress`:
+    statistics then include the top-K rows; the accumulated statistics are the same). Under --tp (lm.tp > 1)
+    each process computes, and keeps, its own heads' only; rank 0 sums every head's (`gather_row_stats`), and
+    gets the others' kept rows with `KeptRows.merge` after the pass. `progress`:
     (total sequences, a function giving the sequences done by every process) for the bar; None: no bar.
     """
     if units is None:
@@ -196,22 +211,25 @@ def metric_pass(
         after_unit = lambda _, unit: accumulator.fold(unit)  # noqa: E731
     state: dict = {}
     top_k = keep.top_k if keep is not None else 0
-    split = lm.tp > 1 and keep is None  # --tp: each process its own heads' statistics, gathered (keeping: q, k, v)
 
     def on_layer(capture: LayerCapture) -> None:
-        _, stats = _row_stats(fn, selection, capture, state["tokens"], top_k=top_k, bin_edges=bin_edges,
-                              min_weight=keep.min_weight if keep is not None else 0.0)
-        if split:
-            stats = gather_row_stats(stats, selection, lm.tp, tuple(state["tokens"].shape), len(bin_edges) - 1,
+        held, stats = _row_stats(fn, selection, capture, state["tokens"], top_k=top_k, bin_edges=bin_edges,
+                                 min_weight=keep.min_weight if keep is not None else 0.0)
+        ids = state["ids"].tolist()
+        if lm.tp > 1:  # each process computed its own heads: rank 0 sums them all, keeps their rows
+            mine = stats
+            stats = gather_row_stats(mine, selection, lm.tp, tuple(state["tokens"].shape), len(bin_edges) - 1,
                                      top_k, lm.device)
-            if stats is None:
-                return  # a helper: rank 0 sums
+            if stats is None:  # a helper: only its own heads' projection edges (it holds their vectors)
+                if keep is not None and mine is not None:
+                    keep.add(capture.layer, held.heads, ids, mine, held, rows=False)
+                return
         accumulator.update(capture.layer, state["ids"], state["tokens"], stats)
         if keep is not None:
-            keep.add(capture, selection, state["ids"].tolist(), stats)
+            keep.add(capture.layer, selection.heads, ids, stats, held)
 
     total, done_everywhere = progress if progress is not None else (0, lambda: 0)
-    with CaptureSession(lm.model, set(selection.layers), on_layer, tp=lm.tp, split=split) as session, \
+    with CaptureSession(lm.model, set(selection.layers), on_layer, tp=lm.tp, split=True) as session, \
             tqdm(total=total, initial=done_everywhere(), desc="pass 1: metrics", unit="seq",
                  disable=progress is None) as bar:
         for index, ids in units:
@@ -253,8 +271,8 @@ class ProjectionPoints:
         """The edges of one layer's batch, every scanned head at once.
 
         heads: the scanned heads (slot order); seq_ids: the batch's sequence ids; sampled: (batch, slot) bool,
-        whether the sequence is a sample of that head; qkv: `HeadSelection.slice` of the capture; output: its
-        (batch, query_pos, head, d_head).
+        whether the sequence is a sample of that head; qkv and output: those heads' (`HeadSelection.held`),
+        output (batch, query_pos, slot, d_head).
         """
         weight = stats.max_nobos[:, :, 1:].float()  # (batch, slot, query_pos - 1): rows q >= 1
         top_k = stats.argmax_nobos[:, :, 1:]
@@ -270,14 +288,13 @@ class ProjectionPoints:
         top_q, top_k = row + 1, top_k[b, slot, row]
         query, key, value = qkv
         kv = slot // (query.shape[1] // key.shape[1])
-        head_of = torch.tensor(heads, device=slot.device)[slot]
         ids = np.asarray(seq_ids, dtype=np.int64)
         columns = {
             "seq_idx": ids[b.cpu().numpy()], "top_q": top_q.cpu().numpy(), "top_k": top_k.cpu().numpy(),
             "Q": query[b, slot, top_q].float().cpu().numpy(),
             "K": key[b, kv, top_k].float().cpu().numpy(),
             "V": value[b, kv, top_k].float().cpu().numpy(),
-            "Z": output[b, top_q, head_of].float().cpu().numpy(),  # (n, d_head): O before W_O
+            "Z": output[b, top_q, slot].float().cpu().numpy(),  # (n, d_head): O before W_O
         }
         slots = slot.cpu().numpy()
         for s in np.unique(slots):
@@ -347,16 +364,17 @@ class ProjectionPoints:
 _Kept = tuple[np.ndarray, np.ndarray, float, list[int]]  # (attention_indices, attention_values, max, argmax)
 
 
-def _keep_rows(capture: LayerCapture, selection: HeadSelection, stats: RowStats, ids: list,
-               wanted: Callable[[int, int], Container], min_weight: float, out: dict[tuple[int, int], dict],
+def _keep_rows(layer: int, heads: list[int], stats: RowStats, ids: list, wanted: Callable[[int, int], Container],
+               min_weight: float, out: dict[tuple[int, int], dict],
                argmax: tuple[Tensor, Tensor, Tensor] | None = None) -> None:
-    """The record pieces of each (head, sequence) of one layer's batch that `wanted(layer, head)` holds.
+    """The record pieces of each (head, sequence) of one layer's batch that `wanted(layer, head)` holds;
+    heads: the stats' heads (slot order).
 
     argmax: `sequence_argmax` of the stats, when the caller has it already."""
     best, q, k = argmax if argmax is not None else sequence_argmax(stats.max_nobos, stats.argmax_nobos)
     pairs = []  # (slot, head, b, sid) of every wanted pair
-    for slot, head in enumerate(selection.heads):
-        per_head = wanted(capture.layer, head)
+    for slot, head in enumerate(heads):
+        per_head = wanted(layer, head)
         if per_head:
             pairs.extend((slot, head, b, sid) for b, sid in enumerate(ids) if sid in per_head)
     if not pairs:
@@ -368,7 +386,7 @@ def _keep_rows(capture: LayerCapture, selection: HeadSelection, stats: RowStats,
     best, q, k = (t[rows_b, slots].cpu().numpy() for t in (best, q, k))
     for i, (indices, values) in enumerate(sparse_rows_batched(top_values, top_indices, min_weight)):
         _, head, _, sid = pairs[i]
-        out.setdefault((capture.layer, head), {})[sid] = (indices, values, float(best[i]), [int(q[i]), int(k[i])])
+        out.setdefault((layer, head), {})[sid] = (indices, values, float(best[i]), [int(q[i]), int(k[i])])
 
 
 def record_of(sid, interval: int, kept: _Kept, token_ids: list[int], strings: list[str]) -> dict:
@@ -415,26 +433,35 @@ class KeptRows:
         """Every sequence some head holds."""
         return {sid for rows in self._rows.values() for sid in rows}
 
-    def add(self, capture: LayerCapture, selection: HeadSelection, ids: list[int], stats: RowStats) -> None:
+    def add(self, layer: int, heads: list[int], ids: list[int], stats: RowStats, vectors: "HeldHeads",
+            rows: bool = True) -> None:
+        """One layer's batch: `stats` of `heads` (slot order); the edges of the heads `vectors` holds (all of
+        them, or under --tp this process's own), and with `rows` the sparse rows of every one."""
         best, q, k = sequence_argmax(stats.max_nobos, stats.argmax_nobos)
         values = best.float().cpu().numpy()  # (batch, slot)
         wanted: dict[int, set[int]] = {}
-        for slot, head in enumerate(selection.heads):
-            key = (capture.layer, head)
+        for slot, head in enumerate(heads):
+            key = (layer, head)
             old = self._top.get(key, [])
             ranked = sorted(old + [(float(values[b, slot]), sid) for b, sid in enumerate(ids)],
                             key=lambda item: (-item[0], item[1]))[: self.per_interval]  # the scan's order
             self._top[key] = ranked
             top = {sid for _, sid in ranked}
-            rows = self._rows.setdefault(key, {})
+            kept = self._rows.setdefault(key, {})
             for _, sid in old:  # displaced from the top, and not kept for the deciles: drop its rows
                 if sid not in top and sid not in self.ids:
-                    rows.pop(sid, None)
+                    kept.pop(sid, None)
             wanted[head] = {sid for sid in ids if sid in self.ids or sid in top}
-        _keep_rows(capture, selection, stats, ids, lambda layer, head: wanted[head], self.min_weight, self._rows,
-                   argmax=(best, q, k))
-        sampled = torch.tensor([[sid in wanted[head] for head in selection.heads] for sid in ids])  # (batch, slot)
-        self.points.add(capture.layer, selection.heads, ids, sampled, stats, selection.slice(capture), capture.output)
+        if rows:
+            _keep_rows(layer, heads, stats, ids, lambda _, head: wanted[head], self.min_weight, self._rows,
+                       argmax=(best, q, k))
+        if not vectors.slots:
+            return
+        at = torch.tensor([heads.index(head) for head in vectors.heads])  # their places in `heads`
+        sampled = torch.tensor([[sid in wanted[head] for head in vectors.heads] for sid in ids])  # (batch, slot)
+        own = dataclasses.replace(stats, max_nobos=stats.max_nobos[:, at], argmax_nobos=stats.argmax_nobos[:, at])
+        self.points.add(layer, vectors.heads, ids, sampled, own, (vectors.query, vectors.key, vectors.value),
+                        vectors.output)
 
     def rows_of(self, wanted: dict[tuple[int, int], dict]) -> dict[tuple[int, int], dict]:
         """(layer, head) -> {seq_id: (indices, values, max, argmax)} of the wanted pairs that are held."""
@@ -490,14 +517,14 @@ def sequence_records(
     state: dict = {}
 
     def on_layer(capture: LayerCapture) -> None:
-        _, stats = _row_stats(fn, selection, capture, state["tokens"], top_k=top_k, bin_edges=bin_edges,
-                              min_weight=min_weight)
+        held, stats = _row_stats(fn, selection, capture, state["tokens"], top_k=top_k, bin_edges=bin_edges,
+                                 min_weight=min_weight)
         if points is not None:
             sampled = torch.tensor([[sid in wanted.get((capture.layer, head), ()) for head in selection.heads]
                                     for sid in state["ids"]])  # (batch, slot)
-            points.add(capture.layer, selection.heads, state["ids"], sampled, stats, selection.slice(capture),
-                       capture.output)
-        _keep_rows(capture, selection, stats, state["ids"], lambda layer, head: wanted.get((layer, head)),
+            points.add(capture.layer, selection.heads, state["ids"], sampled, stats,
+                       (held.query, held.key, held.value), held.output)
+        _keep_rows(capture.layer, selection.heads, stats, state["ids"], lambda layer, head: wanted.get((layer, head)),
                    min_weight, kept)
 
     rows = {sid: i for i, sid in enumerate(seq_ids)}

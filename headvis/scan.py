@@ -159,6 +159,22 @@ def _kept_ids(opts: ScanOptions, priority: np.ndarray, n_heads: int, d_head: int
     return set(np.argsort(priority, kind="stable")[:count].tolist())
 
 
+def _gather_edges(points: ProjectionPoints, ranks: Ranks) -> None:
+    """--tp, after pass 1: the projection edges every process gathered of its own heads (it held their vectors)
+    into rank 0's `points`; rank 0 kept every head's rows itself."""
+    import torch.distributed as dist
+
+    from headvis.distributed import peer_failed
+
+    parts = [None] * ranks.world if ranks.first else None
+    try:
+        dist.gather_object(points.parts_tensors() if not ranks.first else None, parts, dst=0)
+    except Exception as e:  # gloo / NCCL: a peer that died closes the connection
+        raise peer_failed() from e
+    for edges in (parts or [])[1:]:
+        points.add_tensors(edges)
+
+
 def _validate(opts: ScanOptions) -> None:
     positive = {"--seq-len": opts.seq_len, "--num-seqs": opts.num_seqs, "--batch-size": opts.batch_size,
                 "--per-interval": opts.per_interval, "--top-k": opts.top_k, "--max-points": opts.max_points}
@@ -373,10 +389,9 @@ def _run_ranked(opts: ScanOptions, lm: LoadedModel | None, ranks: Ranks, start: 
         keep = KeptRows(_kept_ids(opts, priority, len(layers) * len(heads), info.d_head,
                                   math.ceil(opts.max_points / max(1, n_shown))),
                         opts.top_k, opts.min_weight, points, opts.per_interval)
-        # pass 1 keeps rows (so pass 2 runs fewer again): with several processes each keeps those of its units.
-        # Under --tp it keeps none: each process then computes only its own heads' statistics in pass 1 (keeping
-        # would need every head's queries, keys and values on rank 0), and pass 2 runs the shown sequences
-        keeping = opts.keep_memory > 0 and lm.tp == 1
+        # pass 1 keeps rows (so pass 2 runs fewer again): with several processes each keeps those of its units
+        # (under --tp, of its own heads: rank 0 gets the others' after the pass)
+        keeping = opts.keep_memory > 0
         clock = {"setup": time.perf_counter() - start}
         mark = time.perf_counter()
 
@@ -419,6 +434,8 @@ def _run_ranked(opts: ScanOptions, lm: LoadedModel | None, ranks: Ranks, start: 
                     units=mine, after_unit=after_unit, keep=keep if keeping else None,
                     progress=(n_seqs, done_everywhere) if ranks.first else None)
         ranks.barrier()  # every unit is on disk now
+        if keeping and lm.tp > 1:
+            _gather_edges(points, ranks)
         tokens = Tokens(lm.tokenizer)
         results, wanted, edges_of = {}, {}, {}
         if ranks.first:
@@ -457,8 +474,9 @@ def _run_ranked(opts: ScanOptions, lm: LoadedModel | None, ranks: Ranks, start: 
             for key, per_head in rerun.items():
                 records[key].update(per_head)
             n_rerun = len({sid for per_head in missing.values() for sid in per_head})
-            print(f"headvis: pass 2 ran {n_rerun} of {len({s for p in wanted.values() for s in p})} shown "
-                  "sequences again (pass 1 kept the rest)", flush=True)
+            n_sequences_shown = len({s for p in wanted.values() for s in p})
+            why = "pass 1 kept the rest" if n_rerun < n_sequences_shown else "pass 1 kept none"
+            print(f"headvis: pass 2 ran {n_rerun} of {n_sequences_shown} shown sequences again ({why})", flush=True)
             layer_records = lambda layer: records  # noqa: E731 - all in memory already
         else:
             # Pass 2 across the ranks: rank 0 names the shown sequences, each rank runs those of its own units

@@ -105,14 +105,15 @@ def test_a_head_subset_and_a_process_slice_get_their_own_sinks_and_keys(tiny_mod
     fn = resolve_backend(backend, torch.device("cpu"))[1]
     edges = distance_bin_edges(24, True)
     run = lambda selection, c: _row_stats(fn, selection, c, ids, top_k=3, bin_edges=edges)  # noqa: E731
-    all_slots, whole = run(HeadSelection([0], [0, 1, 2, 3], 4, 2), capture)
-    assert all_slots == [0, 1, 2, 3]
+    held, whole = run(HeadSelection([0], [0, 1, 2, 3], 4, 2), capture)
+    assert held.slots == [0, 1, 2, 3] and held.key.shape[1] == 2  # kv heads not repeated
     process = dataclasses.replace(capture, query=capture.query[:, 2:], key=capture.key[:, 1:],
                                   spec=dataclasses.replace(capture.spec, sinks=capture.spec.sinks[2:]), head_offset=2)
     for heads, part, rows in (([1, 2], capture, [1, 2]), ([0, 3, 2], process, [3, 2]), ([2, 3], process, [2, 3])):
-        slots, stats = run(HeadSelection([0], heads, 4, 2), part)
-        assert [heads[s] for s in slots] == rows
+        held, stats = run(HeadSelection([0], heads, 4, 2), part)
+        assert [heads[s] for s in held.slots] == held.heads == rows
         for name, value in stats.metrics.items():
             assert torch.allclose(value, whole.metrics[name][:, rows], atol=1e-6), (heads, name)
         assert torch.equal(stats.top_indices, whole.top_indices[:, rows])
-    assert run(HeadSelection([0], [0, 1], 4, 2), process) == ([], None)  # holds none of them
+    held, stats = run(HeadSelection([0], [0, 1], 4, 2), process)
+    assert held.slots == [] and stats is None  # holds none of them

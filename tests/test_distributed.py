@@ -350,8 +350,9 @@ def test_tensor_parallel_over_two_processes_writes_the_tree_of_one_within_float_
 
 def test_tensor_parallel_gathers_the_attention_sinks_with_their_heads(tiny_model_dir, corpus, tmp_path):
     """A model with one sink logit per query head (granite_swa: -2..3), its sinks split with the heads under
-    --tp 2, and heads 1-3 scanned: process 0 computes head 1's statistics, process 1 heads 2 and 3 (pass 1), and
-    rank 0 gathers sinks with their heads (pass 2). The tree is the one-process tree within float tolerance."""
+    --tp 2, and heads 1-3 scanned: process 0 computes and keeps head 1's statistics and rows, process 1 heads 2
+    and 3's; rank 0 gathers them. The tree is the one-process tree within float tolerance; then with
+    --keep-memory 0, pass 2 runs every shown sequence, gathering sinks with their heads: the same again."""
     flags = ["--model", str(tiny_model_dir("granite_swa")), "--dataset", str(corpus), "--seq-len", str(SEQ_LEN),
              "--num-seqs", str(NUM_SEQS), "--batch-size", str(BATCH), "--per-interval", "1", "--max-points", "30",
              "--heads", "1-3", "--device", "cpu"]
@@ -360,11 +361,18 @@ def test_tensor_parallel_gathers_the_attention_sinks_with_their_heads(tiny_model
     ran = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                 "-m", "headvis.scan", *flags, "--tp", "2", "--out", str(tmp_path / "tp")], tmp_path)
     assert ran.returncode == 0, ran.stderr[-3000:]
-    shown = re.search(r"pass 2 ran (\d+) of (\d+) shown", ran.stdout)
-    assert shown and shown[1] == shown[2], "under --tp pass 1 keeps no rows: pass 2 runs every shown sequence"
-    for name in ("scatter_data.json", "heads/L0H3.json", "heads/L1H1.json"):
-        _numbers_close(json.loads((tmp_path / "alone" / name).read_text()),
-                       json.loads((tmp_path / "tp" / name).read_text()), name)
+    shown = re.search(r"pass 2 ran 0 of (\d+) shown sequences again \(pass 1 kept the rest\)", ran.stdout)
+    assert shown and int(shown[1]) > 0, ran.stdout[-2000:]  # each process kept its own heads' rows
+    rerun = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                  "-m", "headvis.scan", *flags, "--tp", "2", "--keep-memory", "0", "--out", str(tmp_path / "tp2")],
+                 tmp_path)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    shown = re.search(r"pass 2 ran (\d+) of (\d+) shown sequences again", rerun.stdout)
+    assert shown and shown[1] == shown[2], rerun.stdout[-2000:]
+    for tree in ("tp", "tp2"):
+        for name in ("scatter_data.json", "heads/L0H3.json", "heads/L1H1.json", "umap/L1H2.json"):
+            _numbers_close(json.loads((tmp_path / "alone" / name).read_text()),
+                           json.loads((tmp_path / tree / name).read_text()), f"{tree}/{name}")
 
 
 def test_tp_asks_for_as_many_torchrun_processes(monkeypatch):
