@@ -175,6 +175,17 @@ def _exp_row(s, s_bits, e, lo, hi, q, shift, mean, top):  # pragma: no cover - c
 
 
 @numba.njit(fastmath=_VEC, cache=True, nogil=True)
+def _range_sum_into(e, lo, hi, inv, column_sums):  # pragma: no cover - compiled
+    """sum e[lo:hi], and column_sums[k] += e[k] * inv there."""
+    total = 0.0
+    for k in range(lo, hi):
+        w = np.float64(e[k])
+        total += w
+        column_sums[k] += w * inv
+    return total
+
+
+@numba.njit(fastmath=_VEC, cache=True, nogil=True)
 def _range_sum(e, lo, hi):  # pragma: no cover - compiled
     total = 0.0
     for k in range(lo, hi):
@@ -267,12 +278,16 @@ def _rows_kernel(scores, scores_bits, q_start, causal, window, key_valid, order,
                         argmax_nobos[b, h, q] = k
                         e_top = max(e_top, e[k])
                         break
-            # distance histogram: bin i holds keys with edges[i] <= q - k < edges[i + 1], a contiguous range
+            # distance histogram: bin i holds keys with edges[i] <= q - k < edges[i + 1], a contiguous range; the
+            # bins partition [k_lo, k_hi), so the same loops add the column sums (rows q >= 1: they need the row's
+            # final normalizer)
+            row_kw = key_weight[b, h]
             for i in range(n_bins):
                 lo = max(k_lo, q - edges[i + 1] + 1)
                 hi = min(k_hi, q - edges[i] + 1)
                 if lo < hi:
-                    hist[b, h, q, i] = _range_sum(e, lo, hi) * inv
+                    total = _range_sum_into(e, lo, hi, inv, row_kw) if q >= 1 else _range_sum(e, lo, hi)
+                    hist[b, h, q, i] = total * inv
             if top_k > 0:  # insertion, strict compare: earlier keys stay ahead on ties
                 # only keys that may be shown are ranked: weight >= min_weight, or the row's largest
                 floor = min(np.float32(min_weight * z_all * (1.0 - 1e-6)), e_top)
@@ -306,10 +321,6 @@ def _rows_kernel(scores, scores_bits, q_start, causal, window, key_valid, order,
                 for j in range(filled):
                     top_values[b, h, q, j] = best_e[j] * inv
                     top_indices[b, h, q, j] = best_k[j]
-            if q >= 1:  # column sums need the row's final normalizer
-                row_kw = key_weight[b, h]
-                for k in range(k_lo, k_hi):
-                    row_kw[k] += e[k] * inv
 
 
 _buffers = threading.local()
