@@ -201,8 +201,9 @@ def metric_pass(
     Defaults: every sequence as one unit, folded into `accumulator` at once.
     `keep`: what pass 2 would compute for the sequences it may show is kept here instead (the row
     statistics then include the top-K rows; the accumulated statistics are the same). Under --tp (lm.tp > 1)
-    each process computes, and keeps, its own heads' only; rank 0 sums every head's (`gather_row_stats`), and
-    gets the others' kept rows with `KeptRows.merge` after the pass. `progress`:
+    each process computes its own heads' statistics; rank 0 sums and keeps the rows of every head from them
+    (`gather_row_stats`), and each process gathers its own heads' projection edges (it holds their vectors;
+    the scan brings them to rank 0 after the pass). `progress`:
     (total sequences, a function giving the sequences done by every process) for the bar; None: no bar.
     """
     if units is None:

@@ -390,7 +390,7 @@ def _run_ranked(opts: ScanOptions, lm: LoadedModel | None, ranks: Ranks, start: 
                                   math.ceil(opts.max_points / max(1, n_shown))),
                         opts.top_k, opts.min_weight, points, opts.per_interval)
         # pass 1 keeps rows (so pass 2 runs fewer again): with several processes each keeps those of its units
-        # (under --tp, of its own heads: rank 0 gets the others' after the pass)
+        # (under --tp rank 0 keeps every head's rows; each process gathers its own heads' edges, sent after the pass)
         keeping = opts.keep_memory > 0
         clock = {"setup": time.perf_counter() - start}
         mark = time.perf_counter()
@@ -475,8 +475,10 @@ def _run_ranked(opts: ScanOptions, lm: LoadedModel | None, ranks: Ranks, start: 
                 records[key].update(per_head)
             n_rerun = len({sid for per_head in missing.values() for sid in per_head})
             n_sequences_shown = len({s for p in wanted.values() for s in p})
-            why = "pass 1 kept the rest" if n_rerun < n_sequences_shown else "pass 1 kept none"
-            print(f"headvis: pass 2 ran {n_rerun} of {n_sequences_shown} shown sequences again ({why})", flush=True)
+            pairs = sum(len(per_head) for per_head in wanted.values())
+            held = pairs - sum(len(per_head) for per_head in missing.values())
+            print(f"headvis: pass 2 ran {n_rerun} of {n_sequences_shown} shown sequences again (pass 1 kept "
+                  f"{held:,} of the {pairs:,} shown (head, sequence) pairs)", flush=True)
             layer_records = lambda layer: records  # noqa: E731 - all in memory already
         else:
             # Pass 2 across the ranks: rank 0 names the shown sequences, each rank runs those of its own units

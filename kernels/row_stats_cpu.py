@@ -101,23 +101,24 @@ def _float_bits(typingctx, value):
     return types.int32(types.float32), codegen
 
 
-# exp(d) for float32 d <= 0 (Cody-Waite reduction, Cephes' expf polynomial, ~1 ulp): numba has no vector exp
-# here (no SVML), and a call to the libm one stops LLVM vectorizing the loop around it; inline arithmetic does not.
-_LOG2E = np.float32(1.44269504088896341)
-_LN2_HI = np.float32(0.693359375)  # few bits: n * _LN2_HI is exact for the n used here
-_LN2_LO = np.float32(-2.12194440e-4)
+# exp(d) for float32 d <= 0, ~1 ulp: numba has no vector exp here (no SVML), and a call to the libm one stops
+# LLVM vectorizing the loop around it; inline arithmetic does not. The range reduction runs in float64, whose
+# 29 spare bits make it exact enough under the loops' `reassoc` (which rewrites a float32 Cody-Waite split:
+# 68 ulps at d = -72, found in review); the polynomial (Cephes' expf) runs in float32.
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
 _EXP_FLOOR = np.float32(-104.0)  # exp(-104) < half the smallest float32: 0, as -inf gives
 _P0, _P1, _P2 = np.float32(1.9875691500e-4), np.float32(1.3981999507e-3), np.float32(8.3334519073e-3)
 _P3, _P4, _P5 = np.float32(4.1665795894e-2), np.float32(1.6666665459e-1), np.float32(5.0000001201e-1)
-_HALF, _ONE = np.float32(0.5), np.float32(1.0)
+_ONE = np.float32(1.0)
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
 def _exp_nonpositive(d):  # pragma: no cover - compiled
-    """exp(d) in float32 for d <= 0 or -inf (-> 0); subnormal results rounded once, like libm's."""
-    d = max(d, _EXP_FLOOR)
-    n = np.floor(d * _LOG2E + _HALF)
-    r = (d - n * _LN2_HI) - n * _LN2_LO
+    """exp(d) in float32 for d <= 0 or -inf (-> 0); subnormal results rounded once."""
+    x = np.float64(max(d, _EXP_FLOOR)) * _LOG2E
+    n = np.floor(x + 0.5)
+    r = np.float32((x - n) * _LN2)  # |r| <= ln(2) / 2
     p = ((((((_P0 * r + _P1) * r + _P2) * r + _P3) * r + _P4) * r + _P5) * (r * r) + r) + _ONE
     e = np.int32(n)  # in [-150, 0]: 2^e as two normal factors, so one rounding makes any subnormal
     half = e >> 1
@@ -291,8 +292,7 @@ def _rows_kernel(scores, scores_bits, q_start, causal, window, key_valid, order,
             if top_k > 0:  # insertion, strict compare: earlier keys stay ahead on ties
                 # only keys that may be shown are ranked: weight >= min_weight, or the row's largest
                 floor = min(np.float32(min_weight * z_all * (1.0 - 1e-6)), e_top)
-                # the keys at or above the floor (~11 a row on real text), listed without a branch from the blocks
-                # of 16 keys that hold one (a vectorized max of their bits: non-negative floats order like them)
+                # the keys at or above the floor (~11 a row on real text), listed without a branch, then ranked
                 n_listed = 0
                 for k in range(k_lo, k_hi):
                     listed[n_listed] = k

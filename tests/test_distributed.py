@@ -361,8 +361,9 @@ def test_tensor_parallel_gathers_the_attention_sinks_with_their_heads(tiny_model
     ran = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                 "-m", "headvis.scan", *flags, "--tp", "2", "--out", str(tmp_path / "tp")], tmp_path)
     assert ran.returncode == 0, ran.stderr[-3000:]
-    shown = re.search(r"pass 2 ran 0 of (\d+) shown sequences again \(pass 1 kept the rest\)", ran.stdout)
-    assert shown and int(shown[1]) > 0, ran.stdout[-2000:]  # each process kept its own heads' rows
+    shown = re.search(r"pass 2 ran 0 of (\d+) shown sequences again \(pass 1 kept ([\d,]+) of the ([\d,]+) ",
+                      ran.stdout)
+    assert shown and int(shown[1]) > 0 and shown[2] == shown[3], ran.stdout[-2000:]  # rank 0 kept every head's rows
     rerun = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                   "-m", "headvis.scan", *flags, "--tp", "2", "--keep-memory", "0", "--out", str(tmp_path / "tp2")],
                  tmp_path)
