@@ -62,20 +62,27 @@ class HeadSelection:
     def held(self, capture: LayerCapture) -> "HeldHeads":
         """The scanned heads that `capture` holds (all of them, or a --tp process's own: `head_offset` on),
         in slot order."""
-        count = capture.query.shape[1]
-        slots = self.slots_held(capture.head_offset, count)
-        local = [self.heads[slot] - capture.head_offset for slot in slots]
+        count, offset = capture.query.shape[1], capture.head_offset
+        slots = self.slots_held(offset, count)
+        local = [self.heads[slot] - offset for slot in slots]
+        sinks = capture.spec.sinks
+        if sinks is not None:  # one per held query head; a tp plan may also leave them whole (every head's)
+            if sinks.shape[0] == count:
+                sinks = sinks[local] if local != list(range(count)) else sinks
+            elif sinks.shape[0] == self.n_heads:
+                sinks = sinks[[offset + h for h in local]]
+            else:
+                raise ValueError(f"{sinks.shape[0]} attention sinks for a capture of {count} of {self.n_heads} heads")
+        spec = dataclasses.replace(capture.spec, sinks=sinks) if sinks is not capture.spec.sinks else capture.spec
         if local == list(range(count)):
             return HeldHeads(slots, [self.heads[s] for s in slots], capture.query, capture.key, capture.value,
-                             capture.output, capture.spec)
+                             capture.output, spec)
         group = count // capture.key.shape[1]
         kv_of = [h // group for h in local]
         if len(local) % group == 0 and all(kv == kv_of[i - i % group] for i, kv in enumerate(kv_of)):
             kv_of = kv_of[::group]  # whole GQA groups, in order: their keys stay un-repeated
-        sinks = capture.spec.sinks[local] if capture.spec.sinks is not None else None
         return HeldHeads(slots, [self.heads[s] for s in slots], capture.query[:, local], capture.key[:, kv_of],
-                         capture.value[:, kv_of], capture.output[:, :, local],
-                         dataclasses.replace(capture.spec, sinks=sinks))
+                         capture.value[:, kv_of], capture.output[:, :, local], spec)
 
 
 @dataclass

@@ -117,3 +117,8 @@ def test_a_head_subset_and_a_process_slice_get_their_own_sinks_and_keys(tiny_mod
         assert torch.equal(stats.top_indices, whole.top_indices[:, rows])
     held, stats = run(HeadSelection([0], [0, 1], 4, 2), process)
     assert held.slots == [] and stats is None  # holds none of them
+    whole_sinks = dataclasses.replace(process, spec=capture.spec)  # a tp plan that leaves the sinks whole
+    for heads in ([2, 3], [3]):
+        held, stats = run(HeadSelection([0], heads, 4, 2), whole_sinks)
+        assert held.spec.sinks.tolist() == capture.spec.sinks[heads].tolist()
+        assert torch.allclose(stats.metrics["pattern_entropy"], whole.metrics["pattern_entropy"][:, heads], atol=1e-6)
