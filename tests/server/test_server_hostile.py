@@ -16,7 +16,6 @@ import asyncio
 import gzip
 import json
 import logging
-import time
 import zlib
 
 import pytest
@@ -169,12 +168,6 @@ async def _big_body(aiohttp_client, config, lm, data) -> tuple[Api, list[dict], 
     return api, clusters, raw
 
 
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 async def _post_timed(client, raw: bytes) -> tuple[int, dict, float]:
     loop = asyncio.get_running_loop()
     start = loop.time()
@@ -205,14 +198,24 @@ async def test_a_large_body_is_validated_off_the_event_loop(aiohttp_client, conf
     assert max(latencies) < duration / 4, (max(latencies), duration, len(latencies))
 
 
-async def test_a_large_body_costs_little_more_than_parsing_it(aiohttp_client, config, lm, data):
-    """The big body's points are checked by hand: the request costs a few times json.loads of it, not 100x."""
+async def test_a_large_body_s_points_are_checked_by_hand_not_by_the_schema(aiohttp_client, config, lm, data,
+                                                                          monkeypatch):
+    """The big body's 70,400 points skip jsonschema (which took ~2.3 s of the loop for them, against ~0.07 s by
+    hand, when the fast path came): the body is validated against the schema without the points' rules, and
+    every point is checked once by `_is_point`. Counted rather than timed, so that a busy machine cannot fail
+    it (a timed version, under 30x json.loads, failed a CI run on a loaded machine at 31x)."""
     api, clusters, raw = await _big_body(aiohttp_client, config, lm, data)
-    loads = min(_timed(lambda: json.loads(raw)) for _ in range(3))  # this machine's speed, now
-    status, reply, duration = await _post_timed(api.client, raw)
+    schemas, points = [], []
+    first_problem, is_point = validation.first_problem, validation._is_point
+    monkeypatch.setattr(validation, "first_problem",
+                        lambda validator, *args: schemas.append(validator) or first_problem(validator, *args))
+    monkeypatch.setattr(validation, "_is_point", lambda point: points.append(1) or is_point(point))
+    status, reply, _ = await _post_timed(api.client, raw)
     assert (status, reply) == (200, {"saved": limits.MAX_CLUSTERS})
-    # loads + the surrogate check + the schema and points (~5x loads), then the umap file rewritten (~3x)
-    assert duration < 30 * loads, (duration, loads)
+    assert schemas == [validation._VALIDATORS["save_umap_clusters"]]  # the light schema, once; no point's
+    assert validation._VALIDATORS["save_umap_clusters"].schema["properties"]["clusters"]["items"]["properties"][
+        "points"] == {"type": "array"}
+    assert len(points) == sum(len(c["points"]) for c in clusters) == 64 * 1100
 
 
 @pytest.mark.parametrize("damage, message", [
