@@ -289,6 +289,22 @@ def _numbers_close(a, b, where: str = "") -> None:
         assert a == b, where
 
 
+def _tp_scan(flags: list[str], out: Path, cwd: Path) -> subprocess.CompletedProcess:
+    """`headvis.scan` of `flags` under `torchrun --nproc-per-node 2 ... --tp 2` into `out`."""
+    return _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                 "-m", "headvis.scan", *flags, "--tp", "2", "--out", str(out)], cwd)
+
+
+def _alone_and_tp(flags: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    """The scan of `flags` in one process (tmp_path/alone) and under --tp 2 (tmp_path/tp), both succeeding;
+    the --tp run."""
+    alone = _run([sys.executable, "-m", "headvis.scan", *flags, "--out", str(tmp_path / "alone")], tmp_path)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    ran = _tp_scan(flags, tmp_path / "tp", tmp_path)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    return ran
+
+
 def test_tensor_parallel_over_two_processes_writes_the_tree_of_one_within_float_tolerance(tiny_model_dir, corpus,
                                                                                            tmp_path):
     """--tp 2 (transformers' tp plan, gloo): each process holds 2 of the 4 query heads and 1 of the 2 kv heads;
@@ -299,11 +315,7 @@ def test_tensor_parallel_over_two_processes_writes_the_tree_of_one_within_float_
     flags = ["--model", str(llama), "--dataset", str(corpus), "--seq-len", str(SEQ_LEN), "--num-seqs",
              str(NUM_SEQS), "--batch-size", str(BATCH), "--unit-size", str(UNIT), "--per-interval", "1",
              "--max-points", "30", "--device", "cpu"]
-    alone = _run([sys.executable, "-m", "headvis.scan", *flags, "--out", str(tmp_path / "alone")], tmp_path)
-    assert alone.returncode == 0, alone.stderr[-3000:]
-    ran = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                "-m", "headvis.scan", *flags, "--tp", "2", "--out", str(tmp_path / "tp")], tmp_path)
-    assert ran.returncode == 0, ran.stderr[-3000:]
+    ran = _alone_and_tp(flags, tmp_path)
     assert ran.stdout.count("headvis: scanned 22 sequences") == 1, "one summary: rank 0's"
     one, tp = tmp_path / "alone", tmp_path / "tp"
     names = sorted(str(p.relative_to(one)) for p in one.rglob("*.json"))
@@ -326,24 +338,19 @@ def test_tensor_parallel_over_two_processes_writes_the_tree_of_one_within_float_
     body = json.loads(umap_file.read_text())
     body["projected_points"] = [{"label": "mine", "x": 0.0, "y": 0.0, "z": 0.0}]
     umap_file.write_text(json.dumps(body))
-    again = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                  "-m", "headvis.scan", *flags, "--tp", "2", "--out", str(tp)], tmp_path)
+    again = _tp_scan(flags, tp, tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "--tp: the old tree's custom sequences and projected points are not recomputed" in again.stdout
     kept = [json.loads(p.read_text()) for p in (tmp_path / "tp.kept").rglob("L1H3.json") if p.parent.name == "umap"]
     assert [k["projected_points"][0]["label"] for k in kept] == ["mine"]
 
-    no_plan = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                    "-m", "headvis.scan", *flags, "--model", str(tiny_model_dir("gpt2")), "--tp", "2",
-                    "--out", str(tmp_path / "gpt2")], tmp_path)
+    no_plan = _tp_scan([*flags, "--model", str(tiny_model_dir("gpt2"))], tmp_path / "gpt2", tmp_path)
     assert no_plan.returncode != 0
     assert "has no tensor-parallel plan" in no_plan.stderr and "--device-map auto" in no_plan.stderr, \
         no_plan.stderr[-2000:]
     assert "headvis: rank 0: error: " in no_plan.stderr and "headvis: rank 1: error: " in no_plan.stderr
 
-    whole = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                  "-m", "headvis.scan", *flags, "--model", str(tiny_model_dir("gpt_oss")), "--tp", "2",
-                  "--out", str(tmp_path / "gpt_oss")], tmp_path)
+    whole = _tp_scan([*flags, "--model", str(tiny_model_dir("gpt_oss"))], tmp_path / "gpt_oss", tmp_path)
     assert whole.returncode != 0 and "does not split its attention by heads" in whole.stderr, whole.stderr[-2000:]
     assert "internal error" not in whole.stderr
 
@@ -356,17 +363,11 @@ def test_tensor_parallel_gathers_the_attention_sinks_with_their_heads(tiny_model
     flags = ["--model", str(tiny_model_dir("granite_swa")), "--dataset", str(corpus), "--seq-len", str(SEQ_LEN),
              "--num-seqs", str(NUM_SEQS), "--batch-size", str(BATCH), "--per-interval", "1", "--max-points", "30",
              "--heads", "1-3", "--device", "cpu"]
-    alone = _run([sys.executable, "-m", "headvis.scan", *flags, "--out", str(tmp_path / "alone")], tmp_path)
-    assert alone.returncode == 0, alone.stderr[-3000:]
-    ran = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                "-m", "headvis.scan", *flags, "--tp", "2", "--out", str(tmp_path / "tp")], tmp_path)
-    assert ran.returncode == 0, ran.stderr[-3000:]
+    ran = _alone_and_tp(flags, tmp_path)
     shown = re.search(r"pass 2 ran 0 of (\d+) shown sequences again \(pass 1 kept ([\d,]+) of the ([\d,]+) ",
                       ran.stdout)
     assert shown and int(shown[1]) > 0 and shown[2] == shown[3], ran.stdout[-2000:]  # rank 0 kept every head's rows
-    rerun = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                  "-m", "headvis.scan", *flags, "--tp", "2", "--keep-memory", "0", "--out", str(tmp_path / "tp2")],
-                 tmp_path)
+    rerun = _tp_scan([*flags, "--keep-memory", "0"], tmp_path / "tp2", tmp_path)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     shown = re.search(r"pass 2 ran (\d+) of (\d+) shown sequences again", rerun.stdout)
     assert shown and shown[1] == shown[2], rerun.stdout[-2000:]
