@@ -136,20 +136,17 @@ class CaptureSession:
 
     The model must have been loaded (or switched) to the "headvis" attention
     implementation. Layers after the last wanted one are skipped. tp > 1: the model is split over the `tp`
-    processes of the process group by heads (--tp), every one runs the same forward passes; their heads are
-    gathered on rank 0 in rank order (the global head order of transformers' column-wise split), and only
-    there is `on_layer` called; with `split`, nothing is gathered: every process's `on_layer` gets its own
-    heads, `head_offset` saying which.
+    processes of the process group by heads (--tp), every one runs the same forward passes, and every
+    process's `on_layer` gets its own heads, `head_offset` saying which (rank x its head count: the global
+    head order of transformers' column-wise split); nothing is gathered here.
     """
 
-    def __init__(self, model: nn.Module, layers: set[int], on_layer: Callable[[LayerCapture], None], tp: int = 1,
-                 split: bool = False):
+    def __init__(self, model: nn.Module, layers: set[int], on_layer: Callable[[LayerCapture], None], tp: int = 1):
         install()
         self.model = model
         self.layers = set(layers)
         self.on_layer = on_layer
         self.tp = tp
-        self.split = split and tp > 1
         self.key_valid: Tensor | None = None
         self._last = max(self.layers) if self.layers else -1
 
@@ -178,16 +175,11 @@ class CaptureSession:
                     raise HeadvisError(f"--tp {self.tp}: transformers' tensor-parallel plan for this model does "
                                        f"not split its attention by heads (a process holds {query.shape[1]} of "
                                        f"{n_heads}); use --device-map auto instead")
-                if self.split:
-                    import torch.distributed as dist
+                import torch.distributed as dist
 
-                    self.on_layer(LayerCapture(index, module, query, key, value, output, spec,
-                                               head_offset=dist.get_rank() * query.shape[1]))
-                    query = None
-                else:
-                    query, key, value, output, sinks = _gather_heads(self.tp, query, key, value, output, spec.sinks)
-                    spec = dataclasses.replace(spec, sinks=sinks)
-            if query is not None:
+                self.on_layer(LayerCapture(index, module, query, key, value, output, spec,
+                                           head_offset=dist.get_rank() * query.shape[1]))
+            else:
                 self.on_layer(LayerCapture(index, module, query, key, value, output, spec))
         if index >= self._last:
             raise _StopForward
@@ -200,29 +192,6 @@ class CaptureSession:
             self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         except _StopForward:
             pass
-
-
-def _gather_heads(tp: int, query: Tensor, key: Tensor, value: Tensor, output: Tensor,
-                  sinks: Tensor | None) -> tuple:
-    """Every process's heads of one layer, concatenated on rank 0 (Nones elsewhere): query, key, value on
-    their head axis 1, output on its head axis 2, the attention sinks (one per query head) on axis 0."""
-    import torch.distributed as dist
-
-    from headvis.distributed import peer_failed
-
-    whole = []
-    for part, axis in ((query, 1), (key, 1), (value, 1), (output, 2), (sinks, 0)):
-        if part is None:
-            whole.append(None)
-            continue
-        part = part.detach().contiguous()
-        parts = [torch.empty_like(part) for _ in range(tp)] if dist.get_rank() == 0 else None
-        try:
-            dist.gather(part, parts, dst=0)
-        except Exception as e:  # gloo / NCCL: a peer that died closes the connection
-            raise peer_failed() from e
-        whole.append(torch.cat(parts, dim=axis) if parts is not None else None)
-    return tuple(whole)
 
 
 @torch.inference_mode()

@@ -237,7 +237,7 @@ def metric_pass(
             keep.add(capture.layer, selection.heads, ids, stats, held)
 
     total, done_everywhere = progress if progress is not None else (0, lambda: 0)
-    with CaptureSession(lm.model, set(selection.layers), on_layer, tp=lm.tp, split=True) as session, \
+    with CaptureSession(lm.model, set(selection.layers), on_layer, tp=lm.tp) as session, \
             tqdm(total=total, initial=done_everywhere(), desc="pass 1: metrics", unit="seq",
                  disable=progress is None) as bar:
         for index, ids in units:
@@ -518,7 +518,10 @@ def sequence_records(
     {seq_id: record} with the fields of CONTRACT section 2's `sequences`.
     With `points`, the same forward passes also gather every head's
     projection cloud (no pass of its own). `raw`: {seq_id: (indices, values, max, argmax)} instead of
-    records (`record_of` makes one), for a process that hands its rows to another.
+    records (`record_of` makes one), for a process that hands its rows to another. Under --tp (lm.tp > 1)
+    each process computes its own heads' statistics and gathers their edges into `points` (the scan sends
+    them to rank 0 after the pass); rank 0 keeps every head's rows from the gathered statistics
+    (`gather_row_stats`), as in pass 1, and the helpers return {}.
     """
     kept: dict[tuple[int, int], dict] = {}
     needed = sorted({sid for per_head in wanted.values() for sid in per_head}, key=seq_ids.index)
@@ -527,11 +530,16 @@ def sequence_records(
     def on_layer(capture: LayerCapture) -> None:
         held, stats = _row_stats(fn, selection, capture, state["tokens"], top_k=top_k, bin_edges=bin_edges,
                                  min_weight=min_weight)
-        if points is not None:
-            sampled = torch.tensor([[sid in wanted.get((capture.layer, head), ()) for head in selection.heads]
-                                    for sid in state["ids"]])  # (batch, slot)
-            points.add(capture.layer, selection.heads, state["ids"], sampled, stats,
+        if points is not None and stats is not None:  # the edges of the heads this process holds the vectors of
+            sampled = torch.tensor([[sid in wanted.get((capture.layer, head), ()) for head in held.heads]
+                                    for sid in state["ids"]])  # (batch, held slot)
+            points.add(capture.layer, held.heads, state["ids"], sampled, stats,
                        (held.query, held.key, held.value), held.output)
+        if lm.tp > 1:  # each process computed its own heads: rank 0 keeps the rows of them all
+            stats = gather_row_stats(stats, selection, lm.tp, tuple(state["tokens"].shape), len(bin_edges) - 1,
+                                     top_k, lm.device)
+            if stats is None:  # a helper
+                return
         _keep_rows(capture.layer, selection.heads, stats, state["ids"], lambda layer, head: wanted.get((layer, head)),
                    min_weight, kept)
 
@@ -545,7 +553,7 @@ def sequence_records(
             token_lists.update(zip(batch, state["tokens"].cpu().tolist()))
             session.run(state["tokens"])
     if lm.tp > 1 and not kept and torch.distributed.get_rank() != 0:
-        return {}  # a TP helper: its heads went to rank 0
+        return {}  # a TP helper: its heads' statistics went to rank 0
     if raw:
         return {key: {sid: kept[key][sid] for sid in per_head} for key, per_head in wanted.items() if per_head}
     strings = {sid: tokens(ids) for sid, ids in token_lists.items()}

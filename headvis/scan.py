@@ -160,8 +160,9 @@ def _kept_ids(opts: ScanOptions, priority: np.ndarray, n_heads: int, d_head: int
 
 
 def _gather_edges(points: ProjectionPoints, ranks: Ranks) -> None:
-    """--tp, after pass 1: the projection edges every process gathered of its own heads (it held their vectors)
-    into rank 0's `points`; rank 0 kept every head's rows itself."""
+    """--tp, after pass 1 and after pass 2: the projection edges every process gathered of its own heads (it
+    held their vectors) into rank 0's `points`, the helpers' then dropped (sent once); rank 0 kept every head's
+    rows itself."""
     import torch.distributed as dist
 
     from headvis.distributed import peer_failed
@@ -173,6 +174,8 @@ def _gather_edges(points: ProjectionPoints, ranks: Ranks) -> None:
         raise peer_failed() from e
     for edges in (parts or [])[1:]:
         points.add_tensors(edges)
+    if not ranks.first:
+        points.restrict({})
 
 
 def _validate(opts: ScanOptions) -> None:
@@ -469,6 +472,8 @@ def _run_ranked(opts: ScanOptions, lm: LoadedModel | None, ranks: Ranks, start: 
                            for key, per_head in wanted.items()}
             missing = ranks.from_leader(missing if ranks.leader else None)  # TP helpers run the same batches
             rerun = sequence_records(wanted=missing, points=points, **pass2)
+            if lm.tp > 1:  # each process gathered its own heads' edges of the sequences pass 2 ran
+                _gather_edges(points, ranks)
             if not ranks.leader:
                 return None
             for key, per_head in rerun.items():
