@@ -175,23 +175,31 @@ class CaptureSession:
                     raise HeadvisError(f"--tp {self.tp}: transformers' tensor-parallel plan for this model does "
                                        f"not split its attention by heads (a process holds {query.shape[1]} of "
                                        f"{n_heads}); use --device-map auto instead")
-                import torch.distributed as dist
+                from headvis.distributed import tp_rank
 
                 self.on_layer(LayerCapture(index, module, query, key, value, output, spec,
-                                           head_offset=dist.get_rank() * query.shape[1]))
+                                           head_offset=tp_rank() * query.shape[1]))
             else:
                 self.on_layer(LayerCapture(index, module, query, key, value, output, spec))
         if index >= self._last:
             raise _StopForward
 
-    @torch.inference_mode()
     def run(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> None:
         """One forward pass over input_ids (batch, pos); padding keys are False in attention_mask."""
         self.key_valid = attention_mask.bool() if attention_mask is not None else None
         try:
-            self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            with _no_autograd(self.model):
+                self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         except _StopForward:
             pass
+
+
+def _no_autograd(model: nn.Module):
+    """torch.inference_mode, or torch.no_grad for a model that FSDP2 wraps: under --tp beside data parallelism
+    transformers builds a (dp_replicate, tp) mesh and wraps every replica with FSDP2 (a shard group of one
+    process: nothing is sharded or sent between replicas), whose unsharding refuses inference tensors."""
+    config = getattr(getattr(model, "config", None), "distributed_config", None)
+    return torch.no_grad() if getattr(config, "dp_size", 1) > 1 else torch.inference_mode()
 
 
 @torch.inference_mode()

@@ -20,9 +20,25 @@ from typing import Callable
 
 from headvis.errors import HeadvisError
 
-__all__ = ["BARRIER_TIMEOUT_S", "Ranks", "peer_failed", "replica_gpus"]
+__all__ = ["BARRIER_TIMEOUT_S", "Ranks", "peer_failed", "replica_gpus", "tp_group", "tp_rank"]
 
 BARRIER_TIMEOUT_S = 6 * 3600.0  # a rank may wait this long for the slowest one at the end of pass 1
+
+
+_TP_GROUP = None  # this process's tensor-parallel group when several sit side by side (--tp below the world)
+
+
+def tp_group():
+    """The process group of this process's --tp group, for the collectives among its processes: None (the
+    default group, the whole world) when one group takes every process."""
+    return _TP_GROUP
+
+
+def tp_rank() -> int:
+    """This process's place in its --tp group (which share of every layer's heads it holds)."""
+    import torch.distributed as dist
+
+    return dist.get_rank(group=_TP_GROUP) if _TP_GROUP is not None else dist.get_rank()
 
 
 def peer_failed() -> HeadvisError:
@@ -50,7 +66,7 @@ class Ranks:
     local_rank: int = 0
     local_world: int = 1  # processes on this machine (torchrun's LOCAL_WORLD_SIZE)
     joined: bool = False  # a torch.distributed process group was joined (and is left by `close`)
-    tp: int = 1  # processes sharing one model's heads (--tp): every process of the scan, when above 1
+    tp: int = 1  # processes sharing one model's heads (--tp); world / tp such groups take work units side by side
     wait: Callable[[], object] | None = None  # the barrier of ranks that are threads of one process (tests)
 
     @property
@@ -81,7 +97,7 @@ class Ranks:
 
         box = [obj]
         try:
-            dist.broadcast_object_list(box, src=self.rank - self.rank % self.tp)
+            dist.broadcast_object_list(box, src=self.rank - self.rank % self.tp, group=tp_group())
         except Exception as e:  # gloo / NCCL: a peer that died closes the connection
             raise peer_failed() from e
         return box[0]
@@ -102,9 +118,9 @@ class Ranks:
         if tp > 1 and world == 1:
             raise HeadvisError(f"--tp {tp} splits the model over {tp} processes: run it as `torchrun "
                                f"--nproc-per-node {tp} -m headvis.scan ... --tp {tp}`")
-        if tp > 1 and world != tp:
-            raise HeadvisError(f"--tp {tp} with {world} processes: --tp must be the number of processes (one "
-                               "tensor-parallel group; several groups side by side are not supported yet)")
+        if tp > 1 and world % tp:
+            raise HeadvisError(f"--tp {tp} with {world} processes: the processes must make whole groups of {tp} "
+                               f"(one model each, side by side); run a multiple of {tp} processes")
         if world <= 1:
             return cls()
         import torch
@@ -121,6 +137,9 @@ class Ranks:
             os.environ.setdefault("NUMBA_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
         dist.init_process_group(backend="nccl" if cuda else "gloo",
                                 timeout=dt.timedelta(seconds=BARRIER_TIMEOUT_S))
+        if 1 < tp < world:  # groups of tp consecutive ranks, as transformers' (dp_replicate, tp) mesh places them
+            global _TP_GROUP
+            _TP_GROUP, _ = dist.new_subgroups(group_size=tp)
         return cls(rank=rank, world=world, local_rank=local_rank, local_world=local_world, joined=True, tp=tp)
 
     def device(self, device: str | None) -> str | None:
@@ -153,5 +172,7 @@ class Ranks:
         if self.joined:
             import torch.distributed as dist
 
-            dist.destroy_process_group()
+            global _TP_GROUP
+            dist.destroy_process_group()  # every group with it
+            _TP_GROUP = None
             self.joined = False

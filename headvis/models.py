@@ -68,7 +68,7 @@ class LoadedModel:
     tokenizer: object  # a transformers tokenizer
     info: ModelInfo
     device: torch.device
-    tp: int = 1  # processes holding a share of every layer's heads (--tp): the capture gathers them on rank 0
+    tp: int = 1  # processes holding a share of every layer's heads (--tp), each capturing its own
     output_weights: dict[int, Tensor] | None = None  # under --tp: every layer's whole W_O (`output_projections`)
 
 
@@ -188,7 +188,11 @@ def _tensor_parallel(config, name: str, tp: int):
     if n_heads % tp or n_kv % tp:
         raise HeadvisError(f"--tp {tp}: {name!r} has {n_heads} query and {n_kv} key/value heads per layer, which "
                            f"{tp} processes cannot share evenly; choose a --tp that divides both")
-    return DistributedConfig(tp_size=tp)
+    import torch.distributed as dist
+
+    world = dist.get_world_size() if dist.is_initialized() else tp
+    # groups of tp side by side: transformers' (dp_replicate, tp) mesh, one replica per group of consecutive ranks
+    return DistributedConfig(tp_size=tp, dp_replicate_size=world // tp) if world > tp else DistributedConfig(tp_size=tp)
 
 
 def _local(tensor: Tensor) -> Tensor:
@@ -221,9 +225,11 @@ def weights_sha256(model: nn.Module, tp: int = 1) -> str:
 
         from headvis.distributed import peer_failed
 
+        from headvis.distributed import tp_group
+
         shards: list = [None] * tp
         try:
-            dist.all_gather_object(shards, digest.hexdigest())
+            dist.all_gather_object(shards, digest.hexdigest(), group=tp_group())  # this process's --tp group
         except Exception as e:  # gloo / NCCL: a peer that died closes the connection
             raise peer_failed() from e
         return hashlib.sha256(f"tp{tp}:{','.join(shards)}".encode("utf-8")).hexdigest()

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from headvis.accumulate import ScanAccumulator, sequence_argmax
 from headvis.backends import RowStatsFn
 from headvis.capture import CaptureSession, LayerCapture
+from headvis.distributed import tp_rank
 from headvis.io import JsonList, return_freed_memory
 from headvis.metrics import ROW_METRICS, AttentionSpec, RowStats
 from headvis.models import LoadedModel, output_projections
@@ -156,7 +157,7 @@ def gather_row_stats(stats: RowStats | None, selection: HeadSelection, tp: int, 
     (70B-shaped: 288, ~6x the bytes at one width with pass 1's top-K of 8)."""
     import torch.distributed as dist
 
-    from headvis.distributed import peer_failed
+    from headvis.distributed import peer_failed, tp_group
 
     batch, seq_len = shape
     per_process = selection.n_heads // tp
@@ -169,9 +170,9 @@ def gather_row_stats(stats: RowStats | None, selection: HeadSelection, tp: int, 
         fields = [stats.metrics[name] for name in ROW_METRICS] + [getattr(stats, name) for name in _GATHERED]
         packed[: fields[0].shape[1]] = torch.cat([f.transpose(0, 1).reshape(f.shape[1], -1).to(packed)
                                                   for f in fields], dim=1)
-    parts = [torch.empty_like(packed) for _ in range(tp)] if dist.get_rank() == 0 else None
+    parts = [torch.empty_like(packed) for _ in range(tp)] if tp_rank() == 0 else None
     try:
-        dist.gather(packed, parts, dst=0)
+        dist.gather(packed, parts, group=tp_group(), group_dst=0)  # to the first process of this one's --tp group
     except Exception as e:  # gloo / NCCL: a peer that died closes the connection
         raise peer_failed() from e
     if parts is None:
@@ -552,7 +553,7 @@ def sequence_records(
             state["tokens"] = sequences[[rows[s] for s in batch]].to(lm.device)
             token_lists.update(zip(batch, state["tokens"].cpu().tolist()))
             session.run(state["tokens"])
-    if lm.tp > 1 and not kept and torch.distributed.get_rank() != 0:
+    if lm.tp > 1 and not kept and tp_rank() != 0:
         return {}  # a TP helper: its heads' statistics went to rank 0
     if raw:
         return {key: {sid: kept[key][sid] for sid in per_head} for key, per_head in wanted.items() if per_head}

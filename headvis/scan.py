@@ -161,20 +161,21 @@ def _kept_ids(opts: ScanOptions, priority: np.ndarray, n_heads: int, d_head: int
 
 def _gather_edges(points: ProjectionPoints, ranks: Ranks) -> None:
     """--tp, after pass 1 and after pass 2: the projection edges every process gathered of its own heads (it
-    held their vectors) into rank 0's `points`, the helpers' then dropped (sent once); rank 0 kept every head's
-    rows itself."""
+    held their vectors) into its --tp group leader's `points`, the helpers' then dropped (sent once); the
+    leader kept every head's rows itself."""
     import torch.distributed as dist
 
-    from headvis.distributed import peer_failed
+    from headvis.distributed import peer_failed, tp_group
 
-    parts = [None] * ranks.world if ranks.first else None
+    parts = [None] * ranks.tp if ranks.leader else None
     try:
-        dist.gather_object(points.parts_tensors() if not ranks.first else None, parts, dst=0)
+        dist.gather_object(points.parts_tensors() if not ranks.leader else None, parts, group=tp_group(),
+                           group_dst=0)
     except Exception as e:  # gloo / NCCL: a peer that died closes the connection
         raise peer_failed() from e
     for edges in (parts or [])[1:]:
         points.add_tensors(edges)
-    if not ranks.first:
+    if not ranks.leader:
         points.restrict({})
 
 
@@ -493,41 +494,47 @@ def _run_ranked(opts: ScanOptions, lm: LoadedModel | None, ranks: Ranks, start: 
                 atomic_write_bytes(files.folder / "staging.json", json.dumps({"staging": str(staging)}).encode())
             ranks.barrier()
             shown = wanted if ranks.first else read_shown(files.folder / "shown.json")
-            mine = {key: {sid: iv for sid, iv in per_head.items() if (sid // unit_size) % ranks.world == ranks.rank}
-                    for key, per_head in shown.items()}
+            # (a replica: one process, or a --tp group whose leader keeps the rows and helpers mirror its batches)
+            mine = {key: {sid: iv for sid, iv in per_head.items() if (sid // unit_size) % ranks.dp_world ==
+                          ranks.dp_rank} for key, per_head in shown.items()}
             held = keep.rows_of(mine) if keeping else {}
             points.restrict({key: set(per_head) for key, per_head in held.items()})
             missing = {key: {sid: iv for sid, iv in per_head.items() if sid not in held.get(key, {})}
                        for key, per_head in mine.items()}
+            missing = ranks.from_leader(missing)  # a --tp group's helpers run their leader's batches
             rows = sequence_records(wanted=missing, points=points, raw=True, progress=ranks.first, **pass2)
+            if lm.tp > 1:  # each process gathered its own heads' edges: to its leader
+                _gather_edges(points, ranks)
             for key, per_head in held.items():
                 rows.setdefault(key, {}).update(per_head)
             if ranks.first:  # its rows stay here; its edges of the layers others fit go to them
                 save_pass2(files.folder, 0, {}, points, [layer for layer in layers if fitter[layer] != 0])
-            else:
-                save_pass2(files.folder, ranks.rank, rows, points, layers)
-            ranks.barrier()  # every rank's pass 2 is on disk
+            elif ranks.leader:
+                save_pass2(files.folder, ranks.dp_rank, rows, points, layers)
+            ranks.barrier()  # every replica's pass 2 is on disk
             if not ranks.first:
-                at = Path(json.loads((files.folder / "staging.json").read_text(encoding="utf-8"))["staging"])
-                clouds: set[int] = set()
-                for layer in [layer for layer in layers if fitter[layer] == ranks.rank]:
-                    for rank in range(ranks.world):
-                        if rank != ranks.rank:  # the others' edges of this layer; its own are in `points`
-                            load_pass2(pass2_path(files.folder, rank, layer), points, rows=False)
-                    fit_projections(points, lm, selection, with_umap=opts.umap, seed=opts.seed,
-                                    on_head=_projection_writer(at, clouds), layers=[layer], progress=False)
-                atomic_write_bytes(_clouds_path(files.folder, ranks.rank), json.dumps(sorted(clouds)).encode())
+                if ranks.leader:
+                    at = Path(json.loads((files.folder / "staging.json").read_text(encoding="utf-8"))["staging"])
+                    clouds: set[int] = set()
+                    for layer in [layer for layer in layers if fitter[layer] == ranks.dp_rank]:
+                        for replica in range(ranks.dp_world):
+                            if replica != ranks.dp_rank:  # the others' edges of this layer; its own are in `points`
+                                load_pass2(pass2_path(files.folder, replica, layer), points, rows=False)
+                        fit_projections(points, lm, selection, with_umap=opts.umap, seed=opts.seed,
+                                        on_head=_projection_writer(at, clouds), layers=[layer], progress=False)
+                    atomic_write_bytes(_clouds_path(files.folder, ranks.dp_rank), json.dumps(sorted(clouds)).encode())
                 ranks.barrier()  # every layer is fitted
                 return None
-            print(f"headvis: pass 2 ran the shown sequences that pass 1 did not keep on {ranks.world} processes "
+            print(f"headvis: pass 2 ran the shown sequences that pass 1 did not keep on {ranks.dp_world} "
+                  f"{'processes' if ranks.tp == 1 else f'groups of {ranks.tp} processes'} "
                   f"({len({s for p in missing.values() for s in p})} on rank 0)", flush=True)
             def layer_records(layer: int) -> dict:
                 """The records of one layer's heads: rank 0's own, and the other ranks' read from their files of
                 that layer alone (their edges go into `points` until the layer is fitted)."""
                 got = {key: per_head for key, per_head in rows.items() if key[0] == layer}
-                for rank in range(1, ranks.world):
-                    edges_to = points if fitter[layer] == 0 else None  # another rank fits this layer
-                    for key, per_head in load_pass2(pass2_path(files.folder, rank, layer), edges_to).items():
+                for replica in range(1, ranks.dp_world):
+                    edges_to = points if fitter[layer] == 0 else None  # another replica fits this layer
+                    for key, per_head in load_pass2(pass2_path(files.folder, replica, layer), edges_to).items():
                         got.setdefault(key, {}).update(per_head)
                 text = SequenceText(sequences, tokens)  # this layer's: strings are not held across layers
                 return {key: {sid: record_of(sid, interval, got[key][sid], *text(sid))
@@ -557,8 +564,8 @@ def _run_ranked(opts: ScanOptions, lm: LoadedModel | None, ranks: Ranks, start: 
             clock["pass 3"], mark = clock["pass 3"] + now - mark, now
         if ranks.dp_world > 1:
             ranks.barrier()  # the other ranks' layers are fitted, their files in the staging folder
-            for rank in range(1, ranks.world):
-                cloud_ids.update(json.loads(_clouds_path(files.folder, rank).read_text(encoding="utf-8")))
+            for replica in range(1, ranks.dp_world):
+                cloud_ids.update(json.loads(_clouds_path(files.folder, replica).read_text(encoding="utf-8")))
         write_json(staging / "scatter_data.json", [{"layer": layer, "head": head, **result.metrics}
                                                    for (layer, head), result in results.items()])
         write_json(staging / "umap" / "sequences.json",

@@ -355,6 +355,38 @@ def test_tensor_parallel_over_two_processes_writes_the_tree_of_one_within_float_
     assert "internal error" not in whole.stderr
 
 
+def test_two_tensor_parallel_groups_side_by_side_write_the_tree_of_one_process(tiny_model_dir, corpus, tmp_path):
+    """4 processes under --tp 2: two groups of 2 (transformers' (dp_replicate, tp) mesh), each a model replica
+    taking half the units, each process computing its own heads. With --keep-memory 0 pass 2 runs every shown
+    sequence on the group whose unit holds it, its helper mirroring the leader's batches; the tree is the
+    one-process tree within float tolerance, the model digest that of one group (resumable at 2 processes)."""
+    llama = tiny_model_dir("llama")
+    flags = ["--model", str(llama), "--dataset", str(corpus), "--seq-len", str(SEQ_LEN), "--num-seqs",
+             str(NUM_SEQS), "--batch-size", str(BATCH), "--unit-size", str(UNIT), "--per-interval", "1",
+             "--max-points", "30", "--device", "cpu", "--keep-memory", "0"]
+    alone = _run([sys.executable, "-m", "headvis.scan", *flags, "--out", str(tmp_path / "alone")], tmp_path)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    ran = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
+                "-m", "headvis.scan", *flags, "--tp", "2", "--out", str(tmp_path / "groups")], tmp_path)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    shown = re.search(r"pass 2 ran the shown sequences that pass 1 did not keep on 2 groups of 2 processes "
+                      r"\((\d+) on rank 0\)", ran.stdout)
+    assert shown and 0 < int(shown[1]), ran.stdout[-2000:]
+    one, groups = tmp_path / "alone", tmp_path / "groups"
+    names = sorted(str(p.relative_to(one)) for p in one.rglob("*.json"))
+    assert names == sorted(str(p.relative_to(groups)) for p in groups.rglob("*.json"))
+    for name in names:
+        a, b = json.loads((one / name).read_text()), json.loads((groups / name).read_text())
+        if name == "config.json":
+            for config in (a, b):
+                config.pop("created")
+                digest = config["model"].pop("weights_sha256")
+        _numbers_close(a, b, name)
+    pair = _tp_scan(flags, tmp_path / "pair", tmp_path)  # one group of 2: the same digest (a resume can switch)
+    assert pair.returncode == 0, pair.stderr[-3000:]
+    assert json.loads((tmp_path / "pair" / "config.json").read_text())["model"]["weights_sha256"] == digest
+
+
 def test_tensor_parallel_gathers_the_attention_sinks_with_their_heads(tiny_model_dir, corpus, tmp_path):
     """A model with one sink logit per query head (granite_swa: -2..3), its sinks split with the heads under
     --tp 2, and heads 1-3 scanned: process 0 computes and keeps head 1's statistics and rows, process 1 heads 2
@@ -377,14 +409,14 @@ def test_tensor_parallel_gathers_the_attention_sinks_with_their_heads(tiny_model
                            json.loads((tmp_path / tree / name).read_text()), f"{tree}/{name}")
 
 
-def test_tp_asks_for_as_many_torchrun_processes(monkeypatch):
+def test_tp_asks_for_whole_groups_of_torchrun_processes(monkeypatch):
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
     from headvis.errors import HeadvisError
 
     with pytest.raises(HeadvisError, match=r"torchrun --nproc-per-node 2 -m headvis.scan \.\.\. --tp 2"):
         Ranks.from_env("cpu", tp=2)
-    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("WORLD_SIZE", "3")
     monkeypatch.setenv("RANK", "0")
-    with pytest.raises(HeadvisError, match="--tp must be the number of processes"):
+    with pytest.raises(HeadvisError, match="must make whole groups of 2 .*run a multiple of 2 processes"):
         Ranks.from_env("cpu", tp=2)
