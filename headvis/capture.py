@@ -14,7 +14,6 @@ layer's `AttentionSpec` to the active `CaptureSession`.
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import threading
 from dataclasses import dataclass
@@ -149,6 +148,9 @@ class CaptureSession:
         self.tp = tp
         self.key_valid: Tensor | None = None
         self._last = max(self.layers) if self.layers else -1
+        # FSDP2 (--tp beside data parallelism) must see each forward end: stopping it inside a wrapped layer
+        # would leave that layer's parameters gathered and the root's per-forward state set for the next one
+        self._whole_forward = _fsdp_wrapped(model)
 
     def __enter__(self) -> "CaptureSession":
         global _active
@@ -181,25 +183,26 @@ class CaptureSession:
                                            head_offset=tp_rank() * query.shape[1]))
             else:
                 self.on_layer(LayerCapture(index, module, query, key, value, output, spec))
-        if index >= self._last:
+        if index >= self._last and not self._whole_forward:
             raise _StopForward
 
     def run(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> None:
         """One forward pass over input_ids (batch, pos); padding keys are False in attention_mask."""
         self.key_valid = attention_mask.bool() if attention_mask is not None else None
         try:
-            with _no_autograd(self.model):
+            with torch.no_grad() if self._whole_forward else torch.inference_mode():
                 self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         except _StopForward:
             pass
 
 
-def _no_autograd(model: nn.Module):
-    """torch.inference_mode, or torch.no_grad for a model that FSDP2 wraps: under --tp beside data parallelism
-    transformers builds a (dp_replicate, tp) mesh and wraps every replica with FSDP2 (a shard group of one
-    process: nothing is sharded or sent between replicas), whose unsharding refuses inference tensors."""
+def _fsdp_wrapped(model: nn.Module) -> bool:
+    """Whether FSDP2 wraps `model`: under --tp beside data parallelism transformers builds a (dp_replicate, tp)
+    mesh and wraps every replica with FSDP2 (a shard group of one process: nothing is sharded or sent between
+    replicas). Its forward then runs to the end, under torch.no_grad (FSDP2's unsharding refuses inference
+    tensors): the layers after the last scanned one cost their compute (one MLP when every layer is scanned)."""
     config = getattr(getattr(model, "config", None), "distributed_config", None)
-    return torch.no_grad() if getattr(config, "dp_size", 1) > 1 else torch.inference_mode()
+    return getattr(config, "dp_size", 1) > 1
 
 
 @torch.inference_mode()

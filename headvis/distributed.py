@@ -5,7 +5,8 @@ torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; `Ranks.from_env` joins the
 process group it describes (gloo on the CPU, NCCL on GPUs, each rank on GPU
 LOCAL_RANK). Without them, or with WORLD_SIZE 1, nothing changes: one process,
 no process group. The scan has no collective inside its loop (uneven work
-cannot deadlock): ranks take the work units u with u % world == rank, write
+cannot deadlock): ranks take the work units u with u % world == rank (under --tp T,
+the groups of T consecutive ranks take them as one rank each), write
 each unit's state to its own file, and meet once at a barrier after pass 1,
 with a long timeout; rank 0 then folds every unit in unit order and writes
 the tree alone, the others leave.
@@ -139,7 +140,7 @@ class Ranks:
                                 timeout=dt.timedelta(seconds=BARRIER_TIMEOUT_S))
         if 1 < tp < world:  # groups of tp consecutive ranks, as transformers' (dp_replicate, tp) mesh places them
             global _TP_GROUP
-            _TP_GROUP, _ = dist.new_subgroups(group_size=tp)
+            _TP_GROUP, _ = dist.new_subgroups(group_size=tp, timeout=dt.timedelta(seconds=BARRIER_TIMEOUT_S))
         return cls(rank=rank, world=world, local_rank=local_rank, local_world=local_world, joined=True, tp=tp)
 
     def device(self, device: str | None) -> str | None:

@@ -149,8 +149,8 @@ _GATHERED = ("induction_counted", "duplicate_counted", "margin_counted", "max_no
 
 def gather_row_stats(stats: RowStats | None, selection: HeadSelection, tp: int, shape: tuple[int, int],
                      n_bins: int, top_k: int, device: torch.device) -> RowStats | None:
-    """--tp, pass 1: every process's RowStats of its own scanned heads, put together on rank 0 in slot order
-    (None on the others). shape: (batch, seq_len); top_k: the stats' top-K width. One gather of one float32
+    """--tp, passes 1 and 2: every process's RowStats of its own scanned heads, put together on its group's
+    leader (`headvis.distributed.tp_group`; rank 0 with one group) in slot order (None on the others). shape: (batch, seq_len); top_k: the stats' top-K width. One gather of one float32
     tensor per layer, padded to the most heads a process holds (every field is exact in it: float32 values,
     flags, and key indices below 2^24; float64 for longer rows). 30 + 2 top_k values a row and head, where
     gathering the heads' queries, keys, values and outputs moved ~2 x d_head + 2 x d_head / group

@@ -660,8 +660,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="spread the model's layers over the GPUs (transformers' device_map): all of them, or under "
                         "torchrun an equal share of the machine's per process; every head is still scanned")
     p.add_argument("--tp", type=int, default=d.tp, metavar="N",
-                   help="tensor parallelism (transformers' tp plan): the N processes of `torchrun --nproc-per-node N` "
-                        "each hold 1/N of the model's heads and run one scan together")
+                   help="tensor parallelism (transformers' tp plan): N processes of torchrun each hold 1/N of the "
+                        "model's heads; with a multiple of N processes, groups of N scan side by side")
     p.add_argument("--backend", default=d.backend, choices=BACKENDS,
                    help="row statistics: auto = triton on CUDA, numba on the CPU; torch = the reference")
     p.add_argument("--top-k", type=int, default=d.top_k, help="keys kept per attention row in the head files")

@@ -359,7 +359,8 @@ def test_two_tensor_parallel_groups_side_by_side_write_the_tree_of_one_process(t
     """4 processes under --tp 2: two groups of 2 (transformers' (dp_replicate, tp) mesh), each a model replica
     taking half the units, each process computing its own heads. With --keep-memory 0 pass 2 runs every shown
     sequence on the group whose unit holds it, its helper mirroring the leader's batches; the tree is the
-    one-process tree within float tolerance, the model digest that of one group (resumable at 2 processes)."""
+    one-process tree within float tolerance, the model digest that of one group (resumable at 2 processes);
+    and with pass 1 keeping the rows (the default), pass 2 runs nothing and the tree is the same."""
     llama = tiny_model_dir("llama")
     flags = ["--model", str(llama), "--dataset", str(corpus), "--seq-len", str(SEQ_LEN), "--num-seqs",
              str(NUM_SEQS), "--batch-size", str(BATCH), "--unit-size", str(UNIT), "--per-interval", "1",
@@ -385,6 +386,15 @@ def test_two_tensor_parallel_groups_side_by_side_write_the_tree_of_one_process(t
     pair = _tp_scan(flags, tmp_path / "pair", tmp_path)  # one group of 2: the same digest (a resume can switch)
     assert pair.returncode == 0, pair.stderr[-3000:]
     assert json.loads((tmp_path / "pair" / "config.json").read_text())["model"]["weights_sha256"] == digest
+    # pass 1 keeping every shown row (each group's leader keeps its units' rows, gathers its helper's edges)
+    kept = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
+                 "-m", "headvis.scan", *flags[:-2], "--tp", "2", "--out", str(tmp_path / "kept")], tmp_path)
+    assert kept.returncode == 0, kept.stderr[-3000:]
+    assert "(0 on rank 0)" in kept.stdout, kept.stdout[-2000:]
+    for name in names:
+        if name != "config.json":
+            _numbers_close(json.loads((one / name).read_text()), json.loads((tmp_path / "kept" / name).read_text()),
+                           f"kept/{name}")
 
 
 def test_tensor_parallel_gathers_the_attention_sinks_with_their_heads(tiny_model_dir, corpus, tmp_path):
