@@ -23,7 +23,9 @@ T = 2048. The report gives, per configuration:
   insertion `while`, charged by a replay of the kernel's insertions on the
   default model's real scores, which the tool captures itself
   (`capture_scores`, `simulate_topk`: per block the share of heads that enter
-  and the mean trips). A loop it cannot name stops the report
+  and the mean trips; for a kernel whose set starts at each row's entry
+  bound, from that bound, `entry_bound`, at the scan's --min-weight
+  TARGET_MIN_WEIGHT). A loop it cannot name stops the report
   (`UnchargedLoop`); any other conditional region counts as always taken;
 - where the kernel leaves the induction and duplicate sums to the token
   list (SPARSE_MATCHES), the listed pairs (`match_share` of the same
@@ -31,8 +33,9 @@ T = 2048. The report gives, per configuration:
   so there is no compiled code to read;
 - instructions per (q, k) pair per lane: every key block a causal head of
   length T visits, unmasked and masked, charged so, times the threads of a
-  program, over the T(T+1)/2 pairs; plus the column pass
-  (`_key_weight_kernel`, whose block loops nest nothing); beside it the
+  program, over the T(T+1)/2 pairs; plus the bound pass before it
+  (`_row_bound_kernel`, the same key blocks) and the column pass after it
+  (`_key_weight_kernel`), whose block loops nest nothing; beside it the
   earlier straight-line count, which left the nested loops out;
 - an issue-bound ceiling in pairs/s: an H200's 132 SMs x 4 schedulers x
   32 lanes x 1.98 GHz issue at most one instruction per scheduler per clock,
@@ -67,8 +70,11 @@ H200_LANE_ISSUE_PER_S = 132 * 4 * 32 * 1.98e9
 # The shape of the issue's targets: T = 2048 causal gives 12 distance bins (BINS_PAD 16).
 TARGET_CONSTEXPRS = dict(CAUSAL=True, HAS_WINDOW=False, HAS_SOFTCAP=False, HAS_KEY_VALID=False, HEAD_DIM=64,
                          HEAD_DIM_PAD=64, DOT_PRECISION="tf32", HAS_SINKS=False, TOP_K=8, KEEP=8, KEEP_PAD=8,
-                         BINS_PAD=16, TOKEN_COUNTED=True, SPARSE_MATCHES=True,
+                         BINS_PAD=16, TOKEN_COUNTED=True, SPARSE_MATCHES=True, BOUNDED=True, RANKED=True,
                          EDGES_PAD=16)  # EDGES_PAD: the constexpr of earlier versions (baselines)
+# The scan's --min-weight (the top-K entries it writes are those at least this heavy, and each row's largest): the
+# bound of the top-K set's entries (`_row_bound_kernel`, RANKED) at the target shape.
+TARGET_MIN_WEIGHT = 0.01
 # (block_m, block_n, num_warps, num_stages); gpu_check.py times the same ones.
 CONFIGS = [(64, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (64, 32, 8, 2), (128, 64, 8, 2), (128, 32, 8, 2),
            (32, 64, 4, 2), (32, 32, 4, 2), (16, 64, 4, 2), (64, 64, 8, 3)]
@@ -366,13 +372,41 @@ def causal_blocks(seq_len: int, block_m: int, block_n: int) -> list[tuple[int, i
     return out
 
 
-def simulate_topk(scores, block_m: int, block_n: int, keep: int) -> dict[tuple[int, int], tuple[float, float]]:
+def entry_bound(scores, rows, blocks: list[int], block_n: int, min_weight: float | None):
+    """`_row_bound_kernel`'s bound of each row's top-K entries, (heads, len(rows)) float32, from causal scores
+    (heads, T, T): the second largest of the rows' block maxima (over the key blocks starting at `blocks`), with
+    min_weight (RANKED) at most the row's log-sum-exp + log(min_weight), lowered by 2^-10 (1 + |max|); -inf
+    without a second block maximum."""
+    import numpy as np
+
+    maxima = []
+    for k0 in blocks:
+        keys = np.arange(k0, min(scores.shape[-1], k0 + block_n))
+        maxima.append(np.where(keys[None, :] <= rows[:, None], scores[:, rows][:, :, keys], -np.inf).max(-1))
+    maxima = np.sort(np.stack(maxima, -1), axis=-1)  # (heads, rows, blocks) ascending
+    b1 = maxima[..., -1]
+    b2 = maxima[..., -2] if maxima.shape[-1] > 1 else np.full_like(b1, -np.inf)
+    if min_weight:
+        keys = np.arange(scores.shape[-1])
+        causal = np.where(keys[None, :] <= rows[:, None], scores[:, rows].astype(np.float64), -np.inf)
+        lse = b1 + np.log(np.exp(causal - b1[..., None]).sum(-1))
+        bound = np.minimum(b2, (lse + np.log(min_weight)).astype(np.float32))
+    else:
+        bound = b2
+    with np.errstate(invalid="ignore"):
+        lowered = bound - np.float32(2.0**-10) * (1 + np.abs(np.where(np.isfinite(b1), b1, 0)))
+    return np.where(np.isfinite(bound), lowered, -np.inf).astype(np.float32)
+
+
+def simulate_topk(scores, block_m: int, block_n: int, keep: int, bounded: bool = False,
+                  min_weight: float | None = None) -> dict[tuple[int, int], tuple[float, float]]:
     """The top-K insertion loop replayed on real scores: (q0, k0) -> (share of heads whose block enters the
     `if`, mean trips of the `while`), for causal (heads, T, T) float scores.
 
     Per row, the kernel inserts its block's best remaining allowed score while it beats the row's current
     top-`keep` minimum (strictly); the loop runs while any row of the block still inserts, so its trips are
-    the most insertions of any row, and the `if` runs it when that is at least one.
+    the most insertions of any row, and the `if` runs it when that is at least one. bounded: the set's empty
+    slots start at the row's `entry_bound` (with `min_weight`), not at -inf (BOUNDED kernels).
     """
     import numpy as np
 
@@ -380,8 +414,11 @@ def simulate_topk(scores, block_m: int, block_n: int, keep: int) -> dict[tuple[i
     out = {}
     for q0 in range(0, seq_len, block_m):
         rows = np.arange(q0, min(seq_len, q0 + block_m))
+        blocks = [b for b in causal_blocks(seq_len, block_m, block_n) if b[0] == q0]
         top = np.full((heads, len(rows), keep), -np.inf, dtype=np.float32)  # ascending: top[..., 0] = minimum
-        for _, k0, _ in [b for b in causal_blocks(seq_len, block_m, block_n) if b[0] == q0]:
+        if bounded:
+            top[:] = entry_bound(scores, rows, [k0 for _, k0, _ in blocks], block_n, min_weight)[..., None]
+        for _, k0, _ in blocks:
             keys = np.arange(k0, min(seq_len, k0 + block_n))
             block = np.where(keys[None, :] <= rows[:, None], scores[:, rows][:, :, keys], -np.inf)
             cand = -np.sort(-block, axis=-1)  # descending per row
@@ -510,13 +547,29 @@ def measure(row_stats, block_m: int, block_n: int, num_warps: int, num_stages: i
                                + weight_masked_blocks * weight_masked["instructions"]) / pairs
     sparse = "SPARSE_MATCHES" in row_stats._row_stats_fwd_kernel.arg_names and TARGET_CONSTEXPRS["SPARSE_MATCHES"]
     sparse_per_pair = matches * SPARSE_PAIR_INSTRUCTIONS if sparse else 0.0
-    per_pair = fwd_per_pair + weight_per_pair + sparse_per_pair
+    # The bound pass before it (BOUNDED kernels): the same key blocks as the row pass, its loops nesting nothing.
+    bound_per_pair, bound_loops = 0.0, None
+    if is_bounded(row_stats):
+        bound = sass_instructions(compile_for_hopper(row_stats._row_bound_kernel, dtype, constexprs, num_warps,
+                                                     num_stages, ints).asm["cubin"])
+        bound_padded = sass_instructions(compile_for_hopper(row_stats._row_bound_kernel, dtype,
+                                                            dict(constexprs, HAS_KEY_VALID=True), num_warps,
+                                                            num_stages, ints).asm["cubin"])
+        bound_loops = {"unmasked": min(key_loops(bound), key=lambda loop: loop["instructions"]),
+                       "masked": max(key_loops(bound_padded), key=lambda loop: loop["instructions"])}
+        for kind, loop in bound_loops.items():
+            if loop["inner_loops"]:
+                raise UnchargedLoop(f"the bound pass's {kind} loop has loops nested in it, which are not charged")
+        bound_per_pair = lanes * (n_unmasked * bound_loops["unmasked"]["instructions"]
+                                  + n_masked * bound_loops["masked"]["instructions"]) / pairs
+    per_pair = bound_per_pair + fwd_per_pair + weight_per_pair + sparse_per_pair
     n_blocks = len(blocks)
     return {"block_m": block_m, "block_n": block_n, "num_warps": num_warps, "num_stages": num_stages,
             "dtype": dtype, "seq_len": seq_len, "shared_bytes": compiled.metadata.shared,
             **ptxas_usage(compiled.asm["ptx"]), "unmasked_loop": unmasked, "masked_loop": masked,
             "programs": programs, "tallies": tallies, "topk_simulated": topk is not None,
-            "key_weight_loop": weight_loop,
+            "key_weight_loop": weight_loop, "bound_loops": bound_loops,
+            "bound_instructions_per_pair": bound_per_pair,
             "blocks_per_head": {"unmasked": n_unmasked, "masked": n_masked, "key_weight": weight_blocks},
             "hist_trips_per_block": sum(t["hist_trips"] for t in tallies.values()) / n_blocks,
             "topk_entered_share": sum(t["topk_entered"] for t in tallies.values()) / n_blocks,
@@ -537,7 +590,8 @@ def _row_cells(r: dict) -> str:
              f"{r['topk_trips_per_entered_block']:.2f}") if "hist_trips_per_block" in r else "- | -"
     old = f"{r['straight_line_instructions_per_pair']:.1f}" if "straight_line_instructions_per_pair" in r else "-"
     return (f"{r['registers']} | {r['spill_stores']}/{r['spill_loads']} | {_loop_cell(r['unmasked_loop'])} "
-            f"| {_loop_cell(r['masked_loop'])} | {loops} | {old} | {r['fwd_instructions_per_pair']:.1f} + "
+            f"| {_loop_cell(r['masked_loop'])} | {loops} | {old} | {r.get('bound_instructions_per_pair', 0.0):.1f} + "
+            f"{r['fwd_instructions_per_pair']:.1f} + "
             f"{r['key_weight_instructions_per_pair']:.1f} + {r.get('sparse_match_instructions_per_pair', 0.0):.1f} "
             f"= {r['instructions_per_pair']:.1f} "
             f"| {r['issue_bound_pairs_per_s']:.3g}")
@@ -561,7 +615,8 @@ def to_markdown(report: dict) -> str:
              "SPARSE_PAIR_INSTRUCTIONS; torch runs them, so no compiled count exists).", ""]
     cells = ["registers", "spills st/ld B", "unmasked loop", "masked loop", "bin trips / block",
              "top-K entered, trips / entered block", "straight-line only (earlier count)",
-             "instr per (q,k) pair per lane, every loop charged: row pass + column pass + token-list sums",
+             "instr per (q,k) pair per lane, every loop charged: bound pass + row pass + column pass + "
+             "token-list sums",
              "issue-bound pairs/s"]
     columns = ["block_m x block_n, warps, stages"] + cells
     if baseline:
@@ -614,25 +669,33 @@ def load_kernel_module(ref: str | None):
 
 
 class TopkReplay:
-    """`simulate_topk` of captured scores, averaged over every head, once per block geometry."""
+    """`simulate_topk` of captured scores, averaged over every head, once per block geometry and kind of set
+    (bounded or not)."""
 
-    def __init__(self, scores: list, keep: int):
-        self.scores, self.keep, self._done = scores, keep, {}
+    def __init__(self, scores: list, keep: int, min_weight: float | None = None):
+        self.scores, self.keep, self.min_weight, self._done = scores, keep, min_weight, {}
 
-    def __call__(self, block_m: int, block_n: int) -> dict[tuple[int, int], tuple[float, float]]:
-        if (block_m, block_n) not in self._done:
-            runs = [simulate_topk(layer_scores, block_m, block_n, self.keep) for _, layer_scores in self.scores]
-            self._done[(block_m, block_n)] = {key: (sum(r[key][0] for r in runs) / len(runs),
-                                                    sum(r[key][1] for r in runs) / len(runs)) for key in runs[0]}
-        return self._done[(block_m, block_n)]
+    def __call__(self, block_m: int, block_n: int, bounded: bool = False) -> dict[tuple[int, int], tuple[float, float]]:
+        if (block_m, block_n, bounded) not in self._done:
+            runs = [simulate_topk(layer_scores, block_m, block_n, self.keep, bounded, self.min_weight)
+                    for _, layer_scores in self.scores]
+            self._done[(block_m, block_n, bounded)] = {key: (sum(r[key][0] for r in runs) / len(runs),
+                                                             sum(r[key][1] for r in runs) / len(runs))
+                                                       for key in runs[0]}
+        return self._done[(block_m, block_n, bounded)]
+
+
+def is_bounded(row_stats) -> bool:
+    """Whether this version of the kernel bounds its top-K set's entries (`_row_bound_kernel`, BOUNDED)."""
+    return hasattr(row_stats, "_row_bound_kernel") and "BOUNDED" in row_stats._row_stats_fwd_kernel.arg_names
 
 
 def report_for(row_stats, configs: list[tuple[int, int, int, int]], seq_len: int, label: str,
                topk: TopkReplay | None = None, matches: float = 0.0) -> list[dict]:
     rows = []
     for config in configs:
-        row = measure(row_stats, *config, seq_len=seq_len, topk=topk(*config[:2]) if topk is not None else None,
-                      matches=matches)
+        replay = topk(*config[:2], bounded=is_bounded(row_stats)) if topk is not None else None
+        row = measure(row_stats, *config, seq_len=seq_len, topk=replay, matches=matches)
         rows.append(row)
         print(f"{label} {config}: {row['registers']} registers, spills {row['spill_stores']}/{row['spill_loads']} B, "
               f"{row['instructions_per_pair']:.1f} instr/pair, <= {row['issue_bound_pairs_per_s']:.3g} pairs/s",
@@ -662,7 +725,7 @@ def main(argv: list[str] | None = None) -> int:
     layers = [int(x) for x in args.sim_layers.split(",")]
     print(f"capturing the default model's scores at T = {args.seq_len}, layers {layers} ...", flush=True)
     scores = capture_scores(args.seq_len, layers)
-    topk = TopkReplay(scores, TARGET_CONSTEXPRS["KEEP"])
+    topk = TopkReplay(scores, TARGET_CONSTEXPRS["KEEP"], TARGET_MIN_WEIGHT)
     matches = match_share(args.seq_len)
     report = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"), "triton": triton.__version__,
               "target": "sm_90", "seq_len": args.seq_len, "launch_defaults": list(defaults),

@@ -5,8 +5,12 @@ without an allowed key, -1 for missing indices, the lowest key index wins every
 tie), but no (query_pos, key_pos) matrix is ever written: each program owns a
 block of query rows of one (batch, head) and streams over key blocks with an
 online softmax, keeping every row quantity as a running sum relative to the
-row's running max. Two kernels:
+row's running max. Three kernels:
 
+- `_row_bound_kernel`, grid (query blocks, batch * head): each row's entry
+  bound for the top-K set (QK and one max per pair), so that the row pass
+  inserts only the keys a row reports; not run when top-K of any weight is
+  asked for (min_weight 0);
 - `_row_stats_fwd_kernel`, grid (query blocks, batch * head): every per-row
   output, plus the row's normalizer (c, log L), lse = c + log L;
 - `_key_weight_kernel`, grid (key blocks, batch * head): column sums of the
@@ -25,6 +29,7 @@ interpreter when `TRITON_INTERPRET=1` is set before triton is first imported
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 from torch import Tensor
@@ -237,9 +242,109 @@ def _key_block(state, q, q0, q_pos, tok_q, k0, k_base, tok_base, valid_base, off
 
 
 @triton.jit
+def _bound_block(b1, b2, l_i, q, q_pos, k0, k_base, valid_base, offs_d, d_in, stride_kt, stride_kd, seq_len, window,
+                 scaling, softcap, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                 HAS_SOFTCAP: tl.constexpr, HAS_KEY_VALID: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 MASKED: tl.constexpr, RANKED: tl.constexpr):
+    """(b1, b2, l) after key block k0: each row's two largest block maxima so far and, RANKED, the sum of
+    exp(s - b1) over its keys so far (`_row_bound_kernel`)."""
+    k_pos = k0 + tl.arange(0, BLOCK_N)
+    k_in = k_pos < seq_len
+    if MASKED:
+        kt = tl.load(k_base + k_pos[None, :] * stride_kt + offs_d[:, None] * stride_kd,
+                     mask=k_in[None, :] & d_in[:, None], other=0.0)
+    else:
+        kt = tl.load(k_base + k_pos[None, :] * stride_kt + offs_d[:, None] * stride_kd, mask=d_in[:, None],
+                     other=0.0)
+    s = _softcapped(tl.dot(q, kt, input_precision=DOT_PRECISION) * scaling, softcap, HAS_SOFTCAP)
+    if MASKED:
+        if HAS_KEY_VALID:
+            k_valid = tl.load(valid_base + k_pos, mask=k_in, other=0) != 0
+        else:
+            k_valid = k_in
+        allowed = _allowed(q_pos[:, None] - k_pos[None, :], k_pos[None, :], seq_len, window, k_valid[None, :],
+                           CAUSAL, HAS_WINDOW, HAS_KEY_VALID)
+        s = tl.where(allowed, s, float("-inf"))
+    m_tile = tl.max(s, 1)
+    b2 = tl.maximum(b2, tl.minimum(b1, m_tile))
+    m_new = tl.maximum(b1, m_tile)
+    if RANKED:  # online: l = sum exp(s - m) over the keys so far, rescaled when the max grows
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_i = l_i * tl.exp(b1 - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), 1)  # masked: exp(-inf) = 0
+    return m_new, b2, l_i
+
+
+@triton.jit
+def _row_bound_kernel(
+    Q, K, KEY_VALID, THETA,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    seq_len, n_heads, group, window, scaling, softcap, log_min_weight,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_KEY_VALID: tl.constexpr, DOT_PRECISION: tl.constexpr, RANKED: tl.constexpr,
+):
+    """Each row's entry bound for the top-KEEP set of `_row_stats_fwd_kernel`: a score below every key the
+    row must report, so that the row pass inserts only keys above it (QK and one max per pair here).
+
+    The row pass needs the row's two largest scores (max_nobos is one of them; top_logit_margin needs the
+    second) and, with RANKED (top-K reported with min_weight > 0), every key with p >= min_weight, whose
+    scores are >= lse + log(min_weight), lse = m + log l the log-sum-exp of the row's scores (an attention
+    sink only adds to it: leaving it out lowers the bound). The second largest of the block maxima, b2, is
+    the score of a key other than the max's, so it is <= the row's second largest score: theta =
+    min(b2, lse + log(min_weight)) (RANKED) or b2, lowered by 2^-10 (1 + |m|) so that a key's score or the
+    row's normalizer rounded otherwise here than there still enters. -inf: no bound (the row has one block of
+    keys, or none). Cost per pair: QK, one max and (RANKED) one exp and add.
+    """
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    batch, head, q_base, k_base = _head_bases(pid_bh, Q, K, stride_qb, stride_qh, stride_kb, stride_kh, n_heads,
+                                              group)
+    valid_base = KEY_VALID + batch.to(tl.int64) * seq_len
+    q0 = pid_m * BLOCK_M
+    q_pos = q0 + tl.arange(0, BLOCK_M)
+    q_in = q_pos < seq_len
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    d_in = offs_d < HEAD_DIM
+    q = tl.load(q_base + q_pos[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+                mask=q_in[:, None] & d_in[None, :], other=0.0)
+    b1 = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    b2 = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    k_lo = 0
+    k_hi = seq_len
+    if CAUSAL:
+        k_hi = tl.minimum(seq_len, q0 + BLOCK_M)
+    if HAS_WINDOW:
+        k_lo = tl.maximum(0, q0 - window + 1) // BLOCK_N * BLOCK_N
+        if not CAUSAL:
+            k_hi = tl.minimum(seq_len, q0 + BLOCK_M - 1 + window)
+    k_split = k_lo  # as in _row_stats_fwd_kernel: blocks every row may read whole need no mask
+    if not HAS_WINDOW and not HAS_KEY_VALID:
+        if CAUSAL:
+            k_split = q0 // BLOCK_N * BLOCK_N
+        else:
+            k_split = seq_len // BLOCK_N * BLOCK_N
+    for k0 in range(k_lo, k_split, BLOCK_N):
+        b1, b2, l_i = _bound_block(b1, b2, l_i, q, q_pos, k0, k_base, valid_base, offs_d, d_in, stride_kt,
+                                   stride_kd, seq_len, window, scaling, softcap, BLOCK_N, CAUSAL, HAS_WINDOW,
+                                   HAS_SOFTCAP, HAS_KEY_VALID, DOT_PRECISION, False, RANKED)
+    for k0 in range(k_split, k_hi, BLOCK_N):
+        b1, b2, l_i = _bound_block(b1, b2, l_i, q, q_pos, k0, k_base, valid_base, offs_d, d_in, stride_kt,
+                                   stride_kd, seq_len, window, scaling, softcap, BLOCK_N, CAUSAL, HAS_WINDOW,
+                                   HAS_SOFTCAP, HAS_KEY_VALID, DOT_PRECISION, True, RANKED)
+    bound = b2
+    if RANKED:
+        bound = tl.minimum(bound, b1 + tl.log(tl.maximum(l_i, 1.0)) + log_min_weight)  # l >= 1 with a key
+    finite = bound > float("-inf")
+    bound = tl.where(finite, bound - 0.0009765625 * (1.0 + tl.abs(tl.where(finite, b1, 0.0))), float("-inf"))
+    tl.store(THETA + pid_bh.to(tl.int64) * seq_len + q_pos, bound, mask=q_in)
+
+
+@triton.jit
 def _row_stats_fwd_kernel(
     Q, K, TOKENS, KEY_VALID, SINKS, EDGES, BIN_OF,
-    METRICS, COUNTED, MAX_NOBOS, ARGMAX_NOBOS, DIST_HIST, TOP_VALUES, TOP_INDICES, ROW_NORM,
+    METRICS, COUNTED, MAX_NOBOS, ARGMAX_NOBOS, DIST_HIST, TOP_VALUES, TOP_INDICES, ROW_NORM, THETA,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     seq_len, n_heads, group, n_bins, window, scaling, softcap, plane,
@@ -248,7 +353,7 @@ def _row_stats_fwd_kernel(
     HAS_KEY_VALID: tl.constexpr, HAS_SINKS: tl.constexpr,
     TOP_K: tl.constexpr, KEEP: tl.constexpr, KEEP_PAD: tl.constexpr,
     BINS_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, TOKEN_COUNTED: tl.constexpr,
-    SPARSE_MATCHES: tl.constexpr,
+    SPARSE_MATCHES: tl.constexpr, BOUNDED: tl.constexpr,
 ):
     """Every per-row quantity of BLOCK_M query rows of one (batch, head), streaming over key blocks.
 
@@ -285,7 +390,11 @@ def _row_stats_fwd_kernel(
     set's minimum; blocks where no row's max beats its minimum are skipped.
     KEEP >= 2 so the best key other than 0 (max_nobos) and the second-largest
     score (top_logit_margin, the max minus it) are always in the set: the
-    margin costs the key loop nothing.
+    margin costs the key loop nothing. BOUNDED: the set's empty slots start
+    at THETA, each row's entry bound from `_row_bound_kernel` (below the two
+    largest scores and every key with p >= min_weight), not at -inf, so the
+    first blocks no longer fill the set with keys that a later one evicts:
+    only keys the row reports, and the few just above the bound, are inserted.
     """
     pid_m = tl.program_id(0)
     if CAUSAL:  # the last query blocks read the most keys: start them first
@@ -341,7 +450,11 @@ def _row_stats_fwd_kernel(
     hist = tl.zeros([BLOCK_M, BINS_PAD], tl.float32)  # sum e by q - k bin
     keep_col = tl.arange(0, KEEP_PAD)
     real_slot = keep_col < KEEP  # padding slots hold +inf: never the minimum, never reported
-    top_s = tl.zeros([BLOCK_M, KEEP_PAD], tl.float32) + tl.where(real_slot, float("-inf"), float("inf"))[None, :]
+    if BOUNDED:  # empty slots start at the row's entry bound (`_row_bound_kernel`): only keys above it enter
+        floor = tl.load(THETA + row_base + q_pos, mask=q_in, other=float("-inf"))
+        top_s = tl.where(real_slot[None, :], floor[:, None], float("inf"))
+    else:
+        top_s = tl.zeros([BLOCK_M, KEEP_PAD], tl.float32) + tl.where(real_slot, float("-inf"), float("inf"))[None, :]
     top_i = tl.zeros([BLOCK_M, KEEP_PAD], tl.int32) + tl.where(real_slot, _NO_KEY + keep_col, -2)[None, :]
     theta = tl.min(top_s, 1)  # the set's minimum: a key must beat it to enter
 
@@ -452,7 +565,8 @@ def _row_stats_fwd_kernel(
         i_b = top_i[:, None, :]
         beats = ((s_b > s_a) | ((s_b == s_a) & (i_b < i_a))) & real_slot[None, None, :]
         rank = tl.sum(beats.to(tl.int32), 2)  # (BLOCK_M, KEEP_PAD)
-        top_p = tl.where(has_key[:, None] & real_slot[None, :], tl.exp((top_s - c[:, None]) - log_norm[:, None]), 0.0)
+        held = has_key[:, None] & real_slot[None, :] & (top_i < _NO_KEY)  # a key, not an empty slot
+        top_p = tl.where(held, tl.exp((top_s - c[:, None]) - log_norm[:, None]), 0.0)
         top_pos = tl.where(top_p > 0, top_i, -1).to(tl.int64)
         at = (row_base + q_pos)[:, None] * TOP_K + rank
         written = q_in[:, None] & real_slot[None, :] & (rank < TOP_K)
@@ -722,6 +836,11 @@ def tri_row_stats(
     top_values = torch.zeros(batch, n_heads, seq_len, top_k, **f32)
     top_indices = torch.full((batch, n_heads, seq_len, top_k), -1, dtype=torch.int64, device=device)
     row_norm = torch.empty(2, batch, n_heads, seq_len, **f32)  # (c, log L) per row, for the second pass
+    # the top-K set's entry bound per row (`_row_bound_kernel`): without it (top-K of any weight asked for) every
+    # row fills its set from its first keys and replaces them as better ones come
+    ranked = top_k > 0 and min_weight > 0
+    bounded = top_k == 0 or ranked
+    theta = torch.empty(batch, n_heads, seq_len, **f32) if bounded else row_norm
 
     tokens = token_ids.to(device=device, dtype=torch.int32).contiguous()
     edges = torch.tensor(bin_edges, dtype=torch.int32, device=device)
@@ -769,15 +888,23 @@ def tri_row_stats(
     # Triton launches on the current device: a layer that --device-map put on another GPU launches on its own
     guard = torch.cuda.device(device) if device.type == "cuda" and not _interpreted() else contextlib.nullcontext()
     with guard:
+        if bounded:
+            _row_bound_kernel[(triton.cdiv(seq_len, block_m), batch * n_heads)](
+                query, key, key_valid, theta,
+                *query.stride(), *key.stride(),
+                seq_len, n_heads, group, window, float(spec.scaling), softcap,
+                math.log(min_weight) if ranked else 0.0,
+                BLOCK_M=block_m, BLOCK_N=block_n, RANKED=ranked, **common, **launch,
+            )
         _row_stats_fwd_kernel[(triton.cdiv(seq_len, block_m), batch * n_heads)](
             query, key, tokens, key_valid, sinks, edges, bin_of,
-            metrics, counted, max_nobos, argmax_nobos, dist_hist, top_values, top_indices, row_norm,
+            metrics, counted, max_nobos, argmax_nobos, dist_hist, top_values, top_indices, row_norm, theta,
             *query.stride(), *key.stride(),
             seq_len, n_heads, group, n_bins, window, float(spec.scaling), softcap, plane,
             BLOCK_M=block_m, BLOCK_N=block_n, HAS_SINKS=has_sinks,
             TOP_K=top_k, KEEP=keep, KEEP_PAD=_next_power_of_2(keep),
             BINS_PAD=_next_power_of_2(n_bins, 2), TOKEN_COUNTED=token_counted, SPARSE_MATCHES=sparse is not None,
-            **common, **launch,
+            BOUNDED=bounded, **common, **launch,
         )
         _key_weight_kernel[(triton.cdiv(seq_len, block_n), batch * n_heads)](
             query, key, key_valid, row_norm, key_weight,

@@ -16,14 +16,15 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import kernel_resources as kr  # noqa: E402
 
 
-def _replay_row_by_row(scores: np.ndarray, block_m: int, block_n: int, keep: int) -> dict:
+def _replay_row_by_row(scores: np.ndarray, block_m: int, block_n: int, keep: int, floor=None) -> dict:
     """The kernel's top-K `if` / `while` for one head, literally: per block, while any row's best remaining
-    allowed score beats its set's minimum, every such row evicts its weakest slot for it."""
+    allowed score beats its set's minimum, every such row evicts its weakest slot for it. floor: each row's
+    starting slots (q -> score; -inf without)."""
     seq_len = scores.shape[0]
     out = {}
     for q0 in range(0, seq_len, block_m):
         rows = list(range(q0, min(seq_len, q0 + block_m)))
-        top = {q: [-np.inf] * keep for q in rows}
+        top = {q: [-np.inf if floor is None else floor[q]] * keep for q in rows}
         for _, k0, _ in [b for b in kr.causal_blocks(seq_len, block_m, block_n) if b[0] == q0]:
             cand = {q: [float(scores[q, k]) for k in range(k0, min(seq_len, k0 + block_n)) if k <= q] for q in rows}
             trips = 0
@@ -50,6 +51,50 @@ def test_the_top_k_replay_is_the_kernels_loop_row_by_row():
     for key, (entered, trips) in got.items():  # the mean of the two heads
         a, b = (kr.simulate_topk(scores[h : h + 1], 8, 8, 3)[key] for h in range(2))
         assert (entered, trips) == ((a[0] + b[0]) / 2, (a[1] + b[1]) / 2)
+
+
+def test_a_bounded_replay_starts_each_row_at_the_kernels_entry_bound():
+    """`simulate_topk(bounded=True)` replays the BOUNDED kernel: its rows' sets start at `entry_bound`, which is
+    the bound `_row_bound_kernel` computes (run here under the interpreter on the same scores), and from there
+    the insertions are the literal loop's."""
+    import torch
+
+    from headvis.kernels import row_stats
+    from headvis.metrics import AttentionSpec, chunk_scores
+
+    if not row_stats._interpreted():
+        pytest.skip("runs the kernel under the interpreter")
+    gen = torch.Generator().manual_seed(3)
+    t, d = 40, 16
+    query, key = torch.randn(1, 2, t, d, generator=gen) * 2, torch.randn(1, 1, t, d, generator=gen)
+    spec = AttentionSpec(causal=True, scaling=d**-0.5)
+    scores = chunk_scores(query, key, spec, 0, t)[0].numpy()  # (heads, T, T)
+    for min_weight in (0.05, None):
+        theta = torch.empty(1, 2, t)
+        row_stats._row_bound_kernel[(3, 2)](
+            query, key, torch.ones(1, t, dtype=torch.int8), theta, *query.stride(), *key.stride(), t, 2, 2, 0,
+            spec.scaling, 1.0, float(np.log(min_weight)) if min_weight else 0.0, HEAD_DIM=d, HEAD_DIM_PAD=d,
+            BLOCK_M=16, BLOCK_N=16, CAUSAL=True, HAS_WINDOW=False, HAS_SOFTCAP=False, HAS_KEY_VALID=False,
+            DOT_PRECISION="ieee", RANKED=min_weight is not None)
+        for q0 in (0, 16, 32):
+            rows = np.arange(q0, min(t, q0 + 16))
+            blocks = [k0 for b0, k0, _ in kr.causal_blocks(t, 16, 16) if b0 == q0]
+            want = kr.entry_bound(scores, rows, blocks, 16, min_weight)
+            np.testing.assert_allclose(theta[0, :, rows].numpy(), want, rtol=1e-5, atol=1e-5)
+            assert q0 == 0 or np.isfinite(want).all()  # a second block: every row has a bound
+    for head in range(2):
+        got = kr.simulate_topk(scores[head : head + 1], 16, 16, 3, bounded=True, min_weight=0.05)
+        floor = {}
+        for q0 in (0, 16, 32):
+            rows = np.arange(q0, min(t, q0 + 16))
+            blocks = [k0 for b0, k0, _ in kr.causal_blocks(t, 16, 16) if b0 == q0]
+            floor.update(zip(rows.tolist(), kr.entry_bound(scores[head : head + 1], rows, blocks, 16, 0.05)[0]))
+        assert got == _replay_row_by_row(scores[head], 16, 16, 3, floor)
+    # scores growing with the key: an unbounded set fills with a row's first keys and evicts them block by block
+    ramp = scores + np.linspace(0.0, 8.0, t, dtype=np.float32)[None, None, :]
+    bounded = kr.simulate_topk(ramp, 16, 16, 3, bounded=True, min_weight=0.05)
+    free = kr.simulate_topk(ramp, 16, 16, 3)
+    assert sum(v[1] for v in bounded.values()) < sum(v[1] for v in free.values())
 
 
 def test_the_bin_loop_trips_are_the_bins_a_block_crosses_but_the_last_one_it_fills_whole():

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from headvis.kernels.row_stats import is_available, tri_row_stats
+from headvis.kernels.row_stats_ref import drop_light_entries
 from headvis.metrics import ROW_METRICS, AttentionSpec, RowStats, distance_bin_edges, ref_pattern, ref_row_stats
 from known_row_stats import KNOWN_CASES, KnownCase, assert_known_answers
 
@@ -273,6 +274,30 @@ def test_light_entries_left_out_alike() -> None:
     assert_close("top_values", ref.top_values, tri.top_values, ATOL[torch.float32])
     full = ref_row_stats(query, key, tokens, spec, top_k=8, bin_edges=edges)
     assert (ref.top_indices[..., 1:] == -1).sum() > (full.top_indices[..., 1:] == -1).sum(), "something left out"
+
+
+BOUND_CASES = [CASES[1], CASES[2], CASES[4], CASES[6], CASES[8], CASES[10], CASES[11], CASES[12]]
+
+
+@pytest.mark.parametrize("case", BOUND_CASES, ids=lambda c: c.id)
+def test_the_entry_bound_changes_no_output(case: Case) -> None:
+    """`_row_bound_kernel`'s bound lets only some keys into the top-K set; every output is bit for bit the one of
+    the unbounded set: top-8 with min_weight 0.05 against top-8 of any weight with the light entries left out
+    after, and top-0 (the set of 2: max_nobos, top_logit_margin) against top-2 unbounded. Random scores put the
+    two largest of a row in one block as often as not, which the bound (the second largest block maximum) must
+    survive."""
+    query, key, tokens, spec, edges = make_inputs(case, torch.float32)
+    run = lambda top_k, w: tri_row_stats(query, key, tokens, spec, top_k=top_k, bin_edges=edges,  # noqa: E731
+                                         min_weight=w, block_m=case.block, block_n=case.block)
+    bounded, unbounded = run(8, 0.05), run(8, 0.0)
+    drop_light_entries(unbounded.top_values, unbounded.top_indices, 0.05)
+    pairs = [(bounded, unbounded, True), (run(0, 0.0), run(2, 0.0), False)]
+    for got, want, with_top in pairs:
+        for name in ROW_METRICS:
+            assert_equal(name, want.metrics[name], got.metrics[name])
+        for name in ("max_nobos", "argmax_nobos", "margin_counted", "dist_hist", "key_weight") + (
+                ("top_values", "top_indices") if with_top else ()):
+            assert_equal(name, getattr(want, name), getattr(got, name))
 
 
 def test_rows_without_keys_are_zero() -> None:
