@@ -70,7 +70,7 @@ H200_LANE_ISSUE_PER_S = 132 * 4 * 32 * 1.98e9
 # The shape of the issue's targets: T = 2048 causal gives 12 distance bins (BINS_PAD 16).
 TARGET_CONSTEXPRS = dict(CAUSAL=True, HAS_WINDOW=False, HAS_SOFTCAP=False, HAS_KEY_VALID=False, HEAD_DIM=64,
                          HEAD_DIM_PAD=64, DOT_PRECISION="tf32", HAS_SINKS=False, TOP_K=8, KEEP=8, KEEP_PAD=8,
-                         BINS_PAD=16, TOKEN_COUNTED=True, SPARSE_MATCHES=True, BOUNDED=True, RANKED=True,
+                         BINS_PAD=16, TOKEN_COUNTED=True, SPARSE_MATCHES=True, BOUNDED=True, RANKED=True, FOLD=True,
                          EDGES_PAD=16)  # EDGES_PAD: the constexpr of earlier versions (baselines)
 # The scan's --min-weight (the top-K entries it writes are those at least this heavy, and each row's largest): the
 # bound of the top-K set's entries (`_row_bound_kernel`, RANKED) at the target shape.

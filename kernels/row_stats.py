@@ -245,9 +245,11 @@ def _key_block(state, q, q0, q_pos, tok_q, k0, k_base, tok_base, valid_base, off
 def _bound_block(b1, b2, l_i, q, q_pos, k0, k_base, valid_base, offs_d, d_in, stride_kt, stride_kd, seq_len, window,
                  scaling, softcap, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                  HAS_SOFTCAP: tl.constexpr, HAS_KEY_VALID: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                 MASKED: tl.constexpr, RANKED: tl.constexpr):
+                 MASKED: tl.constexpr, RANKED: tl.constexpr, FOLD: tl.constexpr):
     """(b1, b2, l) after key block k0: each row's two largest block maxima so far and, RANKED, the sum of
-    exp(s - b1) over its keys so far (`_row_bound_kernel`)."""
+    exp(s - b1) over its keys so far (`_row_bound_kernel`). FOLD: in units of the raw dot product q.k
+    (scaling > 0, no softcap: the maxima are the same keys'), l as a sum of exp2(q.k (scaling log2 e) - b1
+    (scaling log2 e)), one FFMA and one exp2 a pair."""
     k_pos = k0 + tl.arange(0, BLOCK_N)
     k_in = k_pos < seq_len
     if MASKED:
@@ -256,7 +258,9 @@ def _bound_block(b1, b2, l_i, q, q_pos, k0, k_base, valid_base, offs_d, d_in, st
     else:
         kt = tl.load(k_base + k_pos[None, :] * stride_kt + offs_d[:, None] * stride_kd, mask=d_in[:, None],
                      other=0.0)
-    s = _softcapped(tl.dot(q, kt, input_precision=DOT_PRECISION) * scaling, softcap, HAS_SOFTCAP)
+    s = tl.dot(q, kt, input_precision=DOT_PRECISION)
+    if not FOLD:
+        s = _softcapped(s * scaling, softcap, HAS_SOFTCAP)
     if MASKED:
         if HAS_KEY_VALID:
             k_valid = tl.load(valid_base + k_pos, mask=k_in, other=0) != 0
@@ -270,7 +274,12 @@ def _bound_block(b1, b2, l_i, q, q_pos, k0, k_base, valid_base, offs_d, d_in, st
     m_new = tl.maximum(b1, m_tile)
     if RANKED:  # online: l = sum exp(s - m) over the keys so far, rescaled when the max grows
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_i = l_i * tl.exp(b1 - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), 1)  # masked: exp(-inf) = 0
+        if FOLD:
+            to_log2 = scaling * 1.4426950408889634
+            shift = m_safe * to_log2
+            l_i = l_i * tl.math.exp2(b1 * to_log2 - shift) + tl.sum(tl.math.exp2(s * to_log2 - shift[:, None]), 1)
+        else:
+            l_i = l_i * tl.exp(b1 - m_safe) + tl.sum(tl.exp(s - m_safe[:, None]), 1)  # masked: exp(-inf) = 0
     return m_new, b2, l_i
 
 
@@ -282,7 +291,7 @@ def _row_bound_kernel(
     seq_len, n_heads, group, window, scaling, softcap, log_min_weight,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    HAS_KEY_VALID: tl.constexpr, DOT_PRECISION: tl.constexpr, RANKED: tl.constexpr,
+    HAS_KEY_VALID: tl.constexpr, DOT_PRECISION: tl.constexpr, RANKED: tl.constexpr, FOLD: tl.constexpr,
 ):
     """Each row's entry bound for the top-KEEP set of `_row_stats_fwd_kernel`: a score below every key the
     row must report, so that the row pass inserts only keys above it (QK and one max per pair here).
@@ -294,7 +303,8 @@ def _row_bound_kernel(
     the score of a key other than the max's, so it is <= the row's second largest score: theta =
     min(b2, lse + log(min_weight)) (RANKED) or b2, lowered by 2^-10 (1 + |m|) so that a key's score or the
     row's normalizer rounded otherwise here than there still enters. -inf: no bound (the row has one block of
-    keys, or none). Cost per pair: QK, one max and (RANKED) one exp and add.
+    keys, or none). Cost per pair: QK, one max and (RANKED) one exp and add (FOLD, scaling > 0 without
+    softcap: the scale and the shift in one FFMA before the exp2, `_bound_block`).
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -328,14 +338,20 @@ def _row_bound_kernel(
     for k0 in range(k_lo, k_split, BLOCK_N):
         b1, b2, l_i = _bound_block(b1, b2, l_i, q, q_pos, k0, k_base, valid_base, offs_d, d_in, stride_kt,
                                    stride_kd, seq_len, window, scaling, softcap, BLOCK_N, CAUSAL, HAS_WINDOW,
-                                   HAS_SOFTCAP, HAS_KEY_VALID, DOT_PRECISION, False, RANKED)
+                                   HAS_SOFTCAP, HAS_KEY_VALID, DOT_PRECISION, False, RANKED, FOLD)
     for k0 in range(k_split, k_hi, BLOCK_N):
         b1, b2, l_i = _bound_block(b1, b2, l_i, q, q_pos, k0, k_base, valid_base, offs_d, d_in, stride_kt,
                                    stride_kd, seq_len, window, scaling, softcap, BLOCK_N, CAUSAL, HAS_WINDOW,
-                                   HAS_SOFTCAP, HAS_KEY_VALID, DOT_PRECISION, True, RANKED)
+                                   HAS_SOFTCAP, HAS_KEY_VALID, DOT_PRECISION, True, RANKED, FOLD)
+    if FOLD:  # back to scores: the same product q.k x scaling as the row pass's
+        lse = (b1 * (scaling * 1.4426950408889634) + tl.math.log2(tl.maximum(l_i, 1.0))) * 0.6931471805599453
+        b1 = b1 * scaling
+        b2 = b2 * scaling
+    else:
+        lse = b1 + tl.log(tl.maximum(l_i, 1.0))  # l >= 1 with a key
     bound = b2
     if RANKED:
-        bound = tl.minimum(bound, b1 + tl.log(tl.maximum(l_i, 1.0)) + log_min_weight)  # l >= 1 with a key
+        bound = tl.minimum(bound, lse + log_min_weight)
     finite = bound > float("-inf")
     bound = tl.where(finite, bound - 0.0009765625 * (1.0 + tl.abs(tl.where(finite, b1, 0.0))), float("-inf"))
     tl.store(THETA + pid_bh.to(tl.int64) * seq_len + q_pos, bound, mask=q_in)
@@ -592,20 +608,35 @@ def _column_block(acc, q0, q_base, kt, k_pos, k_valid, row_base, ROW_NORM, plane
     else:
         q = tl.load(q_base + q_pos[:, None] * stride_qt + offs_d[None, :] * stride_qd, mask=d_in[None, :],
                     other=0.0)
-    s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scaling
-    s = _softcapped(s, softcap, HAS_SOFTCAP)
+    s = tl.dot(q, kt, input_precision=DOT_PRECISION)
+    if HAS_SOFTCAP:
+        s = _softcapped(s * scaling, softcap, HAS_SOFTCAP)
     if MASKED:
         c = tl.load(ROW_NORM + row_base + q_pos, mask=q_in, other=float("-inf"))
         log_norm = tl.load(ROW_NORM + plane + row_base + q_pos, mask=q_in, other=0.0)
         counted_row = (q_pos >= 1) & (c > float("-inf"))  # rows q >= 1 with an allowed key
         allowed = _allowed(q_pos[:, None] - k_pos[None, :], k_pos[None, :], seq_len, window, k_valid[None, :],
                            CAUSAL, HAS_WINDOW, HAS_KEY_VALID) & counted_row[:, None]
-        acc += tl.exp(tl.where(allowed, (s - c[:, None]) - log_norm[:, None], float("-inf")))
+        acc += tl.math.exp2(tl.where(allowed, _column_log2_p(s, c, log_norm, scaling, HAS_SOFTCAP), float("-inf")))
     else:
         c = tl.load(ROW_NORM + row_base + q_pos)
         log_norm = tl.load(ROW_NORM + plane + row_base + q_pos)
-        acc += tl.exp((s - c[:, None]) - log_norm[:, None])
+        acc += tl.math.exp2(_column_log2_p(s, c, log_norm, scaling, HAS_SOFTCAP))
     return acc
+
+
+@triton.jit
+def _column_log2_p(s, c, log_norm, scaling, HAS_SOFTCAP: tl.constexpr):
+    """log2 p = ((score - c) - log L) log2 e of a block of `_column_block`; s: the softcapped scores, or (no
+    softcap) the raw q.k, whose score - c is then one FFMA (q.k x scaling - c, rounded once) and the rest one
+    more: two FFMAs a pair before the exp2, each rounding relative to its own result as the unfused form's did
+    (c and log L are never folded into one constant: at scores ~1e3 its rounding would be ~1e-4 of every p
+    of the row)."""
+    log2_norm = log_norm * 1.4426950408889634
+    if HAS_SOFTCAP:
+        return (s - c[:, None]) * 1.4426950408889634 - log2_norm[:, None]
+    c_safe = tl.where(c > float("-inf"), c, 0.0)  # a row without keys: masked by the caller
+    return (s * scaling - c_safe[:, None]) * 1.4426950408889634 - log2_norm[:, None]
 
 
 @triton.jit
@@ -894,7 +925,8 @@ def tri_row_stats(
                 *query.stride(), *key.stride(),
                 seq_len, n_heads, group, window, float(spec.scaling), softcap,
                 math.log(min_weight) if ranked else 0.0,
-                BLOCK_M=block_m, BLOCK_N=block_n, RANKED=ranked, **common, **launch,
+                BLOCK_M=block_m, BLOCK_N=block_n, RANKED=ranked, FOLD=spec.softcap is None and spec.scaling > 0,
+                **common, **launch,
             )
         _row_stats_fwd_kernel[(triton.cdiv(seq_len, block_m), batch * n_heads)](
             query, key, tokens, key_valid, sinks, edges, bin_of,

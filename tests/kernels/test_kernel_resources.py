@@ -75,7 +75,7 @@ def test_a_bounded_replay_starts_each_row_at_the_kernels_entry_bound():
             query, key, torch.ones(1, t, dtype=torch.int8), theta, *query.stride(), *key.stride(), t, 2, 2, 0,
             spec.scaling, 1.0, float(np.log(min_weight)) if min_weight else 0.0, HEAD_DIM=d, HEAD_DIM_PAD=d,
             BLOCK_M=16, BLOCK_N=16, CAUSAL=True, HAS_WINDOW=False, HAS_SOFTCAP=False, HAS_KEY_VALID=False,
-            DOT_PRECISION="ieee", RANKED=min_weight is not None)
+            DOT_PRECISION="ieee", RANKED=min_weight is not None, FOLD=True)
         for q0 in (0, 16, 32):
             rows = np.arange(q0, min(t, q0 + 16))
             blocks = [k0 for b0, k0, _ in kr.causal_blocks(t, 16, 16) if b0 == q0]
