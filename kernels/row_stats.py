@@ -148,10 +148,11 @@ def _key_block(state, q, q0, q_pos, tok_q, k0, k_base, tok_base, valid_base, off
         m_safe = m_new  # every row has BLOCK_N allowed keys here
     alpha = tl.exp(m_i - m_safe)  # 0 while the row had no allowed key
     shift = s - m_safe[:, None]  # finite everywhere (masked loads are 0)
+    # exp as exp2 of shift x log2 e: tl.exp compiled to ~3 more instructions a pair (kernel_resources.py)
     if MASKED:
-        e = tl.exp(tl.where(allowed, shift, float("-inf")))  # 0 where masked, never an overflow
+        e = tl.math.exp2(tl.where(allowed, shift, float("-inf")) * 1.4426950408889634)  # 0 where masked
     else:
-        e = tl.exp(shift)
+        e = tl.math.exp2(shift * 1.4426950408889634)
     e_sum = tl.sum(e, 1)
     t_i = alpha * (t_i + tl.where(l_i > 0, m_i - m_safe, 0.0) * l_i) + tl.sum(e * shift, 1)
     l_i = l_i * alpha + e_sum
