@@ -118,7 +118,7 @@ def compile_for_hopper(kernel, dtype: str, constexprs: dict, num_warps: int, num
         elif name.isupper():
             signature[name] = _POINTER_TYPES.get(name, "*fp32")
         else:
-            signature[name] = "fp32" if name in ("scaling", "softcap") else "i32"
+            signature[name] = "fp32" if name in ("scaling", "softcap", "log_min_weight") else "i32"
         if int_args and (name.isupper() and name not in constexprs or value is not None and value % 16 == 0):
             attrs[(index,)] = [["tt.divisibility", 16]]
     source = ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs)

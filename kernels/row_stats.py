@@ -302,12 +302,16 @@ def _row_bound_kernel(
     scores are >= lse + log(min_weight), lse = m + log l the log-sum-exp of the row's scores (an attention
     sink only adds to it: leaving it out lowers the bound). The second largest of the block maxima, b2, is
     the score of a key other than the max's, so it is <= the row's second largest score: theta =
-    min(b2, lse + log(min_weight)) (RANKED) or b2, lowered by 2^-10 (1 + |m|) so that a key's score or the
-    row's normalizer rounded otherwise here than there still enters. -inf: no bound (the row has one block of
+    min(b2, lse + log(min_weight)) (RANKED) or b2, lowered by 2^-10 (1 + |m|): a key enters only when it
+    beats the set's minimum strictly, so the key scoring b2 itself (the row's second largest when the two
+    largest sit in different blocks) would never enter at theta = b2; and a score or normalizer rounded
+    otherwise here than there still enters. -inf: no bound (the row has one block of
     keys, or none). Cost per pair: QK, one max and (RANKED) one exp and add (FOLD, scaling > 0 without
     softcap: the scale and the shift in one FFMA before the exp2, `_bound_block`).
     """
     pid_m = tl.program_id(0)
+    if CAUSAL:  # the last query blocks read the most keys: start them first
+        pid_m = tl.num_programs(0) - 1 - pid_m
     pid_bh = tl.program_id(1)
     batch, head, q_base, k_base = _head_bases(pid_bh, Q, K, stride_qb, stride_qh, stride_kb, stride_kh, n_heads,
                                               group)
@@ -582,7 +586,8 @@ def _row_stats_fwd_kernel(
         i_b = top_i[:, None, :]
         beats = ((s_b > s_a) | ((s_b == s_a) & (i_b < i_a))) & real_slot[None, None, :]
         rank = tl.sum(beats.to(tl.int32), 2)  # (BLOCK_M, KEEP_PAD)
-        held = has_key[:, None] & real_slot[None, :] & (top_i < _NO_KEY)  # a key, not an empty slot
+        # a key, not an empty slot (whose p = exp(theta - lse) < min_weight drop_light_entries would zero anyway)
+        held = has_key[:, None] & real_slot[None, :] & (top_i < _NO_KEY)
         top_p = tl.where(held, tl.exp((top_s - c[:, None]) - log_norm[:, None]), 0.0)
         top_pos = tl.where(top_p > 0, top_i, -1).to(tl.int64)
         at = (row_base + q_pos)[:, None] * TOP_K + rank

@@ -282,14 +282,14 @@ BOUND_CASES = [CASES[1], CASES[2], CASES[4], CASES[6], CASES[8], CASES[10], CASE
 @pytest.mark.parametrize("case", BOUND_CASES, ids=lambda c: c.id)
 def test_the_entry_bound_changes_no_output(case: Case) -> None:
     """`_row_bound_kernel`'s bound lets only some keys into the top-K set; every output is bit for bit the one of
-    the unbounded set: top-8 with min_weight 0.05 against top-8 of any weight with the light entries left out
-    after, and top-0 (the set of 2: max_nobos, top_logit_margin) against top-2 unbounded. Random scores put the
+    the unbounded set: the case's top-K with min_weight 0.05 against top-K of any weight with the light entries
+    left out after, and top-0 (the set of 2: max_nobos, top_logit_margin) against top-2 unbounded. Random scores put the
     two largest of a row in one block as often as not, which the bound (the second largest block maximum) must
     survive."""
     query, key, tokens, spec, edges = make_inputs(case, torch.float32)
     run = lambda top_k, w: tri_row_stats(query, key, tokens, spec, top_k=top_k, bin_edges=edges,  # noqa: E731
                                          min_weight=w, block_m=case.block, block_n=case.block)
-    bounded, unbounded = run(8, 0.05), run(8, 0.0)
+    bounded, unbounded = run(case.top_k, 0.05), run(case.top_k, 0.0)
     drop_light_entries(unbounded.top_values, unbounded.top_indices, 0.05)
     pairs = [(bounded, unbounded, True), (run(0, 0.0), run(2, 0.0), False)]
     for got, want, with_top in pairs:
@@ -298,6 +298,32 @@ def test_the_entry_bound_changes_no_output(case: Case) -> None:
         for name in ("max_nobos", "argmax_nobos", "margin_counted", "dist_hist", "key_weight") + (
                 ("top_values", "top_indices") if with_top else ()):
             assert_equal(name, getattr(want, name), getattr(got, name))
+
+
+@pytest.mark.parametrize("top_k", [1, 8])
+def test_the_entry_bound_lets_in_the_second_largest_block_maximum(top_k: int) -> None:
+    """Key 0 tops every row (a BOS sink, as in real models): the row's second largest score is then its second
+    largest block maximum b2 itself, which must enter although the bound is b2 less a little (entry is
+    strict). Query blocks of 16 against key blocks of 32; bit for bit the unbounded outputs."""
+    gen = torch.Generator().manual_seed(5)
+    t, d = 80, 16
+    query = torch.randn(1, 2, t, d, generator=gen)
+    key = torch.randn(1, 1, t, d, generator=gen)
+    key[..., 0] = 0.0
+    key[0, 0, 0, 0] = 1.0
+    query[..., 0] = 40.0
+    query, key = query.to(DEVICE), key.to(DEVICE)
+    tokens = torch.randint(0, 4, (1, t), generator=gen).to(DEVICE)
+    spec = AttentionSpec(causal=True, scaling=d**-0.5)
+    edges = distance_bin_edges(t, True)
+    run = lambda w: tri_row_stats(query, key, tokens, spec, top_k=top_k, bin_edges=edges,  # noqa: E731
+                                  min_weight=w, block_m=16, block_n=32)
+    bounded, unbounded = run(0.001), run(0.0)
+    drop_light_entries(unbounded.top_values, unbounded.top_indices, 0.001)
+    assert (unbounded.argmax_nobos[..., 40:] >= 1).all() and (unbounded.top_indices[..., 40:, 0] == 0).all()
+    for name in ("max_nobos", "argmax_nobos", "top_values", "top_indices"):
+        assert_equal(name, getattr(unbounded, name), getattr(bounded, name))
+    assert_equal("top_logit_margin", unbounded.metrics["top_logit_margin"], bounded.metrics["top_logit_margin"])
 
 
 def test_rows_without_keys_are_zero() -> None:
