@@ -243,6 +243,30 @@ def _key_block(state, q, q0, q_pos, tok_q, k0, k_base, tok_base, valid_base, off
 
 
 @triton.jit
+def _key_range(q0, seq_len, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+               HAS_WINDOW: tl.constexpr, HAS_KEY_VALID: tl.constexpr):
+    """(k_lo, k_split, k_hi): the key blocks [k_lo, k_hi) that can hold an allowed key for the query rows
+    q0 .. q0 + BLOCK_M, of which those before k_split have every key allowed for every row (and, causal,
+    earlier than every row) and need no mask: without a window or padding, causal blocks wholly before q0
+    and bidirectional blocks wholly inside T."""
+    k_lo = 0
+    k_hi = seq_len
+    if CAUSAL:
+        k_hi = tl.minimum(seq_len, q0 + BLOCK_M)
+    if HAS_WINDOW:
+        k_lo = tl.maximum(0, q0 - window + 1) // BLOCK_N * BLOCK_N
+        if not CAUSAL:
+            k_hi = tl.minimum(seq_len, q0 + BLOCK_M - 1 + window)
+    k_split = k_lo
+    if not HAS_WINDOW and not HAS_KEY_VALID:
+        if CAUSAL:
+            k_split = q0 // BLOCK_N * BLOCK_N
+        else:
+            k_split = seq_len // BLOCK_N * BLOCK_N
+    return k_lo, k_split, k_hi
+
+
+@triton.jit
 def _bound_block(b1, b2, l_i, q, q_pos, k0, k_base, valid_base, offs_d, d_in, stride_kt, stride_kd, seq_len, window,
                  scaling, softcap, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                  HAS_SOFTCAP: tl.constexpr, HAS_KEY_VALID: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -326,20 +350,7 @@ def _row_bound_kernel(
     b1 = tl.full([BLOCK_M], float("-inf"), tl.float32)
     b2 = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    k_lo = 0
-    k_hi = seq_len
-    if CAUSAL:
-        k_hi = tl.minimum(seq_len, q0 + BLOCK_M)
-    if HAS_WINDOW:
-        k_lo = tl.maximum(0, q0 - window + 1) // BLOCK_N * BLOCK_N
-        if not CAUSAL:
-            k_hi = tl.minimum(seq_len, q0 + BLOCK_M - 1 + window)
-    k_split = k_lo  # as in _row_stats_fwd_kernel: blocks every row may read whole need no mask
-    if not HAS_WINDOW and not HAS_KEY_VALID:
-        if CAUSAL:
-            k_split = q0 // BLOCK_N * BLOCK_N
-        else:
-            k_split = seq_len // BLOCK_N * BLOCK_N
+    k_lo, k_split, k_hi = _key_range(q0, seq_len, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_KEY_VALID)
     for k0 in range(k_lo, k_split, BLOCK_N):
         b1, b2, l_i = _bound_block(b1, b2, l_i, q, q_pos, k0, k_base, valid_base, offs_d, d_in, stride_kt,
                                    stride_kd, seq_len, window, scaling, softcap, BLOCK_N, CAUSAL, HAS_WINDOW,
@@ -483,23 +494,8 @@ def _row_stats_fwd_kernel(
     edge_first = tl.load(EDGES)
     edge_last = tl.load(EDGES + n_bins)
 
-    # Key blocks that can hold an allowed key for these rows.
-    k_lo = 0
-    k_hi = seq_len
-    if CAUSAL:
-        k_hi = tl.minimum(seq_len, q0 + BLOCK_M)
-    if HAS_WINDOW:
-        k_lo = tl.maximum(0, q0 - window + 1) // BLOCK_N * BLOCK_N
-        if not CAUSAL:
-            k_hi = tl.minimum(seq_len, q0 + BLOCK_M - 1 + window)
-    # Blocks where every key is allowed for every row (and, causal, earlier than every row) need no mask:
-    # without a window or padding, causal blocks wholly before q0 and bidirectional blocks wholly inside T.
-    k_split = k_lo
-    if not HAS_WINDOW and not HAS_KEY_VALID:
-        if CAUSAL:
-            k_split = q0 // BLOCK_N * BLOCK_N
-        else:
-            k_split = seq_len // BLOCK_N * BLOCK_N
+    # Key blocks that can hold an allowed key for these rows, the unmasked ones first.
+    k_lo, k_split, k_hi = _key_range(q0, seq_len, window, BLOCK_M, BLOCK_N, CAUSAL, HAS_WINDOW, HAS_KEY_VALID)
 
     state = (m_i, l_i, t_i, dist_acc, dist_sq_acc, ind_acc, dup_acc, ind_any, dup_any, n_i, mean_i, m2_i, hist, top_s,
              top_i, theta)
