@@ -62,17 +62,17 @@ def test_a_bounded_replay_starts_each_row_at_the_kernels_entry_bound():
     from headvis.kernels import row_stats
     from headvis.metrics import AttentionSpec, chunk_scores
 
-    if not row_stats._interpreted():
-        pytest.skip("runs the kernel under the interpreter")
+    device = torch.device("cpu" if row_stats._interpreted() else "cuda")  # the interpreter, or a GPU
     gen = torch.Generator().manual_seed(3)
     t, d = 40, 16
     query, key = torch.randn(1, 2, t, d, generator=gen) * 2, torch.randn(1, 1, t, d, generator=gen)
     spec = AttentionSpec(causal=True, scaling=d**-0.5)
     scores = chunk_scores(query, key, spec, 0, t)[0].numpy()  # (heads, T, T)
+    query, key = query.to(device), key.to(device)
     for min_weight in (0.05, None):
-        theta = torch.empty(1, 2, t)
+        theta = torch.empty(1, 2, t, device=device)
         row_stats._row_bound_kernel[(3, 2)](
-            query, key, torch.ones(1, t, dtype=torch.int8), theta, *query.stride(), *key.stride(), t, 2, 2, 0,
+            query, key, torch.ones(1, t, dtype=torch.int8, device=device), theta, *query.stride(), *key.stride(), t, 2, 2, 0,
             spec.scaling, 1.0, float(np.log(min_weight)) if min_weight else 0.0, HEAD_DIM=d, HEAD_DIM_PAD=d,
             BLOCK_M=16, BLOCK_N=16, CAUSAL=True, HAS_WINDOW=False, HAS_SOFTCAP=False, HAS_KEY_VALID=False,
             DOT_PRECISION="ieee", RANKED=min_weight is not None, FOLD=True)
@@ -80,7 +80,7 @@ def test_a_bounded_replay_starts_each_row_at_the_kernels_entry_bound():
             rows = np.arange(q0, min(t, q0 + 16))
             blocks = [k0 for b0, k0, _ in kr.causal_blocks(t, 16, 16) if b0 == q0]
             want = kr.entry_bound(scores, rows, blocks, 16, min_weight)
-            np.testing.assert_allclose(theta[0, :, rows].numpy(), want, rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(theta[0, :, rows].cpu().numpy(), want, rtol=1e-5, atol=1e-5)
             assert q0 == 0 or np.isfinite(want).all()  # a second block: every row has a bound
     for head in range(2):
         got = kr.simulate_topk(scores[head : head + 1], 16, 16, 3, bounded=True, min_weight=0.05)
